@@ -1,0 +1,23 @@
+"""Typed errors. The CLI prints any ``DiffusekitError`` as one line (no traceback unless --debug)."""
+
+from __future__ import annotations
+
+
+class DiffusekitError(Exception):
+    """Base class for every error the project raises about the user's input or files."""
+
+
+class ConfigError(DiffusekitError):
+    """A bad config file, key, value or command-line flag."""
+
+
+class DataError(DiffusekitError):
+    """A dataset or image file that cannot be used; the message names the file."""
+
+
+class CheckpointError(DiffusekitError):
+    """A checkpoint that is missing, corrupt, incomplete or does not fit the model."""
+
+
+class TrainingError(DiffusekitError):
+    """Training cannot go on (for example, a non-finite loss); the message names the step."""

@@ -1,0 +1,349 @@
+"""Noise schedules, discrete and continuous, always built in float64.
+
+Notation (docs/math.md): the forward kernel is q(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I) with
+alpha_t = sqrt(alpha_bar_t) and sigma_t = sqrt(1 - alpha_bar_t) (variance preserving), and the
+log signal-to-noise ratio is logsnr = log(alpha_t^2 / sigma_t^2).
+
+Discrete tables are indexed by the notes' time t = 0..T: index 0 is clean data (beta_0 = 0,
+alpha_bar_0 = 1) and t = 1..T are the noising steps of seed 000 ("The Forward Process of Diffusion
+Model"). diffusers numbers the same steps k = t - 1 = 0..T-1.
+
+A continuous schedule maps t in [0, 1] to log(alpha_bar(t)); everything else (logsnr, alpha, sigma)
+is derived from it. ``InterpolatedSchedule`` is the continuous view of any discrete table: log
+alpha_bar is linear between grid points t = k / T (a piecewise-constant beta(t) of a VP SDE), so it
+agrees with the table exactly at every grid point.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DiscreteSchedule",
+    "ContinuousSchedule",
+    "CosineSchedule",
+    "LinearVPSchedule",
+    "SigmoidSchedule",
+    "InterpolatedSchedule",
+    "linear_betas",
+    "cosine_betas",
+    "sigmoid_betas",
+    "betas_from_alpha_bar",
+    "make_schedule",
+    "respace",
+    "alpha_sigma_from_logsnr",
+    "logsnr_from_log_alpha_bar",
+]
+
+F64 = torch.float64
+ScheduleName = Literal["linear", "cosine", "sigmoid"]
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers shared by both views
+# --------------------------------------------------------------------------------------------
+def logsnr_from_log_alpha_bar(log_alpha_bar: Tensor) -> Tensor:
+    """logsnr = log(alpha_bar / (1 - alpha_bar)), computed stably from log(alpha_bar).
+
+    Uses log(1 - alpha_bar) = log(-expm1(log alpha_bar)); +inf where alpha_bar = 1 (t = 0).
+    """
+    return log_alpha_bar - torch.log(-torch.expm1(log_alpha_bar))
+
+
+def alpha_sigma_from_logsnr(logsnr: Tensor) -> tuple[Tensor, Tensor]:
+    """Variance-preserving scales from log-SNR: alpha^2 = sigmoid(logsnr), sigma^2 = sigmoid(-logsnr)."""
+    return torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
+
+
+# --------------------------------------------------------------------------------------------
+# Discrete beta tables (seed 000 "Implementation (DDPM)", seed 003 "linear vs cosine schedules")
+# --------------------------------------------------------------------------------------------
+def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """DDPM's linear schedule, beta from 1e-4 to 0.02 at T = 1000 (Ho et al. 2020, sec. 4).
+
+    The end points are defined for T = 1000. For other T the per-step log-retention is rescaled,
+    log(1 - beta'_t) = (1000 / T) log(1 - beta(t / T)), so that alpha_bar at every time t / T stays
+    about the same (the total log alpha_bar_T is preserved exactly) and every beta' stays in (0, 1)
+    even for small T; at T = 1000 the table is exactly DDPM's (PITFALLS 5).
+    """
+    _check_T(T)
+    base = torch.linspace(beta_start, beta_end, T, dtype=F64)
+    if T == 1000:
+        return base
+    return -torch.expm1((1000.0 / T) * torch.log1p(-base))
+
+
+def betas_from_alpha_bar(alpha_bar: Tensor, max_beta: float = 0.999) -> Tensor:
+    """beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}, capped at ``max_beta``.
+
+    ``alpha_bar`` holds alpha_bar_0 .. alpha_bar_T (alpha_bar_0 = 1); returns T betas.
+    """
+    alpha_bar = alpha_bar.to(F64)
+    betas = 1.0 - alpha_bar[1:] / alpha_bar[:-1]
+    return betas.clamp(min=0.0, max=max_beta)
+
+
+def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """Cosine schedule of Nichol & Dhariwal (2021), eq. 17: alpha_bar(t) = f(t) / f(0),
+    f(t) = cos(((t + s) / (1 + s)) pi / 2)^2, with beta capped at 0.999 near t = 1."""
+    _check_T(T)
+    grid = torch.arange(T + 1, dtype=F64) / T
+    return betas_from_alpha_bar(torch.exp(CosineSchedule(s).log_alpha_bar(grid)), max_beta)
+
+
+def sigmoid_betas(T: int, start: float = -3.0, end: float = 3.0, tau: float = 1.0,
+                  max_beta: float = 0.999) -> Tensor:
+    """Sigmoid schedule of Chen (2023), "On the importance of noise scheduling", Algorithm 1."""
+    _check_T(T)
+    grid = torch.arange(T + 1, dtype=F64) / T
+    sched = SigmoidSchedule(start, end, tau)
+    return betas_from_alpha_bar(torch.exp(sched.log_alpha_bar(grid)), max_beta)
+
+
+def _check_T(T: int) -> None:
+    if not isinstance(T, int) or T < 1:
+        raise ValueError(f"number of diffusion steps T must be a positive integer, got {T!r}")
+
+
+@dataclass(frozen=True)
+class DiscreteSchedule:
+    """All tables of a discrete diffusion, float64, indexed by t = 0..T (t = 0 is clean data).
+
+    The primary table is ``log_alpha_bar`` (log alpha_bar_0 = 0); every other table is derived
+    from it, so respacing (which only selects entries) is exact. ``timesteps[t]`` is the index of
+    step t in the schedule this one was respaced from (identity for a schedule that was not
+    respaced); the network only ever sees ``logsnr``, so a respaced schedule feeds it exactly the
+    noise levels it was trained on.
+    """
+
+    log_alpha_bar: Tensor  # (T+1,), entry 0 is 0
+    timesteps: Tensor  # (T+1,) int64
+
+    def __post_init__(self) -> None:
+        lab = self.log_alpha_bar
+        if lab.dtype != F64 or lab.ndim != 1 or lab.numel() < 2:
+            raise ValueError("log_alpha_bar must be a float64 vector of length T + 1 >= 2")
+        if lab[0] != 0 or not torch.all(torch.diff(lab) < 0):
+            raise ValueError("alpha_bar must start at 1 and decrease strictly (every beta in (0, 1))")
+
+    @classmethod
+    def from_betas(cls, betas: Tensor | Sequence[float]) -> "DiscreteSchedule":
+        """Accumulate log alpha_bar_t = sum_{s<=t} log(1 - beta_s) in float64."""
+        betas = torch.as_tensor(betas, dtype=F64).flatten()
+        if betas.numel() < 1:
+            raise ValueError("a schedule needs at least one beta")
+        if not torch.all((betas > 0) & (betas < 1)):
+            raise ValueError("every beta_t must lie in (0, 1)")
+        lab = torch.cat([torch.zeros(1, dtype=F64), torch.cumsum(torch.log1p(-betas), 0)])
+        return cls(lab, torch.arange(lab.numel(), dtype=torch.int64))
+
+    # -- basic tables -------------------------------------------------------------------------
+    @property
+    def T(self) -> int:
+        return self.log_alpha_bar.numel() - 1
+
+    @property
+    def betas(self) -> Tensor:
+        """beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}; entry 0 is 0."""
+        lab = self.log_alpha_bar
+        return torch.cat([torch.zeros(1, dtype=F64), -torch.expm1(lab[1:] - lab[:-1])])
+
+    @property
+    def alphas(self) -> Tensor:
+        """alpha_t = 1 - beta_t (per-step signal retention; seed 000)."""
+        return 1.0 - self.betas
+
+    @property
+    def alpha_bar(self) -> Tensor:
+        """alpha_bar_t = prod_{s=1}^t alpha_s (seed 002 writes alpha_t for this)."""
+        return torch.exp(self.log_alpha_bar)
+
+    @property
+    def one_minus_alpha_bar(self) -> Tensor:
+        """1 - alpha_bar_t, computed without cancellation (expm1)."""
+        return -torch.expm1(self.log_alpha_bar)
+
+    @property
+    def alpha(self) -> Tensor:
+        """Signal scale sqrt(alpha_bar_t) of q(x_t | x_0)."""
+        return self.alpha_bar.sqrt()
+
+    @property
+    def sigma(self) -> Tensor:
+        """Noise scale sqrt(1 - alpha_bar_t) of q(x_t | x_0)."""
+        return self.one_minus_alpha_bar.sqrt()
+
+    @property
+    def logsnr(self) -> Tensor:
+        """log(alpha_bar_t / (1 - alpha_bar_t)); +inf at t = 0."""
+        return logsnr_from_log_alpha_bar(self.log_alpha_bar)
+
+    @property
+    def snr(self) -> Tensor:
+        return self.alpha_bar / self.one_minus_alpha_bar
+
+    # -- posterior q(x_{t-1} | x_t, x_0) (seed 000 "ELBO for Diffusion Model: Score Matching Term")
+    @property
+    def posterior_variance(self) -> Tensor:
+        """beta_tilde_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t); 0 at t = 1 (and t = 0)."""
+        omab = self.one_minus_alpha_bar
+        var = torch.zeros_like(self.betas)
+        var[1:] = self.betas[1:] * omab[:-1] / omab[1:]
+        return var
+
+    @property
+    def posterior_log_variance_clipped(self) -> Tensor:
+        """log beta_tilde_t with the t = 1 entry (log 0) replaced by the t = 2 one, as
+        improved-diffusion does; entry 0 is unused and set equal to entry 1."""
+        var = self.posterior_variance.clone()
+        if self.T >= 2:
+            var[1] = var[2]
+        else:
+            var[1] = self.betas[1]
+        var[0] = var[1]
+        return torch.log(var)
+
+    @property
+    def posterior_mean_coef_x0(self) -> Tensor:
+        """Coefficient of x_0 in mu_q: sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t)."""
+        ab, omab = self.alpha_bar, self.one_minus_alpha_bar
+        coef = torch.zeros_like(self.betas)
+        coef[1:] = ab[:-1].sqrt() * self.betas[1:] / omab[1:]
+        return coef
+
+    @property
+    def posterior_mean_coef_xt(self) -> Tensor:
+        """Coefficient of x_t in mu_q: sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)."""
+        omab = self.one_minus_alpha_bar
+        coef = torch.zeros_like(self.betas)
+        coef[1:] = self.alphas[1:].sqrt() * omab[:-1] / omab[1:]
+        return coef
+
+    def continuous(self) -> "InterpolatedSchedule":
+        """The continuous-time view of this table (exact at t = k / T)."""
+        return InterpolatedSchedule(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Continuous-time schedules: t in [0, 1] -> log alpha_bar(t)
+# --------------------------------------------------------------------------------------------
+class ContinuousSchedule(Protocol):
+    """A VP noise schedule in continuous time. Implementations give ``log_alpha_bar(t)``."""
+
+    def log_alpha_bar(self, t: Tensor) -> Tensor: ...
+
+
+class _ContinuousMixin:
+    """Derived quantities shared by every continuous schedule (inputs cast to float64)."""
+
+    def log_alpha_bar(self, t: Tensor) -> Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def logsnr(self, t: Tensor) -> Tensor:
+        """lambda(t) = log(alpha^2 / sigma^2)."""
+        return logsnr_from_log_alpha_bar(self.log_alpha_bar(torch.as_tensor(t, dtype=F64)))
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return torch.exp(0.5 * self.log_alpha_bar(torch.as_tensor(t, dtype=F64)))
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return (-torch.expm1(self.log_alpha_bar(torch.as_tensor(t, dtype=F64)))).sqrt()
+
+    def discretize(self, T: int, max_beta: float = 0.999) -> DiscreteSchedule:
+        """The discrete table with alpha_bar_k = alpha_bar(k / T), beta recomputed from ratios."""
+        _check_T(T)
+        grid = torch.arange(T + 1, dtype=F64) / T
+        alpha_bar = torch.exp(self.log_alpha_bar(grid))
+        return DiscreteSchedule.from_betas(betas_from_alpha_bar(alpha_bar, max_beta))
+
+
+@dataclass(frozen=True)
+class CosineSchedule(_ContinuousMixin):
+    """alpha_bar(t) = f(t) / f(0), f(t) = cos(((t + s) / (1 + s)) pi / 2)^2 (Nichol & Dhariwal)."""
+
+    s: float = 0.008
+
+    def log_alpha_bar(self, t: Tensor) -> Tensor:
+        t = torch.as_tensor(t, dtype=F64)
+        f = lambda u: 2.0 * torch.log(torch.cos((u + self.s) / (1 + self.s) * math.pi / 2).clamp_min(1e-300))
+        return f(t) - f(torch.zeros_like(t))
+
+
+@dataclass(frozen=True)
+class LinearVPSchedule(_ContinuousMixin):
+    """The VP SDE with linear beta(t) = beta_min + t (beta_max - beta_min) (Song et al. 2021):
+    log alpha_bar(t) = -(beta_min t + (beta_max - beta_min) t^2 / 2). With the defaults this is the
+    continuum limit of DDPM's linear table at T = 1000 (T * 1e-4 = 0.1, T * 0.02 = 20)."""
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+
+    def log_alpha_bar(self, t: Tensor) -> Tensor:
+        t = torch.as_tensor(t, dtype=F64)
+        return -(self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2)
+
+
+@dataclass(frozen=True)
+class SigmoidSchedule(_ContinuousMixin):
+    """Chen (2023): alpha_bar(t) = (v_end - sigmoid((t (end - start) + start) / tau)) / (v_end - v_start)."""
+
+    start: float = -3.0
+    end: float = 3.0
+    tau: float = 1.0
+
+    def log_alpha_bar(self, t: Tensor) -> Tensor:
+        t = torch.as_tensor(t, dtype=F64)
+        v_start = torch.sigmoid(torch.tensor(self.start / self.tau, dtype=F64))
+        v_end = torch.sigmoid(torch.tensor(self.end / self.tau, dtype=F64))
+        out = (v_end - torch.sigmoid((t * (self.end - self.start) + self.start) / self.tau)) / (v_end - v_start)
+        return torch.log(out.clamp(min=1e-300, max=1.0))
+
+
+class InterpolatedSchedule(_ContinuousMixin):
+    """Continuous view of a discrete table: log alpha_bar linear between t = k / T.
+
+    This is the VP SDE whose beta(t) is constant on each interval; it reproduces the discrete
+    alpha_bar, logsnr, alpha and sigma exactly at the grid points (PITFALLS 7).
+    """
+
+    def __init__(self, schedule: DiscreteSchedule):
+        self.schedule = schedule
+        self._table = schedule.log_alpha_bar  # (T+1,)
+
+    def log_alpha_bar(self, t: Tensor) -> Tensor:
+        t = torch.as_tensor(t, dtype=F64)
+        T = self.schedule.T
+        pos = (t.clamp(0.0, 1.0) * T)
+        lo = pos.floor().clamp(max=T - 1).long()
+        frac = pos - lo.to(F64)
+        return self._table[lo] * (1 - frac) + self._table[lo + 1] * frac
+
+
+# --------------------------------------------------------------------------------------------
+# Construction by name and respacing
+# --------------------------------------------------------------------------------------------
+def make_schedule(name: ScheduleName, T: int = 1000, **kwargs: float) -> DiscreteSchedule:
+    """Build a discrete schedule by name: "linear", "cosine" or "sigmoid"."""
+    makers = {"linear": linear_betas, "cosine": cosine_betas, "sigmoid": sigmoid_betas}
+    if name not in makers:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(makers)}")
+    return DiscreteSchedule.from_betas(makers[name](T, **kwargs))
+
+
+def respace(schedule: DiscreteSchedule, timesteps: Sequence[int] | Tensor) -> DiscreteSchedule:
+    """Keep only the steps ``timesteps`` (values in 1..T) and recompute beta from alpha_bar.
+
+    beta'_i = 1 - alpha_bar[t_i] / alpha_bar[t_{i-1}] with t_0 = 0 (improved-diffusion's
+    ``respace.py``; PITFALLS 2). The result is indexed 0..S and remembers the original steps in
+    ``timesteps``. Respacing with all of 1..T returns the original tables exactly.
+    """
+    steps = torch.as_tensor(timesteps, dtype=torch.int64).flatten().unique(sorted=True)
+    if steps.numel() == 0 or steps[0] < 1 or steps[-1] > schedule.T:
+        raise ValueError(f"respaced timesteps must lie in 1..{schedule.T}")
+    full = torch.cat([torch.zeros(1, dtype=torch.int64), steps])
+    return DiscreteSchedule(schedule.log_alpha_bar[full].clone(), schedule.timesteps[full].clone())
