@@ -1,0 +1,400 @@
+"""Typed configuration: dataclasses with visible defaults, TOML files, dotted overrides.
+
+One ``Config`` holds six sections (``[data]``, ``[model]``, ``[diffusion]``, ``[loss]``, ``[train]``,
+``[sample]``). A run's config is built in three layers, later ones winning:
+
+    defaults (the dataclasses below)  <-  TOML file  <-  ``--set section.key=value`` overrides
+
+Unknown sections and keys are errors (with a "did you mean" suggestion), values are type-checked
+against the annotations (ints are accepted for floats, bools are never numbers), ``Literal`` options
+must be one of their choices, and ``Config.validate()`` checks ranges. Every problem is reported as a
+one-line ``ConfigError`` that names the dotted key. ``save_config`` writes TOML that loads back to an
+equal ``Config``; the trainer saves the resolved config into each run folder.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+import math
+import sys
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+from diffusekit.errors import ConfigError
+
+__all__ = [
+    "DATASET_NAMES", "DataConfig", "ModelConfig", "DiffusionConfig", "LossConfig", "TrainConfig", "SampleConfig", "Config",
+    "load_config", "config_from_dict", "config_to_dict", "save_config", "format_config", "parse_override",
+]
+
+
+# the datasets ``diffusekit.data.load_dataset`` knows (kept equal to ``diffusekit.data.DATASETS`` by a test)
+DATASET_NAMES = ("digits", "mnist", "moons", "swiss_roll", "8gaussians", "checkerboard", "gmm", "folder")
+
+
+# -- the sections ---------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits | mnist | moons | swiss_roll | 8gaussians | checkerboard | gmm | folder
+    path: str = ""  # image folder root (data.name = "folder")
+    image_size: int = 0  # folder only; 0 means 32; a multiple of 4, >= 8
+    channels: int = 1  # folder only: 1 (gray) or 3 (RGB)
+    n_train: int = 20000  # toys and gmm only
+    n_test: int = 5000  # toys and gmm only
+    seed: int = 0  # toys, gmm and the folder holdout; train uses seed, test seed + 1
+
+
+@dataclass
+class ModelConfig:
+    kind: Literal["unet", "mlp", "vae", "mhvae"] = "unet"
+    prediction: Literal["eps", "x0", "v", "score"] = "eps"
+    base_channels: int = 32
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2])
+    num_res_blocks: int = 1
+    attn_resolutions: list[int] = field(default_factory=lambda: [4])
+    num_heads: int = 1
+    dropout: float = 0.0
+    time_embedding: Literal["sinusoidal", "fourier"] = "sinusoidal"
+    num_classes: int = 0  # > 0: class-conditional (label num_classes is the null label)
+    hidden: int = 256  # mlp width
+    depth: int = 3  # mlp residual blocks
+    norm_groups: int = 8
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: Literal["linear", "cosine", "sigmoid"] = "linear"
+    T: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    cosine_s: float = 0.008
+
+
+@dataclass
+class LossConfig:
+    weighting: Literal["simple", "x0", "v", "elbo", "snr", "min_snr", "truncated_snr"] = "simple"
+    min_snr_gamma: float = 5.0
+    t_sampling: Literal["uniform", "stratified", "importance"] = "uniform"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0  # 0 = no clipping
+    ema_decay: float = 0.999
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 50
+    sample_every: int = 1000  # 0 = never (a final grid is always drawn)
+    checkpoint_every: int = 500  # 0 = only at the end
+    n_sample: int = 64
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    class_dropout: float = 0.1  # probability of the null label (classifier-free guidance)
+    time_limit_s: float = 0.0  # 0 = none
+
+
+@dataclass
+class SampleConfig:
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    steps: int = 0  # 0 = T
+    eta: float = 0.0
+    variance: Literal["beta", "beta_tilde"] = "beta_tilde"
+    spacing: Literal["leading", "linspace", "trailing"] = "trailing"
+    clip_x0: bool = False
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def validate(self) -> "Config":
+        """Range checks across the whole config; raises ``ConfigError`` naming the key. Returns self."""
+        _validate(self)
+        return self
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
+
+
+# -- types ----------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {typing.get_args(tp)[0].__name__}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """``value`` checked against annotation ``tp`` (ints widen to float); raises ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if not isinstance(value, str) or value not in typing.get_args(tp):
+            raise ConfigError(f"{key} must be {_type_name(tp)}; got {value!r}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        ok = isinstance(value, list) and all(_is_int(v) if item is int else isinstance(v, item) for v in value)
+        if ok:
+            return list(value)
+    elif tp is float:
+        if _is_int(value) or isinstance(value, float):
+            return float(value)
+        ok = False
+    elif tp is int:
+        ok = _is_int(value)
+    else:
+        ok = isinstance(value, tp)
+    if not ok:
+        raise ConfigError(f"{key} must be {_type_name(tp)}; got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _suggest(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]}?" if close else f"; valid: {', '.join(choices)}"
+
+
+def _suggest_in(section: str, key: str) -> str:
+    """A hint for an unknown key of a known section: the closest key there, else the valid ones."""
+    names = [f.name for f in fields(SECTIONS[section])]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6) or [
+        n for n in names if len(key) >= 2 and (key in n or n in key)]
+    if close:
+        return f"; did you mean {section}.{close[0]}?"
+    return f"; valid keys of [{section}]: {', '.join(names)}"
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in fields(cls)]
+
+
+def _suggest_dotted(word: str) -> str:
+    """A hint for a key given without (or with a wrong) section: 'lr' -> 'did you mean train.lr?'."""
+    keys = _all_keys()
+    owners = [k for k in keys if k.split(".")[1] == word.split(".")[-1]]
+    close = owners or difflib.get_close_matches(word, keys, n=1, cutoff=0.6) or [
+        k for k in keys if k.split(".")[1] in difflib.get_close_matches(word, [k.split(".")[1] for k in keys], n=1)]
+    return f"; did you mean {close[0]}?" if close else "; keys look like section.key (diffusekit train --dry-run lists them all)"
+
+
+# -- dict <-> Config ------------------------------------------------------------------------------
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Plain nested dict ``{section: {key: value}}`` (JSON- and TOML-serialisable)."""
+    return asdict(cfg)
+
+
+def _merge_into(merged: dict[str, dict[str, Any]], d: Any, where: str = "") -> None:
+    """Check ``d``'s sections, keys and value types and write the values into ``merged`` in place.
+    Errors are prefixed with ``where`` (the file or override they came from)."""
+    def fail(msg: str) -> None:
+        raise ConfigError(f"{where}{msg}")
+
+    if not isinstance(d, dict):
+        fail(f"config must be a table of sections, got {type(d).__name__}")
+    for section, table in d.items():
+        if section not in SECTIONS:
+            if not isinstance(table, dict):  # a key outside any section: point at the section that has it
+                fail(f"unknown key {section!r} outside any section{_suggest_dotted(section)}")
+            fail(f"unknown section [{section}]{_suggest(section, list(SECTIONS))}")
+        if not isinstance(table, dict):
+            fail(f"{section} must be a section ([{section}]), got {table!r}")
+        hints = _hints(SECTIONS[section])
+        for key, value in table.items():
+            if key not in hints:
+                fail(f"unknown key {section}.{key}{_suggest_in(section, key)}")
+            try:
+                merged[section][key] = _coerce(f"{section}.{key}", value, hints[key])
+            except ConfigError as exc:
+                fail(str(exc))
+
+
+def _build(merged: dict[str, dict[str, Any]]) -> Config:
+    return Config(**{s: cls(**merged[s]) for s, cls in SECTIONS.items()}).validate()
+
+
+def config_from_dict(d: dict[str, Any], base: Config | None = None) -> Config:
+    """Merge a nested dict ``{section: {key: value}}`` onto ``base`` (default: the defaults),
+    type-check it and validate it (the inverse of ``config_to_dict``)."""
+    merged = config_to_dict(base or Config())
+    _merge_into(merged, d)
+    return _build(merged)
+
+
+# -- overrides ------------------------------------------------------------------------------------
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``"train.lr=2e-4"`` -> ("train", "lr", 2e-4). Values are TOML values when they parse as one
+    (``2e-4``, ``[1,2]``, ``true``, ``"cosine"``); anything else is taken as a bare string."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.lr=2e-4)")
+    key, raw = (s.strip() for s in text.split("=", 1))
+    parts = key.split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override key {key!r} must be section.key{_suggest_dotted(key)}")
+    section, name = parts
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown section [{section}] in override {text!r}{_suggest(section, list(SECTIONS))}")
+    valid = [f.name for f in fields(SECTIONS[section])]
+    if name not in valid:
+        raise ConfigError(f"unknown key {key} in override {text!r}{_suggest_in(section, name)}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    if _hints(SECTIONS[section])[name] is str and not isinstance(value, str):
+        value = raw  # data.path=2024 is the folder "2024", not a number
+    return section, name, value
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.__class__.__name__}: {exc})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:  # the message names the line and column
+        raise ConfigError(f"{path}: invalid TOML: {str(exc).splitlines()[0]}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults <- TOML file at ``path`` (if given) <- dotted ``overrides`` such as ``"train.lr=2e-4"``;
+    type-checked, then range-checked by ``Config.validate`` once everything is merged."""
+    merged = config_to_dict(Config())
+    if path is not None:
+        path = Path(path)
+        _merge_into(merged, _read_toml(path), where=f"{path}: ")
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    for text in overrides:
+        section, name, value = parse_override(text)
+        _merge_into(merged, {section: {name: value}}, where=f"override {text!r}: ")
+    return _build(merged)
+
+
+# -- writing --------------------------------------------------------------------------------------
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+
+def format_config(cfg: Config) -> str:
+    """The config as TOML text (what ``--dry-run`` prints and ``save_config`` writes)."""
+    lines: list[str] = []
+    for section, table in config_to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write ``cfg`` as TOML; ``load_config(path) == cfg``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(format_config(cfg), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+# -- range checks ---------------------------------------------------------------------------------
+def _check(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {rule}; got {value!r}")
+
+
+def _validate(cfg: Config) -> None:
+    for section in SECTIONS:
+        for f in fields(SECTIONS[section]):
+            v = getattr(getattr(cfg, section), f.name)
+            if isinstance(v, float):
+                _check(math.isfinite(v), f"{section}.{f.name}", "finite", v)
+    d, m, df, lo, t, s = cfg.data, cfg.model, cfg.diffusion, cfg.loss, cfg.train, cfg.sample
+    if d.name not in DATASET_NAMES:
+        close = difflib.get_close_matches(d.name, DATASET_NAMES, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"data.name = {d.name!r} is not a dataset; {hint}choose one of {', '.join(DATASET_NAMES)}")
+    _check(d.seed >= 0, "data.seed", ">= 0", d.seed)
+    _check(d.image_size >= 0, "data.image_size", ">= 0 (0 means 32)", d.image_size)
+    _check(d.channels in (1, 3), "data.channels", "1 or 3", d.channels)
+    _check(d.n_train > 0, "data.n_train", "> 0", d.n_train)
+    _check(d.n_test > 0, "data.n_test", "> 0", d.n_test)
+    _check(m.base_channels > 0, "model.base_channels", "> 0", m.base_channels)
+    _check(len(m.channel_mult) > 0 and all(c > 0 for c in m.channel_mult), "model.channel_mult",
+           "a non-empty list of positive integers", m.channel_mult)
+    _check(all(r > 0 for r in m.attn_resolutions), "model.attn_resolutions", "a list of positive integers",
+           m.attn_resolutions)
+    _check(m.num_res_blocks >= 1, "model.num_res_blocks", ">= 1", m.num_res_blocks)
+    _check(m.num_heads >= 1, "model.num_heads", ">= 1", m.num_heads)
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", "in [0, 1)", m.dropout)
+    _check(m.num_classes >= 0, "model.num_classes", ">= 0", m.num_classes)
+    _check(m.hidden > 0, "model.hidden", "> 0", m.hidden)
+    _check(m.depth >= 1, "model.depth", ">= 1", m.depth)
+    _check(m.norm_groups >= 1, "model.norm_groups", ">= 1", m.norm_groups)
+    _check(df.T >= 1, "diffusion.T", ">= 1", df.T)
+    _check(0.0 < df.beta_start < 1.0, "diffusion.beta_start", "in (0, 1)", df.beta_start)
+    _check(df.beta_start < df.beta_end < 1.0, "diffusion.beta_end", f"in (beta_start = {df.beta_start}, 1)",
+           df.beta_end)
+    _check(df.cosine_s >= 0.0, "diffusion.cosine_s", ">= 0", df.cosine_s)
+    _check(lo.min_snr_gamma > 0.0, "loss.min_snr_gamma", "> 0", lo.min_snr_gamma)
+    _check(t.steps > 0, "train.steps", "> 0", t.steps)
+    _check(t.batch_size > 0, "train.batch_size", "> 0", t.batch_size)
+    _check(t.lr > 0.0, "train.lr", "> 0", t.lr)
+    _check(t.weight_decay >= 0.0, "train.weight_decay", ">= 0", t.weight_decay)
+    _check(t.warmup_steps >= 0, "train.warmup_steps", ">= 0", t.warmup_steps)
+    _check(t.grad_clip >= 0.0, "train.grad_clip", ">= 0 (0 = no clipping)", t.grad_clip)
+    _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "in [0, 1)", t.ema_decay)
+    _check(t.grad_accum >= 1, "train.grad_accum", ">= 1", t.grad_accum)
+    _check(t.log_every >= 1, "train.log_every", ">= 1", t.log_every)
+    _check(t.sample_every >= 0, "train.sample_every", ">= 0 (0 = never)", t.sample_every)
+    _check(t.checkpoint_every >= 0, "train.checkpoint_every", ">= 0 (0 = only at the end)", t.checkpoint_every)
+    _check(t.n_sample >= 1, "train.n_sample", ">= 1", t.n_sample)
+    _check(0.0 <= t.class_dropout <= 1.0, "train.class_dropout", "in [0, 1]", t.class_dropout)
+    _check(t.time_limit_s >= 0.0, "train.time_limit_s", ">= 0 (0 = none)", t.time_limit_s)
+    _check(0 <= s.steps <= df.T, "sample.steps", f"in 0..diffusion.T = {df.T} (0 = T)", s.steps)
+    _check(0.0 <= s.eta <= 1.0, "sample.eta", "in [0, 1]", s.eta)

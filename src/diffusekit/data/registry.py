@@ -1,0 +1,76 @@
+"""``load_dataset``: the ``[data]`` config section -> an in-memory ``ArrayDataset``.
+
+Splits: digits and MNIST have fixed stratified splits; toys and the Gaussian-mixture oracle draw
+``n_train`` / ``n_test`` points with seeds derived from ``(data.seed, split)``, so the two splits
+are independent and every seed gives different data; an image folder holds out a fixed 10% for
+"test" (the same files for every seed) when it has at least 10 images, and otherwise uses all its
+images for both splits (too few to spare any; likelihoods on "test" are then training-set numbers).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+
+from diffusekit.data.dataset import ArrayDataset
+from diffusekit.data.images import load_digits, load_image_folder, load_mnist
+from diffusekit.data.toys import TOYS, make_toy
+from diffusekit.errors import ConfigError
+
+__all__ = ["DATASETS", "GMM_DIM", "load_dataset", "split_seed", "folder_split"]
+
+DATASETS = ("digits", "mnist", *TOYS, "gmm", "folder")
+GMM_DIM = 2  # dimension of the oracle mixture behind data.name = "gmm"
+DEFAULT_IMAGE_SIZE = 32  # data.image_size = 0 means this
+_SPLIT_ID = {"train": 0, "test": 1}
+
+
+def split_seed(seed: int, split: Literal["train", "test"]) -> int:
+    """A 32-bit seed for one split, derived from (seed, split) with numpy's SeedSequence."""
+    if seed < 0:
+        raise ConfigError(f"data.seed must be >= 0, got {seed}")
+    return int(np.random.SeedSequence([seed, _SPLIT_ID[split]]).generate_state(1)[0])
+
+
+def folder_split(n: int, split: Literal["train", "test"]) -> torch.Tensor:
+    """Positions of ``split`` among n folder images: a fixed 10% holdout for "test" when n >= 10
+    (same for every seed and machine), otherwise all n images for both splits."""
+    if n < 10:
+        return torch.arange(n)
+    order = np.random.default_rng(0).permutation(n)
+    n_test = n // 10
+    chosen = order[:n_test] if split == "test" else order[n_test:]
+    return torch.from_numpy(np.sort(chosen))
+
+
+def _gmm(n: int, seed: int, split: str) -> ArrayDataset:
+    from diffusekit.oracle import default_mixture  # lazy: the oracle is only needed for this dataset
+
+    g = torch.Generator().manual_seed(seed)
+    x = default_mixture(GMM_DIM).sample(n, generator=g).to(torch.float32)
+    return ArrayDataset(x, None, levels=None, num_classes=0, name=f"gmm-{split}")
+
+
+def load_dataset(cfg, split: Literal["train", "test"]) -> ArrayDataset:
+    """The ``split`` of the dataset named by ``cfg.name`` (a ``DataConfig``)."""
+    if split not in _SPLIT_ID:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    name = cfg.name
+    if name == "digits":
+        return load_digits(split)
+    if name == "mnist":
+        return load_mnist(split)
+    n = cfg.n_train if split == "train" else cfg.n_test
+    if name in TOYS:
+        x = make_toy(name, n, split_seed(cfg.seed, split))
+        return ArrayDataset(x, None, levels=None, num_classes=0, name=f"{name}-{split}")
+    if name == "gmm":
+        return _gmm(n, split_seed(cfg.seed, split), split)
+    if name == "folder":
+        if not cfg.path:
+            raise ConfigError("data.name = 'folder' needs data.path, the folder of images (e.g. --set data.path=photos)")
+        data = load_image_folder(cfg.path, cfg.image_size or DEFAULT_IMAGE_SIZE, cfg.channels)
+        return data.subset(folder_split(len(data), split), name=f"{data.name}-{split}")
+    raise ConfigError(f"data.name = {name!r} is not a dataset; choose one of {', '.join(DATASETS)}")

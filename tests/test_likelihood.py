@@ -1,0 +1,103 @@
+"""The discrete variational bound against exact answers on Gaussian data."""
+
+import math
+
+import pytest
+import torch
+
+from diffusekit.likelihood import nats_to_bits_per_dim, vlb_estimate, vlb_exact, vlb_term
+from diffusekit.oracle import GaussianMixture
+from diffusekit.schedules import make_schedule
+
+F64 = torch.float64
+LEVELS = 64
+MEAN, STD = 0.1, 0.3
+
+
+def discretized_gaussian_data(n, seed=0):
+    """Data on LEVELS values in [-1, 1] drawn from N(MEAN, STD^2) binned (end bins open), with its
+    exact entropy in nats: the smallest possible expected negative log-likelihood of any model."""
+    grid = torch.linspace(-1, 1, LEVELS, dtype=F64)
+    half = 1 / (LEVELS - 1)
+    normal = torch.distributions.Normal(torch.tensor(MEAN, dtype=F64), torch.tensor(STD, dtype=F64))
+    upper = torch.where(grid >= 1, torch.tensor(1.0, dtype=F64), normal.cdf(grid + half))
+    lower = torch.where(grid <= -1, torch.tensor(0.0, dtype=F64), normal.cdf(grid - half))
+    probs = upper - lower
+    g = torch.Generator().manual_seed(seed)
+    x = grid[torch.multinomial(probs, n, replacement=True, generator=g)][:, None]
+    entropy = -(probs * torch.log(probs)).sum().item()
+    return x, entropy
+
+
+def oracle():
+    return GaussianMixture.gaussian(torch.tensor([MEAN]), torch.tensor([[STD**2]]))
+
+
+def test_bound_is_above_the_entropy_and_the_gap_shrinks_with_T():
+    x, entropy = discretized_gaussian_data(3000)
+    gaps = []
+    for T in (20, 100, 1000):
+        bound = vlb_exact(oracle().denoiser, x, make_schedule("linear", T), LEVELS, seed=1, batch_size=3000)
+        se = bound.total.std().item() / math.sqrt(x.shape[0])
+        gap = bound.total.mean().item() - entropy
+        assert gap > -3 * se, (T, gap, se)
+        gaps.append(gap)
+    assert gaps[0] > gaps[1] > gaps[2], gaps
+
+
+def test_terms_sum_to_the_total_and_bits_per_dim_is_consistent():
+    x, _ = discretized_gaussian_data(200)
+    bound = vlb_exact(oracle().denoiser, x, make_schedule("cosine", 50), LEVELS, seed=0)
+    assert bound.terms.shape == (200, 50)
+    torch.testing.assert_close(bound.total, bound.prior + bound.terms.sum(1))
+    assert bound.bits_per_dim == pytest.approx(nats_to_bits_per_dim(bound.total.mean().item(), 1))
+    assert bound.term_bits_per_dim().sum().item() + nats_to_bits_per_dim(bound.prior.mean().item(), 1) == \
+        pytest.approx(bound.bits_per_dim, rel=1e-9)
+    assert torch.all(bound.terms[:, 1:] >= 0)  # KL terms are non-negative
+
+
+def test_bound_is_deterministic_under_a_seed_and_independent_of_batch_size():
+    x, _ = discretized_gaussian_data(100)
+    sch = make_schedule("linear", 30)
+    a = vlb_exact(oracle().denoiser, x, sch, LEVELS, seed=5, batch_size=100)
+    b = vlb_exact(oracle().denoiser, x, sch, LEVELS, seed=5, batch_size=7)
+    c = vlb_exact(oracle().denoiser, x, sch, LEVELS, seed=6, batch_size=100)
+    torch.testing.assert_close(a.terms, b.terms, rtol=1e-12, atol=1e-12)
+    assert not torch.equal(a.terms, c.terms)
+    e1 = vlb_estimate(oracle().denoiser, x, sch, LEVELS, seed=2, n_strata=5, batch_size=100)
+    e2 = vlb_estimate(oracle().denoiser, x, sch, LEVELS, seed=2, n_strata=5, batch_size=9)
+    torch.testing.assert_close(e1.total, e2.total, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("variance", ["beta_tilde", "beta"])
+def test_stratified_estimate_agrees_with_the_exact_bound(variance):
+    x, _ = discretized_gaussian_data(2000, seed=3)
+    sch = make_schedule("linear", 200)
+    exact = vlb_exact(oracle().denoiser, x, sch, LEVELS, seed=0, batch_size=2000, variance=variance)
+    est = vlb_estimate(oracle().denoiser, x, sch, LEVELS, seed=1, n_strata=10, batch_size=2000, variance=variance)
+    assert est.stderr_nats > 0
+    assert abs(est.total.mean().item() - exact.total.mean().item()) < 3 * est.stderr_nats + 3e-3
+
+
+def test_kl_term_with_the_true_posterior_mean_is_zero():
+    """If the model's x0 is the true x0, p's mean is q's mean and (with beta_tilde) the KL vanishes."""
+    x = torch.linspace(-1, 1, LEVELS, dtype=F64)[::6, None]  # values on the data grid
+
+    class Cheat:
+        def __call__(self, x_t, logsnr, cond=None):
+            from diffusekit.parameterization import Prediction
+
+            return Prediction(eps=torch.zeros_like(x_t), x0=x, raw=x, kind="x0")
+
+    sch = make_schedule("linear", 100)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=F64)
+    for t in (2, 50, 100):
+        assert vlb_term(Cheat(), x, torch.tensor(t), sch, noise, LEVELS).abs().max().item() < 1e-9
+    # and the decoder's NLL is the Gaussian mass of the bin around x0, with variance beta_tilde_2
+    s = sch.posterior_variance[2].sqrt().item()
+    h = 1 / (LEVELS - 1)
+    Phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))
+    edge = (x[:, 0].abs() >= 1)
+    expected = torch.where(edge, torch.tensor(-math.log(Phi(h / s)), dtype=F64),
+                           torch.tensor(-math.log(Phi(h / s) - Phi(-h / s)), dtype=F64))
+    torch.testing.assert_close(vlb_term(Cheat(), x, torch.tensor(1), sch, noise, LEVELS), expected, rtol=1e-9, atol=1e-12)
