@@ -101,3 +101,14 @@ def test_kl_term_with_the_true_posterior_mean_is_zero():
     expected = torch.where(edge, torch.tensor(-math.log(Phi(h / s)), dtype=F64),
                            torch.tensor(-math.log(Phi(h / s) - Phi(-h / s)), dtype=F64))
     torch.testing.assert_close(vlb_term(Cheat(), x, torch.tensor(1), sch, noise, LEVELS), expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("T,n", [(1000, 50), (10, 10), (100, 7), (5, 1)])
+def test_stratum_edges_partition_1_to_T(T, n):
+    from diffusekit.likelihood import stratum_edges
+
+    e = stratum_edges(T, n)
+    assert e[0] == 0 and e[-1] == T and len(e) == n + 1
+    assert torch.all(torch.diff(e) >= 1)
+    if n < T:
+        assert e[1] - e[0] <= e[-1] - e[-2]  # narrow strata at small t

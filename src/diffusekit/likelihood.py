@@ -21,7 +21,7 @@ from diffusekit.gaussian import (discretized_gaussian_log_likelihood, extract, g
 from diffusekit.schedules import DiscreteSchedule
 
 __all__ = ["prior_kl", "nats_to_bits_per_dim", "mean_flat", "sum_flat", "decoder_log_variance", "vlb_term",
-           "BoundResult", "vlb_exact", "vlb_estimate"]
+           "BoundResult", "vlb_exact", "vlb_estimate", "stratum_edges"]
 
 
 def sum_flat(x: Tensor) -> Tensor:
@@ -137,13 +137,25 @@ def vlb_exact(denoiser, x0: Tensor, schedule: DiscreteSchedule, levels: int, *, 
     return BoundResult(prior_kl(x0.cpu(), schedule), terms, dims)
 
 
+def stratum_edges(T: int, n: int) -> Tensor:
+    """n + 1 strictly increasing edges from 0 to T, geometrically spaced: stratum h is t in
+    (edges[h], edges[h+1]]."""
+    edges = [0]
+    for k in range(1, n + 1):
+        target = round(T ** (k / n))
+        edges.append(min(max(edges[-1] + 1, target), T - (n - k)))
+    return torch.tensor(edges, dtype=torch.long)
+
+
 @torch.no_grad()
 def vlb_estimate(denoiser, x0: Tensor, schedule: DiscreteSchedule, levels: int, *, n_strata: int = 16,
                  seed: int = 0, batch_size: int = 256, variance: str = "beta_tilde", cond: dict | None = None,
                  progress: bool = False) -> BoundResult:
     """Stratified estimate of sum_t L_{t-1} with two draws of t per stratum for every example.
 
-    1..T is cut into ``n_strata`` equal strata h; example i draws t_{ih1}, t_{ih2} uniformly in each.
+    1..T is cut into ``n_strata`` strata h whose sizes grow geometrically (the terms of the bound change
+    fastest at small t, so small t gets narrow strata, down to single steps); example i draws t_{ih1},
+    t_{ih2} uniformly in each.
     The estimate sum_h |h| (L(t_{ih1}) + L(t_{ih2})) / 2 is unbiased, and its variance is estimated
     by sum_h |h|^2 (L(t_{ih1}) - L(t_{ih2}))^2 / 4, giving the standard error of the mean bound from
     the sampling of t (and of the noise) alone."""
@@ -152,7 +164,7 @@ def vlb_estimate(denoiser, x0: Tensor, schedule: DiscreteSchedule, levels: int, 
     n, dims, T = x0.shape[0], x0[0].numel(), schedule.T
     if not 1 <= n_strata <= T:
         raise ValueError(f"n_strata must lie in 1..{T}, got {n_strata}")
-    edges = torch.linspace(0, T, n_strata + 1).round().long()
+    edges = stratum_edges(T, n_strata)
     g = torch.Generator().manual_seed(seed)
     estimate = torch.zeros(n, dtype=torch.float64)
     variance_sum = torch.zeros(n, dtype=torch.float64)

@@ -1,0 +1,194 @@
+"""The command-line tool. Thin: parse flags, build the config, call the library.
+
+Errors about the user's input (``DiffusekitError``) are printed as one line and exit with status 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from diffusekit.errors import ConfigError, DiffusekitError
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffusekit", description="Diffusion models that are correct, measurable and fast.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a TOML config")
+    p.add_argument("--config", type=Path, help="TOML config file (defaults: the digits demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=2e-4 (repeatable)")
+    p.add_argument("--out", type=Path, help="run folder (default: runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    _add_common(p)
+
+    p = sub.add_parser("sample", help="draw samples from a trained run")
+    p.add_argument("--run", type=Path, required=True, help="run folder written by `diffusekit train`")
+    p.add_argument("--seeds", default="0-63", help="sample seeds, e.g. 0-63 or 1,5,9-12 (image i depends only on seed i)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
+    p.add_argument("--steps", type=int, default=None, help="number of sampling steps (default: the run's config; 0 = T)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1]")
+    p.add_argument("--variance", choices=["beta", "beta_tilde"], default=None, help="DDPM reverse variance")
+    p.add_argument("--spacing", choices=["leading", "linspace", "trailing"], default=None, help="timestep grid spacing")
+    p.add_argument("--clip-x0", type=float, default=None, metavar="C", help="clip predicted x0 to [-C, C]")
+    ema = p.add_mutually_exclusive_group()
+    ema.add_argument("--ema", dest="ema", action="store_true", default=True, help="use EMA weights (default)")
+    ema.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--settings", type=Path, help="settings.json of an earlier `sample` call: reproduce it exactly")
+    p.add_argument("--out", type=Path, help="output folder (default: <run>/samples-<sampler>-<steps>)")
+    _add_common(p)
+
+    p = sub.add_parser("evaluate", help="bits/dim (term by term, with baselines) and sample quality of a run")
+    p.add_argument("--run", type=Path, required=True, help="run folder written by `diffusekit train`")
+    p.add_argument("--split", default="test", help="data split to evaluate on (test or train)")
+    p.add_argument("--metrics", default="bpd,fd", help="comma-separated: bpd (the bound), fd (sample quality)")
+    p.add_argument("--exact", action="store_true", help="compute all T terms of the bound (default: stratified estimate)")
+    p.add_argument("--strata", type=int, default=50, help="strata of t for the estimated bound (2 draws each)")
+    p.add_argument("--n-samples", type=int, default=None, help="samples for the quality score (default: split size, <= 1000)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps for the quality score (0 = T)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the full results as JSON")
+    _add_common(p)
+
+    p = sub.add_parser("demo", help="train on the bundled digits, sample and report (a few minutes on 2 CPU cores)")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--config", type=Path, default=None, help="config to use (default: configs/digits.toml if present)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_common(p)
+    return parser
+
+
+# -- commands -------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from diffusekit.config import format_config, load_config
+    from diffusekit.train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        print(format_config(cfg))
+        return 0
+    out = args.out or Path("runs") / (args.config.stem if args.config else "digits")
+    if args.resume and not out.is_dir():
+        raise ConfigError(f"--resume: run folder {out} does not exist")
+    result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    print(f"trained to step {result['step']} ({result['stopped']}) in {result['train_seconds']:.0f} s; run folder: {out}")
+    return 0
+
+
+def _sample_settings(args: argparse.Namespace, run):
+    from diffusekit.sampling.noise import parse_seeds
+    from diffusekit.sampling.run import SampleSettings
+
+    if args.settings:
+        try:
+            return SampleSettings.from_json(args.settings.read_text())
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"--settings {args.settings}: cannot read sampler settings ({exc})") from None
+    sc = run.cfg.sample
+    steps = sc.steps if args.steps is None else args.steps
+    if steps < 0 or steps > run.schedule.T:
+        raise ConfigError(f"--steps must lie in 0..{run.schedule.T} (0 = all steps), got {steps}")
+    eta = sc.eta if args.eta is None else args.eta
+    if not 0.0 <= eta <= 1.0:  # also rejects NaN
+        raise ConfigError(f"--eta must lie in [0, 1], got {eta}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.clip_x0 is not None and not args.clip_x0 > 0:
+        raise ConfigError(f"--clip-x0 must be positive, got {args.clip_x0}")
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return SampleSettings(sampler=args.sampler or sc.sampler, steps=steps, eta=eta,
+                          variance=args.variance or sc.variance, spacing=args.spacing or sc.spacing,
+                          clip_x0=args.clip_x0 if args.clip_x0 is not None else (1.0 if sc.clip_x0 else None),
+                          seeds=seeds, use_ema=args.ema, batch_size=args.batch_size)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from diffusekit.models import load_run
+    from diffusekit.sampling.run import generate, write_samples
+
+    run = load_run(args.run, use_ema=True if args.settings else args.ema)
+    settings = _sample_settings(args, run)
+    if settings.use_ema != (True if args.settings else args.ema):
+        run = load_run(args.run, use_ema=settings.use_ema)
+    out = args.out or args.run / f"samples-{settings.sampler}-{settings.steps or run.schedule.T}"
+    t0 = time.time()
+    x = generate(run.denoiser, run.schedule, run.data_shape, settings, progress=not args.no_progress)
+    write_samples(x, settings.seeds, out, settings, run.levels,
+                  extra={"run": str(args.run), "checkpoint": str(run.checkpoint), "step": run.step})
+    print(f"{len(settings.seeds)} samples in {time.time() - t0:.1f} s -> {out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from diffusekit.evaluate.report import evaluate_run, format_table
+
+    if args.strata < 1:
+        raise ConfigError(f"--strata must be positive, got {args.strata}")
+    if args.n_samples is not None and args.n_samples < 2:
+        raise ConfigError(f"--n-samples must be at least 2, got {args.n_samples}")
+    if args.steps is not None and args.steps < 0:
+        raise ConfigError(f"--steps must be >= 0, got {args.steps}")
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    result = evaluate_run(args.run, metrics=metrics, split=args.split, exact=args.exact, n_strata=args.strata,
+                          n_samples=args.n_samples, sampler=args.sampler, steps=args.steps, seed=args.seed,
+                          progress=not args.no_progress)
+    print(json.dumps(result, indent=1) if args.json else format_table(result))
+    if not args.json:
+        print(f"report: {args.run / 'eval' / 'report.md'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from diffusekit.config import load_config
+    from diffusekit.train.trainer import train
+
+    config = args.config or (Path("configs/digits.toml") if Path("configs/digits.toml").exists() else None)
+    cfg = load_config(config, args.overrides)
+    resume = (args.out / "checkpoints").is_dir()
+    t0 = time.time()
+    result = train(cfg, args.out, resume=resume, progress=not args.no_progress)
+    summary = {"train": result, "wall_seconds": time.time() - t0}
+    print(json.dumps(summary, indent=1))
+    print(f"samples: {args.out / 'samples.png'}  loss curve: {args.out / 'loss_curve.png'}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except DiffusekitError as exc:
+        if args.debug:
+            raise
+        print(f"diffusekit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"diffusekit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
