@@ -1,0 +1,11 @@
+"""Networks behind the denoiser convention: (x, c_noise = logsnr, conditioning) -> tensor like x.
+
+The networks know nothing about noise semantics (STYLE 3); ``diffusekit.parameterization`` reads
+their output as eps, x0, v or score.
+"""
+
+from diffusekit.nn.embeddings import FourierEmbedding, SinusoidalEmbedding, make_time_embedding
+from diffusekit.nn.mlp import MLPDenoiser
+from diffusekit.nn.unet import UNet
+
+__all__ = ["UNet", "MLPDenoiser", "SinusoidalEmbedding", "FourierEmbedding", "make_time_embedding"]

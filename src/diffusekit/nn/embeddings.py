@@ -1,0 +1,118 @@
+"""Noise-level embeddings: sinusoidal positional features and random Fourier features.
+
+The networks are told the noise level through ``c_noise``, a float tensor of shape (B,) that the
+caller sets to logsnr = log(alpha^2 / sigma^2) (typically -25..25, never inf). The networks know
+nothing else about noise (docs/math.md; STYLE 3). As the notes put it, "the time representation is
+conditioned in the U-Net as sinusoidal positional embeddings or Fourier features" (seed 000,
+Implementation (DDPM); seed 003, "Time representation: sinusoidal positional embeddings or random
+Fourier features"). The features then go through a small MLP (Linear-SiLU-Linear,
+``embedding_mlp``) inside each network.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "SinusoidalEmbedding",
+    "FourierEmbedding",
+    "make_time_embedding",
+    "embedding_mlp",
+    "noise_level_vector",
+]
+
+EmbeddingKind = Literal["sinusoidal", "fourier"]
+
+
+def noise_level_vector(c_noise: Tensor, batch_size: int, owner: str) -> Tensor:
+    """Return ``c_noise`` as a (B,) vector; a 0-d tensor is broadcast to the batch.
+
+    Raises ValueError naming ``owner`` and the expected shape for anything else.
+    """
+    if not isinstance(c_noise, Tensor) or not c_noise.is_floating_point():
+        raise ValueError(f"{owner}: c_noise must be a float tensor of shape ({batch_size},)")
+    if c_noise.ndim == 0:
+        return c_noise.expand(batch_size)
+    if c_noise.shape != (batch_size,):
+        raise ValueError(
+            f"{owner}: c_noise must have shape ({batch_size},) (one logsnr per example), "
+            f"got {tuple(c_noise.shape)}"
+        )
+    return c_noise
+
+
+class SinusoidalEmbedding(nn.Module):
+    """Transformer positional features of ``input_scale * c_noise`` (DDPM's timestep embedding).
+
+    e_i = cos(s c f_i) and e_{half+i} = sin(s c f_i) with f_i = max_period^(-i / half), i < half.
+    DDPM fed the integer step t in 0..1000; with s = 25 a logsnr range of +-20 covers a
+    comparable span of phases (-500..500). An odd ``dim`` is padded with one zero feature.
+    """
+
+    freqs: Tensor
+
+    def __init__(self, dim: int, max_period: float = 10000.0, input_scale: float = 25.0):
+        super().__init__()
+        if dim < 2:
+            raise ValueError(f"SinusoidalEmbedding: dim must be >= 2, got {dim}")
+        self.dim, self.max_period, self.input_scale = dim, max_period, input_scale
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64) / half)
+        # a pure function of the constructor arguments: rebuilt, never saved in checkpoints
+        self.register_buffer("freqs", (input_scale * freqs).float(), persistent=False)
+
+    def forward(self, c_noise: Tensor) -> Tensor:
+        """(B,) -> (B, dim) features."""
+        args = c_noise.to(self.freqs.dtype)[:, None] * self.freqs[None, :]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+        if self.dim % 2:
+            emb = nn.functional.pad(emb, (0, 1))
+        return emb
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, max_period={self.max_period}, input_scale={self.input_scale}"
+
+
+class FourierEmbedding(nn.Module):
+    """Random Fourier features [cos(2 pi w c), sin(2 pi w c)] with fixed w ~ N(0, std^2).
+
+    Tancik et al. (2020), as used by score-SDE and EDM for the noise level. ``w`` is drawn from a
+    ``torch.Generator`` seeded with ``seed`` (so it does not consume the global RNG) and stored
+    as a persistent buffer: checkpoints carry it, and loading one restores the same features.
+    """
+
+    weight: Tensor
+
+    def __init__(self, dim: int, std: float = 1.0, seed: int = 0):
+        super().__init__()
+        if dim < 2 or dim % 2:
+            raise ValueError(f"FourierEmbedding: dim must be even and >= 2, got {dim}")
+        self.dim, self.std, self.seed = dim, std, seed
+        gen = torch.Generator().manual_seed(seed)
+        self.register_buffer("weight", torch.randn(dim // 2, generator=gen) * std)
+
+    def forward(self, c_noise: Tensor) -> Tensor:
+        """(B,) -> (B, dim) features."""
+        args = (2 * math.pi) * c_noise.to(self.weight.dtype)[:, None] * self.weight[None, :]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, std={self.std}, seed={self.seed}"
+
+
+def make_time_embedding(kind: EmbeddingKind, dim: int) -> nn.Module:
+    """Build the noise-level feature map named by ``kind`` ("sinusoidal" or "fourier")."""
+    if kind == "sinusoidal":
+        return SinusoidalEmbedding(dim)
+    if kind == "fourier":
+        return FourierEmbedding(dim)
+    raise ValueError(f"time_embedding must be 'sinusoidal' or 'fourier', got {kind!r}")
+
+
+def embedding_mlp(in_dim: int, out_dim: int) -> nn.Sequential:
+    """Linear-SiLU-Linear from the features to the embedding width (DDPM's ``temb`` layers)."""
+    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
