@@ -1,0 +1,31 @@
+"""Stateless samplers over the one denoiser convention (STYLE 2), with explicit grids and seeds.
+
+- ``sample_ddpm``: ancestral sampling, seed 000 "Algorithm 2 Sampling" (sigma^2 = beta or beta_tilde).
+- ``sample_ddim`` / ``ddim_invert``: DDIM with eta in [0, 1] and its eta = 0 inversion.
+- ``timestep_grid``: leading / linspace / trailing grids in the notes' t = 1..T.
+- ``PerSampleNoise``: sample i depends only on seed i.
+- ``generate`` / ``write_samples`` / ``SampleSettings``: batched runs over seeds and their files.
+"""
+
+from diffusekit.sampling.ddim import ddim_invert, ddim_sigma, sample_ddim
+from diffusekit.sampling.ddpm import predict_x0_eps, sample_ddpm
+from diffusekit.sampling.grids import SPACINGS, sampling_schedule, timestep_grid
+from diffusekit.sampling.noise import PerSampleNoise, parse_seeds
+from diffusekit.sampling.run import SampleSettings, TrajectoryRecorder, generate, write_samples
+
+__all__ = [
+    "sample_ddpm",
+    "sample_ddim",
+    "ddim_invert",
+    "ddim_sigma",
+    "predict_x0_eps",
+    "timestep_grid",
+    "sampling_schedule",
+    "SPACINGS",
+    "PerSampleNoise",
+    "parse_seeds",
+    "SampleSettings",
+    "TrajectoryRecorder",
+    "generate",
+    "write_samples",
+]

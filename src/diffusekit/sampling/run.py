@@ -1,0 +1,201 @@
+"""Sampling runs: typed settings, batched generation over seeds, and the files a run leaves.
+
+``generate`` draws every sample from its own seed (``PerSampleNoise``), so a sample is the same
+whatever the batch size and order, and ``settings.json`` written by ``write_samples`` is enough to
+reproduce the samples exactly (``SampleSettings.from_json``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from diffusekit.parameterization import DenoiserFn
+from diffusekit.sampling.ddim import sample_ddim
+from diffusekit.sampling.ddpm import Callback, sample_ddpm
+from diffusekit.sampling.grids import SPACINGS
+from diffusekit.sampling.noise import PerSampleNoise
+from diffusekit.schedules import DiscreteSchedule
+
+__all__ = ["SampleSettings", "generate", "write_samples", "TrajectoryRecorder"]
+
+
+@dataclass
+class SampleSettings:
+    """Everything that determines a set of samples besides the model and its schedule.
+
+    ``steps = 0`` means the full chain (T steps); ``eta`` is DDIM's, ``variance`` DDPM's;
+    ``clip_x0 = c`` clamps the predicted x0 to [-c, c] (None = off, the default). ``use_ema`` is
+    recorded for the caller that loads the weights; ``batch_size`` does not change the samples.
+    """
+
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    steps: int = 0
+    eta: float = 0.0
+    variance: Literal["beta", "beta_tilde"] = "beta_tilde"
+    spacing: Literal["leading", "linspace", "trailing"] = "trailing"
+    clip_x0: float | None = None
+    seeds: list[int] = field(default_factory=lambda: list(range(64)))
+    use_ema: bool = True
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        self.seeds = [int(s) for s in self.seeds]
+        checks = [
+            (self.sampler in ("ddpm", "ddim"), "sampler", "'ddpm' or 'ddim'", self.sampler),
+            (isinstance(self.steps, int) and self.steps >= 0, "steps", "an integer >= 0 (0 = T)", self.steps),
+            (0.0 <= self.eta <= 1.0, "eta", "in [0, 1]", self.eta),
+            (self.variance in ("beta", "beta_tilde"), "variance", "'beta' or 'beta_tilde'", self.variance),
+            (self.spacing in SPACINGS, "spacing", f"one of {SPACINGS}", self.spacing),
+            (self.clip_x0 is None or self.clip_x0 > 0, "clip_x0", "positive or None", self.clip_x0),
+            (len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds), "seeds", "non-empty and distinct",
+             f"{len(self.seeds)} seeds"),
+            (isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", ">= 1", self.batch_size),
+        ]
+        for ok, name, want, got in checks:
+            if not ok:
+                raise ValueError(f"sample settings: {name} must be {want}, got {got!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, extra: dict[str, Any] | None = None) -> str:
+        """JSON of the settings; ``extra`` (run folder, checkpoint step...) goes under key "extra"."""
+        d = self.to_dict()
+        if extra is not None:
+            d["extra"] = extra
+        return json.dumps(d, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SampleSettings":
+        """Read settings written by ``to_json`` (or a ``settings.json``); unknown keys are errors."""
+        d = json.loads(text)
+        if not isinstance(d, dict):
+            raise ValueError("sample settings must be a JSON object")
+        d.pop("extra", None)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown sample settings keys {unknown}")
+        return cls(**d)
+
+
+class TrajectoryRecorder:
+    """A sampler callback that keeps x_t and the predicted x0 every ``every`` steps (on the CPU).
+
+    After sampling (and ``final(x)`` with the output, to end on t = 0), ``frames("x")`` /
+    ``frames("x0")`` are lists of tensors shaped like x and ``times`` the original t of each frame;
+    ``viz.save_trajectory_strip`` draws them. Use it with one batch (``generate`` calls the
+    callback for every batch in turn).
+    """
+
+    def __init__(self, every: int = 1, max_samples: int | None = None):
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.every, self.max_samples = every, max_samples
+        self.times: list[int] = []
+        self._frames: dict[str, list[Tensor]] = {"x": [], "x0": []}
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        if info["i"] % self.every:
+            return
+        self.times.append(int(info["t"]))
+        for key in self._frames:
+            self._frames[key].append(info[key][: self.max_samples].detach().to("cpu", copy=True))
+
+    def final(self, x: Tensor) -> None:
+        """Append the sampler's output as the last frame (t = 0, where x0 = x)."""
+        self.times.append(0)
+        for key in self._frames:
+            self._frames[key].append(x[: self.max_samples].detach().to("cpu", copy=True))
+
+    def frames(self, key: Literal["x", "x0"] = "x") -> list[Tensor]:
+        return list(self._frames[key])
+
+
+def _run_sampler(denoiser: DenoiserFn, schedule: DiscreteSchedule, noise: PerSampleNoise, settings: SampleSettings,
+                 cond: Any, callback: Callback | None, progress: bool) -> Tensor:
+    steps = settings.steps or None
+    x_T = noise()
+    if settings.sampler == "ddpm":
+        return sample_ddpm(denoiser, schedule, x_T, noise, steps=steps, spacing=settings.spacing,
+                           variance=settings.variance, clip_x0=settings.clip_x0, cond=cond, callback=callback,
+                           progress=progress)
+    return sample_ddim(denoiser, schedule, x_T, noise, steps=steps, spacing=settings.spacing, eta=settings.eta,
+                       clip_x0=settings.clip_x0, cond=cond, callback=callback, progress=progress)
+
+
+def _slice_cond(cond: Any, lo: int, hi: int) -> Any:
+    """Per-example conditioning (tensors with a batch dim, in a dict or alone) cut to one batch."""
+    if cond is None:
+        return None
+    if isinstance(cond, Tensor):
+        return cond[lo:hi]
+    if isinstance(cond, dict):
+        return {k: _slice_cond(v, lo, hi) for k, v in cond.items()}
+    return cond
+
+
+def generate(denoiser: DenoiserFn, schedule: DiscreteSchedule, shape: Sequence[int], settings: SampleSettings,
+             device: torch.device | str = "cpu", cond: Any = None, callback: Callback | None = None,
+             progress: bool = True, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Samples for ``settings.seeds`` in order, shape (len(seeds), *shape), on the CPU.
+
+    Seeds are processed in batches of ``settings.batch_size``; sample i uses only seed i, so the
+    batch size does not change any sample (up to the network's own batch invariance). ``cond``
+    holds per-seed tensors (or a dict of them) and is cut into the same batches. The caller chooses
+    the weights (``settings.use_ema`` is only recorded).
+    """
+    if settings.steps > schedule.T:
+        raise ValueError(f"settings.steps must lie in 0..T = {schedule.T}, got {settings.steps}")
+    seeds, bs = settings.seeds, settings.batch_size
+    out = []
+    batches = range(0, len(seeds), bs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=f"{settings.sampler} batches", total=math.ceil(len(seeds) / bs))
+    for lo in batches:
+        hi = min(lo + bs, len(seeds))
+        noise = PerSampleNoise(seeds[lo:hi], shape, dtype=dtype, device=device)
+        x = _run_sampler(denoiser, schedule, noise, settings, _slice_cond(cond, lo, hi), callback, False)
+        out.append(x.cpu())
+    return torch.cat(out)
+
+
+def write_samples(x: Tensor, seeds: Sequence[int], out_dir: Path | str, settings: SampleSettings,
+                  levels: int | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write the results of ``generate`` to ``out_dir`` (each file atomically):
+
+    - ``grid.png``: all samples (image grid, scatter for 2-D points, histograms otherwise);
+    - ``sample_<seed>.png`` per sample for images (quantized to ``levels`` if given);
+    - ``samples.npz``: ``x`` (float32, data range) and ``seeds`` (int64);
+    - ``settings.json``: the exact ``SampleSettings`` plus ``extra`` under key "extra".
+    """
+    from diffusekit.train.checkpoint import atomic_write_bytes, atomic_write_text
+    from diffusekit.viz import image_grid, png_bytes, save_samples_figure
+
+    x = x.detach().cpu()
+    seeds = [int(s) for s in seeds]
+    if x.shape[0] != len(seeds):
+        raise ValueError(f"{x.shape[0]} samples but {len(seeds)} seeds")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_samples_figure(x, out / "grid.png", levels=levels)
+    if x.ndim == 4:
+        for seed, img in zip(seeds, x):
+            atomic_write_bytes(out / f"sample_{seed}.png", png_bytes(image_grid(img[None], pad=0, upscale=1,
+                                                                               levels=levels)))
+    buf = io.BytesIO()
+    np.savez(buf, x=x.to(torch.float32).numpy(), seeds=np.asarray(seeds, dtype=np.int64))
+    atomic_write_bytes(out / "samples.npz", buf.getvalue())
+    atomic_write_text(out / "settings.json", settings.to_json(extra=extra or {}) + "\n")
+    return out
