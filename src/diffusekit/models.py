@@ -1,0 +1,100 @@
+"""Build networks, schedules and denoisers from a config, and load a trained run back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from diffusekit.errors import CheckpointError, ConfigError
+from diffusekit.parameterization import Denoiser
+from diffusekit.schedules import DiscreteSchedule, make_schedule
+
+__all__ = ["build_schedule", "build_network", "build_denoiser", "LoadedRun", "load_run"]
+
+
+def build_schedule(diffusion_cfg) -> DiscreteSchedule:
+    """The discrete schedule named by ``[diffusion]`` (float64 tables)."""
+    name, T = diffusion_cfg.schedule, diffusion_cfg.T
+    if name == "linear":
+        return make_schedule("linear", T, beta_start=diffusion_cfg.beta_start, beta_end=diffusion_cfg.beta_end)
+    if name == "cosine":
+        return make_schedule("cosine", T, s=diffusion_cfg.cosine_s)
+    return make_schedule(name, T)
+
+
+def build_network(model_cfg, data_shape: tuple[int, ...]) -> nn.Module:
+    """The raw network for data of per-example shape ``data_shape``."""
+    from diffusekit.nn import MLPDenoiser, UNet
+
+    if model_cfg.kind == "unet":
+        if len(data_shape) != 3:
+            raise ConfigError(f"model.kind = 'unet' needs image data (C, H, W), got per-example shape {data_shape}")
+        c, h, w = data_shape
+        if h != w:
+            raise ConfigError(f"model.kind = 'unet' needs square images, got {h}x{w}")
+        return UNet(in_channels=c, image_size=h, base_channels=model_cfg.base_channels,
+                    channel_mult=tuple(model_cfg.channel_mult), num_res_blocks=model_cfg.num_res_blocks,
+                    attn_resolutions=tuple(model_cfg.attn_resolutions), num_heads=model_cfg.num_heads,
+                    dropout=model_cfg.dropout, time_embedding=model_cfg.time_embedding,
+                    num_classes=model_cfg.num_classes, norm_groups=model_cfg.norm_groups)
+    if model_cfg.kind == "mlp":
+        if len(data_shape) != 1:
+            raise ConfigError(f"model.kind = 'mlp' needs vector data (D,), got per-example shape {data_shape}")
+        return MLPDenoiser(dim=data_shape[0], hidden=model_cfg.hidden, depth=model_cfg.depth,
+                           time_embedding=model_cfg.time_embedding, num_classes=model_cfg.num_classes,
+                           dropout=model_cfg.dropout)
+    raise ConfigError(f"model.kind = {model_cfg.kind!r} cannot be trained as a diffusion model yet")
+
+
+def build_denoiser(cfg, data_shape: tuple[int, ...]) -> Denoiser:
+    """Network wrapped in the denoiser convention for ``model.prediction``."""
+    return Denoiser(build_network(cfg.model, data_shape), cfg.model.prediction)
+
+
+@dataclass
+class LoadedRun:
+    """A trained run: config, denoiser (EMA or raw weights), schedule and data facts."""
+
+    cfg: object
+    denoiser: Denoiser
+    schedule: DiscreteSchedule
+    data_shape: tuple[int, ...]
+    levels: int | None
+    num_classes: int
+    step: int
+    checkpoint: Path
+
+
+def load_run(run_dir: Path | str, use_ema: bool = True, device: str | torch.device = "cpu") -> LoadedRun:
+    """Load the newest complete checkpoint of a run folder for sampling or evaluation."""
+    from diffusekit.config import Config, config_from_dict
+    from diffusekit.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: run folder does not exist")
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise CheckpointError(f"{run_dir}: no complete checkpoint found in {run_dir / 'checkpoints'}")
+    tensors, record = load_checkpoint(ckpt)
+    meta = record["meta"]
+    try:
+        cfg: Config = config_from_dict(meta["config"])
+        data_shape = tuple(meta["data"]["shape"])
+        levels, num_classes = meta["data"]["levels"], meta["data"]["num_classes"]
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{ckpt}.json: metadata lacks {exc}") from None
+    denoiser = build_denoiser(cfg, data_shape)
+    prefix = "ema." if use_ema else "model."
+    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    try:
+        denoiser.net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"{ckpt}.safetensors: weights do not fit the configured network ({first})") from None
+    denoiser.to(device).eval()
+    return LoadedRun(cfg, denoiser, build_schedule(cfg.diffusion), data_shape, levels, num_classes,
+                     int(record["step"]), ckpt)
