@@ -158,7 +158,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """Train on the bundled digits (resuming if the run exists), then evaluate and report."""
     from diffusekit.config import load_config
+    from diffusekit.evaluate.report import evaluate_run, format_table
     from diffusekit.train.trainer import train
 
     config = args.config or (Path("configs/digits.toml") if Path("configs/digits.toml").exists() else None)
@@ -166,9 +168,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     resume = (args.out / "checkpoints").is_dir()
     t0 = time.time()
     result = train(cfg, args.out, resume=resume, progress=not args.no_progress)
-    summary = {"train": result, "wall_seconds": time.time() - t0}
-    print(json.dumps(summary, indent=1))
-    print(f"samples: {args.out / 'samples.png'}  loss curve: {args.out / 'loss_curve.png'}")
+    train_s = time.time() - t0
+    evaluation = evaluate_run(args.out, n_strata=25, progress=not args.no_progress)
+    table = format_table(evaluation)
+    summary = (f"trained to step {result['step']} in {train_s:.0f} s; total {time.time() - t0:.0f} s\n\n"
+               f"{table}\n\nsamples: {args.out / 'samples.png'}\nloss curve: {args.out / 'loss_curve.png'}\n"
+               f"report: {args.out / 'eval' / 'report.md'}\n")
+    from diffusekit.train.checkpoint import atomic_write_text
+
+    atomic_write_text(args.out / "summary.txt", summary)
+    print(summary)
     return 0
 
 
