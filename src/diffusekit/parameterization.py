@@ -18,6 +18,7 @@ The network's noise input is c_noise = logsnr.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -117,6 +118,11 @@ def from_eps_x0(kind: str, eps: Tensor, x0: Tensor, alpha: Tensor, sigma: Tensor
     raise ValueError(f"unknown prediction kind {kind!r}; choose one of {KINDS}")
 
 
+def _sigmoid(z: float) -> float:
+    """1 / (1 + e^-z) without overflow."""
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
 def scales_from_logsnr(logsnr: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
     """(alpha, sigma) computed in float64 from logsnr, cast to ``like``'s dtype and broadcastable."""
     alpha, sigma = alpha_sigma_from_logsnr(logsnr.to(torch.float64))
@@ -161,6 +167,10 @@ class Denoiser(nn.Module):
 
     def forward(self, x_t: Tensor, logsnr: Tensor, cond: dict | None = None) -> Prediction:
         out = self.raw(x_t, logsnr, cond)
-        alpha, sigma = scales_from_logsnr(logsnr.expand(x_t.shape[0]), x_t)
+        if logsnr.numel() == 1:  # one noise level for the batch (samplers): scalar scales, no tensor ops
+            lam = float(logsnr)
+            alpha, sigma = math.sqrt(_sigmoid(lam)), math.sqrt(_sigmoid(-lam))
+        else:
+            alpha, sigma = scales_from_logsnr(logsnr.expand(x_t.shape[0]), x_t)
         eps, x0 = to_eps_x0(self.kind, out, x_t, alpha, sigma)
         return Prediction(eps=eps, x0=x0, raw=out, kind=self.kind)
