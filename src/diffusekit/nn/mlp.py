@@ -12,6 +12,8 @@ The output layer is zero-initialised, so the untrained network outputs exactly z
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -69,7 +71,7 @@ class MLPDenoiser(nn.Module):
         c_noise: Tensor,
         class_labels: Tensor | None = None,
         context: Tensor | None = None,
-        residuals: list[Tensor] | None = None,
+        residuals: Sequence[Tensor] | None = None,
     ) -> Tensor:
         if context is not None or residuals is not None:
             raise ValueError("MLPDenoiser supports neither context nor residuals; use UNet")
@@ -95,7 +97,7 @@ class MLPDenoiser(nn.Module):
         h = self.inp(x)
         for i in range(self.depth):
             a = torch.addcmul(gain_shift[:, i, 1], self.fc1[i](F.silu(h)), gain_shift[:, i, 0])
-            a = F.silu(a)
+            a = F.silu(a, inplace=True)  # addcmul's backward does not read its output
             if self.dropout > 0:
                 a = F.dropout(a, self.dropout, self.training)
             h = h + self.fc2[i](a)
