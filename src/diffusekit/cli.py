@@ -169,7 +169,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.time()
     result = train(cfg, args.out, resume=resume, progress=not args.no_progress)
     train_s = time.time() - t0
-    evaluation = evaluate_run(args.out, n_strata=25, progress=not args.no_progress)
+    evaluation = evaluate_run(args.out, metrics=DEMO_METRICS, n_strata=25, progress=not args.no_progress)
     table = format_table(evaluation)
     summary = (f"trained to step {result['step']} in {train_s:.0f} s; total {time.time() - t0:.0f} s\n\n"
                f"{table}\n\nsamples: {args.out / 'samples.png'}\nloss curve: {args.out / 'loss_curve.png'}\n"
@@ -180,6 +180,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(summary)
     return 0
 
+
+DEMO_METRICS = ("bpd",)
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "demo": cmd_demo}
 
