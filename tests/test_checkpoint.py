@@ -1,7 +1,6 @@
 """Checkpoints: round trip, atomic pointer, and loud failures on damaged files."""
 
 import json
-import os
 import pickle
 
 import pytest

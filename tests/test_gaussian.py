@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusekit import gaussian as G
-from diffusekit.oracle import GaussianMixture, default_mixture
+from diffusekit.oracle import default_mixture
 from diffusekit.schedules import make_schedule
 
 F64 = torch.float64

@@ -1,6 +1,5 @@
 """Losses: every weighting and parameterization against exact identities."""
 
-import math
 
 import pytest
 import torch

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import signal
 import time
@@ -304,7 +303,7 @@ class Trainer:
         if not self.dist.is_main:
             return None
         from diffusekit.sampling.run import SampleSettings, generate
-        from diffusekit.viz import plot_loss_curve, save_samples_figure
+        from diffusekit.viz import save_samples_figure
 
         n = n or self.cfg.train.n_sample
         settings = SampleSettings(sampler="ddpm", steps=min(100, self.schedule.T), seeds=list(range(n)),
