@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal, Protocol, Sequence
 
 import torch
@@ -115,7 +116,7 @@ class DiscreteSchedule:
     """All tables of a discrete diffusion, float64, indexed by t = 0..T (t = 0 is clean data).
 
     The primary table is ``log_alpha_bar`` (log alpha_bar_0 = 0); every other table is derived
-    from it, so respacing (which only selects entries) is exact. ``timesteps[t]`` is the index of
+    from it once and cached (treat the returned tensors as read-only), so respacing (which only selects entries) is exact. ``timesteps[t]`` is the index of
     step t in the schedule this one was respaced from (identity for a schedule that was not
     respaced); the network only ever sees ``logsnr``, so a respaced schedule feeds it exactly the
     noise levels it was trained on.
@@ -147,48 +148,48 @@ class DiscreteSchedule:
     def T(self) -> int:
         return self.log_alpha_bar.numel() - 1
 
-    @property
+    @cached_property
     def betas(self) -> Tensor:
         """beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}; entry 0 is 0."""
         lab = self.log_alpha_bar
         return torch.cat([torch.zeros(1, dtype=F64), -torch.expm1(lab[1:] - lab[:-1])])
 
-    @property
+    @cached_property
     def alphas(self) -> Tensor:
         """alpha_t = 1 - beta_t (per-step signal retention; seed 000)."""
         return 1.0 - self.betas
 
-    @property
+    @cached_property
     def alpha_bar(self) -> Tensor:
         """alpha_bar_t = prod_{s=1}^t alpha_s (seed 002 writes alpha_t for this)."""
         return torch.exp(self.log_alpha_bar)
 
-    @property
+    @cached_property
     def one_minus_alpha_bar(self) -> Tensor:
         """1 - alpha_bar_t, computed without cancellation (expm1)."""
         return -torch.expm1(self.log_alpha_bar)
 
-    @property
+    @cached_property
     def alpha(self) -> Tensor:
         """Signal scale sqrt(alpha_bar_t) of q(x_t | x_0)."""
         return self.alpha_bar.sqrt()
 
-    @property
+    @cached_property
     def sigma(self) -> Tensor:
         """Noise scale sqrt(1 - alpha_bar_t) of q(x_t | x_0)."""
         return self.one_minus_alpha_bar.sqrt()
 
-    @property
+    @cached_property
     def logsnr(self) -> Tensor:
         """log(alpha_bar_t / (1 - alpha_bar_t)); +inf at t = 0."""
         return logsnr_from_log_alpha_bar(self.log_alpha_bar)
 
-    @property
+    @cached_property
     def snr(self) -> Tensor:
         return self.alpha_bar / self.one_minus_alpha_bar
 
     # -- posterior q(x_{t-1} | x_t, x_0) (seed 000 "ELBO for Diffusion Model: Score Matching Term")
-    @property
+    @cached_property
     def posterior_variance(self) -> Tensor:
         """beta_tilde_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t); 0 at t = 1 (and t = 0)."""
         omab = self.one_minus_alpha_bar
@@ -196,7 +197,7 @@ class DiscreteSchedule:
         var[1:] = self.betas[1:] * omab[:-1] / omab[1:]
         return var
 
-    @property
+    @cached_property
     def posterior_log_variance_clipped(self) -> Tensor:
         """log beta_tilde_t with the t = 1 entry (log 0) replaced by the t = 2 one, as
         improved-diffusion does; entry 0 is unused and set equal to entry 1."""
@@ -208,7 +209,7 @@ class DiscreteSchedule:
         var[0] = var[1]
         return torch.log(var)
 
-    @property
+    @cached_property
     def posterior_mean_coef_x0(self) -> Tensor:
         """Coefficient of x_0 in mu_q: sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t)."""
         ab, omab = self.alpha_bar, self.one_minus_alpha_bar
@@ -216,7 +217,7 @@ class DiscreteSchedule:
         coef[1:] = ab[:-1].sqrt() * self.betas[1:] / omab[1:]
         return coef
 
-    @property
+    @cached_property
     def posterior_mean_coef_xt(self) -> Tensor:
         """Coefficient of x_t in mu_q: sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)."""
         omab = self.one_minus_alpha_bar
