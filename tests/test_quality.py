@@ -1,0 +1,233 @@
+"""Sample-quality metrics: exact answers first (Fréchet distance of Gaussians, W2 of shifts, oracle
+entropy), then the project's feature network, its cache, and the FID machinery."""
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from diffusekit.errors import CheckpointError
+from diffusekit.evaluate import features
+from diffusekit.evaluate.features import FeatureNet, cache_paths, feature_dataset, load_feature_net, train_feature_net
+from diffusekit.evaluate.fid import InceptionV3FID, compute_fid, fid_from_features, load_inception
+from diffusekit.evaluate.quality import (feature_stats, frechet_distance, image_quality, mmd_rbf, sliced_wasserstein,
+                                         vector_quality, wasserstein2_1d)
+from diffusekit.oracle import default_mixture
+
+
+# -- Fréchet distance: closed forms ----------------------------------------------------------------
+def test_frechet_distance_1d_closed_form():
+    m1, s1, m2, s2 = 0.3, 1.7, -1.1, 0.4
+    expected = (m1 - m2) ** 2 + s1**2 + s2**2 - 2 * s1 * s2
+    assert frechet_distance([m1], [[s1**2]], [m2], [[s2**2]]) == pytest.approx(expected, rel=1e-12)
+
+
+def test_frechet_distance_diagonal_and_identical():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    s1, s2 = rng.uniform(0.1, 2, 5), rng.uniform(0.1, 2, 5)
+    expected = ((mu1 - mu2) ** 2).sum() + ((s1 - s2) ** 2).sum()
+    assert frechet_distance(mu1, np.diag(s1**2), mu2, np.diag(s2**2)) == pytest.approx(expected, rel=1e-10)
+    a = rng.normal(size=(5, 5))
+    cov = a @ a.T
+    assert frechet_distance(mu1, cov, mu1, cov) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_frechet_distance_matches_sqrtm_and_survives_singular_covariances():
+    linalg = pytest.importorskip("scipy.linalg")
+    rng = np.random.default_rng(1)
+    f1, f2 = rng.normal(size=(200, 8)), rng.normal(size=(150, 8)) @ rng.normal(size=(8, 8)) + 0.5
+    (mu1, c1), (mu2, c2) = feature_stats(f1), feature_stats(f2)
+    covmean = linalg.sqrtm(c1 @ c2).real
+    reference = ((mu1 - mu2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2 * np.trace(covmean)
+    assert frechet_distance(mu1, c1, mu2, c2) == pytest.approx(reference, rel=1e-8)
+    few = rng.normal(size=(4, 8))  # 4 points in 8 dimensions: rank-3 covariance
+    d = frechet_distance(*feature_stats(few), *feature_stats(few + 1.0))
+    assert math.isfinite(d) and d == pytest.approx(8.0, rel=1e-6)  # a pure shift by 1 in 8 dims
+
+
+# -- vectors -----------------------------------------------------------------------------------------
+def test_wasserstein_1d_exact_for_shifts_and_unequal_sizes():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 500, generator=g, dtype=torch.float64)
+    assert wasserstein2_1d(x, x + 0.7).sqrt().item() == pytest.approx(0.7, rel=1e-12)
+    assert wasserstein2_1d(x, x.repeat(1, 3)).item() == pytest.approx(0.0, abs=1e-15)  # same distribution
+    a, b = torch.randn(1, 6, generator=g, dtype=torch.float64), torch.randn(1, 4, generator=g, dtype=torch.float64)
+    u = (torch.arange(12, dtype=torch.float64) + 0.5) / 12  # lcm(6, 4): both quantile functions are constant per cell
+    qa, qb = a.sort().values[0, (u * 6).long()], b.sort().values[0, (u * 4).long()]
+    assert wasserstein2_1d(a, b).item() == pytest.approx(((qa - qb) ** 2).mean().item(), rel=1e-12)
+
+
+def test_sliced_wasserstein_of_gaussians():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4000, 1, generator=g), torch.randn(3000, 1, generator=g) + 1.5
+    assert sliced_wasserstein(x, y, n_projections=8) == pytest.approx(1.5, abs=0.08)  # W2(N(0,1), N(d,1)) = d
+    x2 = torch.randn(2000, 2, generator=g, dtype=torch.float64)
+    shift = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    # E_theta (theta . d)^2 = |d|^2 / D for directions uniform on the circle
+    assert sliced_wasserstein(x2, x2 + shift) == pytest.approx(math.sqrt(5 / 2), rel=0.1)
+    assert sliced_wasserstein(x2, x2) == 0.0
+
+
+def test_mmd_matches_gaussian_closed_form_and_vanishes_for_same_distribution():
+    # For X ~ N(m, I_d), Y ~ N(0, I_d) and k(a, b) = exp(-|a - b|^2 / (2 l^2)):
+    # E k(X, X') = E k(Y, Y') = c = (l^2 / (l^2 + 2))^(d/2), E k(X, Y) = c exp(-|m|^2 / (2 (l^2 + 2))),
+    # so MMD^2 = 2 c (1 - exp(-|m|^2 / (2 (l^2 + 2)))), averaged over the bandwidth multipliers.
+    from diffusekit.evaluate.quality import _sq_dists
+
+    g = torch.Generator().manual_seed(0)
+    n, shift = 2000, torch.tensor([0.5, 0.0], dtype=torch.float64)
+    x, y, z = (torch.randn(n, 2, generator=g, dtype=torch.float64) for _ in range(3))
+    k = 1000  # mmd_rbf takes the median over the first 1000 reference points
+    h2 = _sq_dists(y[:k], y[:k])[torch.triu_indices(k, k, 1).unbind()].median().item()
+    expected = np.mean([2 * (l2 / (l2 + 2)) * (1 - math.exp(-0.25 / (2 * (l2 + 2))))
+                        for l2 in (s * s * h2 for s in (0.25, 0.5, 1.0, 2.0, 4.0))])
+    shifted, same = mmd_rbf(z + shift, y), mmd_rbf(x, y)
+    assert shifted == pytest.approx(expected, rel=0.25)
+    assert abs(same) < 0.1 * expected
+
+
+def test_oracle_nll_of_exact_samples_matches_oracle_entropy():
+    oracle = default_mixture(2)
+    samples = oracle.sample(4000, generator=torch.Generator().manual_seed(1))
+    reference = oracle.sample(4000, generator=torch.Generator().manual_seed(2))
+    q = vector_quality(samples, reference, oracle=oracle)
+    tolerance = 4 * math.hypot(q["oracle_nll_stderr"], q["oracle_entropy_stderr"])
+    assert abs(q["oracle_nll"] - q["oracle_entropy"]) < tolerance
+    assert q["sliced_wasserstein"] < 0.05 and abs(q["mmd"]) < 0.01
+    too_wide = vector_quality(samples * 1.5, reference, oracle=oracle)
+    assert too_wide["oracle_nll"] > q["oracle_entropy"] + 0.3 and too_wide["sliced_wasserstein"] > 0.2
+
+
+# -- the feature network and its cache ------------------------------------------------------------
+@pytest.fixture(scope="session")
+def digits_cache(tmp_path_factory):
+    """A cache folder holding the digits feature net, trained once per session (~10 s)."""
+    folder = tmp_path_factory.mktemp("features")
+    load_feature_net("digits", cache_dir=folder)
+    return folder
+
+
+def test_digits_feature_net_reaches_accuracy_target(digits_cache):
+    net = load_feature_net("digits", cache_dir=digits_cache)
+    test = feature_dataset("digits", "test")
+    assert features.evaluate_accuracy(net, test.x, test.labels) >= 0.97
+    assert net.features(test.x[:5]).shape == (5, 64) and net(test.x[:5]).shape == (5, 10)
+
+
+def test_training_is_deterministic_and_leaves_global_rng_alone():
+    state = torch.get_rng_state()
+    a, b = (train_feature_net("digits", seed=3, epochs=1) for _ in range(2))
+    assert torch.equal(torch.get_rng_state(), state)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+    c = train_feature_net("digits", seed=4, epochs=1)
+    assert not torch.equal(a.head.weight, c.head.weight)
+
+
+def test_cache_round_trip_gives_identical_weights(digits_cache):
+    a, b = load_feature_net("digits", cache_dir=digits_cache), load_feature_net("digits", cache_dir=digits_cache)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("damage", ["weights", "record", "version"])
+def test_damaged_cache_is_retrained_not_crashed_on(digits_cache, tmp_path, monkeypatch, damage):
+    folder = tmp_path / "cache"
+    shutil.copytree(digits_cache, folder)
+    st_path, json_path = cache_paths("digits", folder)
+    if damage == "weights":
+        st_path.write_bytes(st_path.read_bytes()[:100] + b"\x00" * 50)
+    elif damage == "record":
+        json_path.write_text("{not json")
+    else:
+        json_path.write_text(json_path.read_text().replace('"version": 1', '"version": 999'))
+    quick = features._Recipe(epochs=1, batch_size=64, lr=3e-3, max_shift=1)
+    monkeypatch.setitem(features._RECIPES, "digits", quick)  # keep the retraining short
+    with pytest.warns(UserWarning, match="retraining"):
+        net = load_feature_net("digits", cache_dir=folder)
+    assert isinstance(net, FeatureNet)
+    again = load_feature_net("digits", cache_dir=folder)  # the retrained net was cached and verifies
+    assert torch.equal(again.head.weight, net.head.weight)
+
+
+def test_image_quality_real_images_near_one_and_noise_far(digits_cache):
+    train = feature_dataset("digits", "train")
+    real = train.x[torch.randperm(len(train), generator=torch.Generator().manual_seed(123))[:360]]
+    q = image_quality(real, "digits", levels=17, cache_dir=digits_cache)
+    assert 0.3 < q["fd_ratio"] < 3 and q["n_samples"] == 360 and q["n_train_for_calibration"] == 360
+    assert q["confidence"] > 0.9 and q["class_entropy_bits"] > 3.2 and sum(q["class_histogram"]) == 360
+    assert q["classifier_test_accuracy"] >= 0.97
+    noise = torch.rand(360, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    bad = image_quality(noise, "digits", levels=17, cache_dir=digits_cache)
+    assert bad["fd"] > 20 * q["fd"] and bad["fd_ratio"] > 10
+    assert bad["fd_train_test"] == q["fd_train_test"]  # the calibration depends on N only
+    with pytest.raises(ValueError, match="samples must be"):
+        image_quality(torch.zeros(4, 1, 28, 28), "digits", cache_dir=digits_cache)
+
+
+# -- FID ----------------------------------------------------------------------------------------------
+def test_load_inception_missing_file_names_the_path(tmp_path):
+    path = tmp_path / "pt_inception.safetensors"
+    with pytest.raises(CheckpointError, match="pt_inception.safetensors.*not found.*pytorch-fid"):
+        load_inception(path)
+
+
+def test_inception_architecture_and_weight_files(tmp_path):
+    from safetensors.torch import save_file
+
+    model = InceptionV3FID()
+    # torchvision's inception_v3 has 27,161,264 parameters; minus its auxiliary head (3,326,696)
+    # plus 8 more classes (1008 instead of 1000: 8 * 2049) gives the FID network of pytorch-fid.
+    assert sum(p.numel() for p in model.parameters()) == 27_161_264 - 3_326_696 + 8 * 2049
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert state["fc.weight"].shape == (1008, 2048) and state["Mixed_7c.branch_pool.conv.weight"].shape == (192, 2048, 1, 1)
+    save_file(state, tmp_path / "w.safetensors")
+    torch.save(state, tmp_path / "w.pth")
+    for name in ("w.safetensors", "w.pth"):
+        loaded = load_inception(tmp_path / name)
+        assert torch.equal(loaded.Mixed_6e.branch7x7dbl_5.conv.weight, model.Mixed_6e.branch7x7dbl_5.conv.weight)
+    with torch.no_grad():
+        out = loaded(torch.rand(2, 1, 16, 16) * 2 - 1)
+    assert out.shape == (2, 2048) and torch.isfinite(out).all()
+    del state["Mixed_5b.branch1x1.conv.weight"]
+    state["extra"] = torch.zeros(1)
+    save_file(state, tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointError, match="bad.safetensors.*missing 1.*unexpected 1"):
+        load_inception(tmp_path / "bad.safetensors")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pth"):
+        load_inception(tmp_path / "junk.pth")
+
+
+def _small_feature_fn():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Tanh(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    return net.eval()
+
+
+def test_fid_machinery_on_a_small_network():
+    linalg = pytest.importorskip("scipy.linalg")
+    feature_fn = _small_feature_fn()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(300, 1, 8, 8, generator=g) * 2 - 1, torch.rand(200, 1, 8, 8, generator=g) * 2 - 1
+    assert compute_fid(x, x, feature_fn, batch_size=7) == pytest.approx(0.0, abs=1e-8)
+    assert compute_fid(x, y, feature_fn) == pytest.approx(compute_fid(y, x, feature_fn), rel=1e-9)
+    shifts = [compute_fid(x + s, x, feature_fn) for s in (0.1, 0.3, 0.6)]
+    assert 0 < shifts[0] < shifts[1] < shifts[2]
+    with torch.no_grad():
+        fx, fy = feature_fn(x).double().numpy(), feature_fn(y).double().numpy()
+    mu1, mu2 = fx.mean(0), fy.mean(0)
+    c1, c2 = np.cov(fx, rowvar=False), np.cov(fy, rowvar=False)
+    by_hand = ((mu1 - mu2) ** 2).sum() + np.trace(c1 + c2 - 2 * linalg.sqrtm(c1 @ c2).real)
+    assert compute_fid(x, y, feature_fn) == pytest.approx(by_hand, rel=1e-6)
+    assert fid_from_features(fx, fy) == pytest.approx(by_hand, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_mnist_feature_net_reaches_accuracy_target(tmp_path):
+    net = train_feature_net("mnist", seed=0)
+    assert net.test_accuracy >= 0.95
