@@ -93,7 +93,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
         trainer.train_step()
     trainer.save()
     with torch.no_grad():
-        next(trainer.denoiser.net.parameters()).fill_(float("nan"))
+        next(trainer.net.parameters()).fill_(float("nan"))
     with pytest.raises(TrainingError, match="step 3"):
         trainer.train_step()
     tensors, record = load_checkpoint(tmp_path)

@@ -25,8 +25,7 @@ import torch
 from torch import Tensor
 
 from diffusekit.errors import CheckpointError, TrainingError
-from diffusekit.losses import diffusion_loss, sample_timesteps
-from diffusekit.models import build_denoiser, build_schedule
+from diffusekit.objectives import build_objective
 from diffusekit.train.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
 from diffusekit.train.ema import EMA
 
@@ -107,11 +106,11 @@ class Trainer:
         self.data = load_dataset(cfg.data, "train")
         self.x = self.data.x.to(self.device)
         self.labels = self.data.labels.to(self.device) if self.data.labels is not None else None
-        self.schedule = build_schedule(cfg.diffusion)
         torch.manual_seed(derive_seed(tc.seed, "global", self.dist.rank))
-        self.denoiser = build_denoiser(cfg, tuple(self.data.shape)).to(self.device)
-        self.ema = EMA(self.denoiser.net, tc.ema_decay)
-        self.optimizer = torch.optim.AdamW(self.denoiser.net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        self.objective = build_objective(cfg, tuple(self.data.shape))
+        self.net = self.objective.module.to(self.device)  # trained, EMA'd and checkpointed
+        self.ema = EMA(self.net, tc.ema_decay)
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         self.noise_gen = torch.Generator().manual_seed(derive_seed(tc.seed, "noise", self.dist.rank))
         self.stream = DataStream(len(self.data), derive_seed(tc.seed, "data"))
         self.step = 0
@@ -126,9 +125,9 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, Tensor]:
         """Every tensor needed to continue exactly: weights, EMA, optimizer moments, RNG states."""
-        out = {f"model.{k}": v for k, v in self.denoiser.net.state_dict().items()}
+        out = {f"model.{k}": v for k, v in self.net.state_dict().items()}
         out.update({f"ema.{k}": v for k, v in self.ema.shadow.items()})
-        names = {id(p): n for n, p in self.denoiser.net.named_parameters()}
+        names = {id(p): n for n, p in self.net.named_parameters()}
         for p, st in self.optimizer.state.items():
             for key, val in st.items():
                 out[f"optim.{names[id(p)]}.{key}"] = torch.as_tensor(val)
@@ -154,7 +153,7 @@ class Trainer:
         tensors, record = load_checkpoint(ckpt)
         meta = record["meta"]
         required = ["rng.torch", "rng.noise"] + [f"ema.{k}" for k in self.ema.shadow] + \
-            [f"model.{k}" for k in self.denoiser.net.state_dict()]
+            [f"model.{k}" for k in self.net.state_dict()]
         missing = [k for k in required if k not in tensors]
         for key in ("data_position", "ema_updates", "param_groups"):
             if key not in meta:
@@ -163,10 +162,10 @@ class Trainer:
             missing.append("optim.*")
         if missing:
             raise CheckpointError(f"{ckpt}: cannot resume exactly, missing {', '.join(missing[:5])}")
-        self.denoiser.net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         self.ema.shadow = {k[4:]: v.float().to(self.device) for k, v in tensors.items() if k.startswith("ema.")}
         self.ema.updates = int(meta["ema_updates"])
-        params = dict(self.denoiser.net.named_parameters())
+        params = dict(self.net.named_parameters())
         state: dict[int, dict[str, Tensor]] = {}
         order = {n: i for i, n in enumerate(params)}
         for key, val in tensors.items():
@@ -214,29 +213,26 @@ class Trainer:
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns (loss, grad norm)."""
-        tc, lc = self.cfg.train, self.cfg.loss
+        tc = self.cfg.train
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for _ in range(tc.grad_accum):
             x0, cond = self._micro_batch()
-            t = sample_timesteps(x0.shape[0], self.schedule.T, self.noise_gen, lc.t_sampling)
-            noise = torch.randn(x0.shape, generator=self.noise_gen).to(self.device)
-            loss = diffusion_loss(self.denoiser, x0, t, self.schedule, noise, lc.weighting, cond=cond,
-                                  gamma=lc.min_snr_gamma).mean() / tc.grad_accum
+            loss = self.objective.loss(self.net, x0, cond, self.noise_gen).mean() / tc.grad_accum
             if not torch.isfinite(loss):
                 raise TrainingError(f"step {self.step + 1}: loss is {loss.item()}; stopped, the last good "
                                     f"checkpoint in {self.run_dir / 'checkpoints'} is kept")
             loss.backward()
             total += loss.item()
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.denoiser.net.parameters(), max_norm)
+        norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), max_norm)
         if not torch.isfinite(norm):
             raise TrainingError(f"step {self.step + 1}: gradient norm is {norm.item()}; stopped, the last good "
                                 f"checkpoint in {self.run_dir / 'checkpoints'} is kept")
         self.optimizer.step()
-        self.ema.update(self.denoiser.net)
+        self.ema.update(self.net)
         self.step += 1
         return total, float(norm)
 
@@ -290,27 +286,23 @@ class Trainer:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def ema_denoiser(self):
-        """A copy of the denoiser carrying the EMA weights (for samples and evaluation)."""
+    def ema_module(self) -> torch.nn.Module:
+        """A copy of the trained module carrying the EMA weights (for samples and evaluation)."""
         import copy
 
-        den = copy.deepcopy(self.denoiser)
-        self.ema.copy_to(den.net)
-        return den.eval()
+        module = copy.deepcopy(self.net)
+        self.ema.copy_to(module)
+        return module.eval()
 
     def preview(self, path: Path | None = None, n: int | None = None) -> Path | None:
         """Sample a grid with the EMA weights (DDPM, 100 respaced steps) and redraw the loss curve."""
         if not self.dist.is_main:
             return None
-        from diffusekit.sampling.run import SampleSettings, generate
         from diffusekit.viz import save_samples_figure
 
         n = n or self.cfg.train.n_sample
-        settings = SampleSettings(sampler="ddpm", steps=min(100, self.schedule.T), seeds=list(range(n)),
-                                  batch_size=max(n, 1))
         rng = torch.get_rng_state()  # sampling must not disturb training randomness
-        x = generate(self.ema_denoiser(), self.schedule, tuple(self.data.shape), settings, device=self.device,
-                     progress=False)
+        x = self.objective.preview(self.ema_module(), n, self.device)
         torch.set_rng_state(rng)
         path = path or self.run_dir / "samples" / f"step-{self.step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -347,6 +339,6 @@ def train(cfg, run_dir: Path | str, resume: bool = False, progress: bool = True)
     if trainer.dist.is_main:
         trainer.preview(run_dir / "samples.png")
         summary = {**result, "run_dir": str(run_dir), "data": trainer.data.name,
-                   "parameters": sum(p.numel() for p in trainer.denoiser.net.parameters())}
+                   "parameters": sum(p.numel() for p in trainer.net.parameters())}
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     return result
