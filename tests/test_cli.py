@@ -90,6 +90,29 @@ def test_train_sample_evaluate_end_to_end(capsys, tmp_path):
     result = json.loads(out)
     assert result["bpd"]["bits_per_dim"] > 0 and "categorical_per_pixel" in result["bpd"]["baselines"]
     assert (run / "eval" / "report.md").is_file()
+    for name in ("diffusion_kernel", "noising", "trajectory"):
+        assert (run / "eval" / f"{name}.png").is_file(), name
+
+
+def test_evaluate_quality_and_report(capsys, tmp_path, monkeypatch, digits_cache):
+    monkeypatch.setenv("DIFFUSEKIT_CACHE", str(digits_cache.parent))
+    run = tmp_path / "run"
+    assert run_cli(capsys, "train", *TINY, "--out", run, "--no-progress")[0] == 0
+    code, out, err = run_cli(capsys, "evaluate", "--run", run, "--metrics", "fd", "--n-samples", "40", "--sampler",
+                             "ddim", "--steps", "5", "--json", "--no-progress")
+    assert code == 0, err
+    q = json.loads(out)["quality"]
+    assert q["n_samples"] == 40 and sum(q["class_histogram"]) == 40 and q["fd"] > 0 and q["fd_train_test"] > 0
+    assert q["fd_ratio"] == pytest.approx(q["fd"] / q["fd_train_test"]) and 0 < q["confidence"] <= 1
+    report = (run / "eval" / "report.md").read_text()
+    assert "fd_ratio" in report and "![classes](classes.png)" in report and (run / "eval" / "classes.png").is_file()
+    code, out, err = run_cli(capsys, "evaluate", "--run", run, "--metrics", "bpd,fid", "--no-progress")
+    assert_one_line_error(code, err, "--metrics")
+
+
+def test_sample_flag_errors(capsys, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli(capsys, "train", *TINY, "--out", run, "--no-progress")[0] == 0
     code, _, err = run_cli(capsys, "sample", "--run", run, "--seeds", "3-x", "--no-progress")
     assert_one_line_error(code, err, "--seeds")
     code, _, err = run_cli(capsys, "sample", "--run", run, "--eta", "nan", "--no-progress")

@@ -103,14 +103,6 @@ def test_oracle_nll_of_exact_samples_matches_oracle_entropy():
 
 
 # -- the feature network and its cache ------------------------------------------------------------
-@pytest.fixture(scope="session")
-def digits_cache(tmp_path_factory):
-    """A cache folder holding the digits feature net, trained once per session (~10 s)."""
-    folder = tmp_path_factory.mktemp("features")
-    load_feature_net("digits", cache_dir=folder)
-    return folder
-
-
 def test_digits_feature_net_reaches_accuracy_target(digits_cache):
     net = load_feature_net("digits", cache_dir=digits_cache)
     test = feature_dataset("digits", "test")

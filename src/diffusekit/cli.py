@@ -181,7 +181,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_METRICS = ("bpd",)
+DEMO_METRICS = ("bpd", "fd")
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "demo": cmd_demo}
 

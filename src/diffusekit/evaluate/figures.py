@@ -5,6 +5,7 @@
   marginal q(x_t) of a 1-D data distribution (the oracle mixture) as a density image over (t, x).
 - ``save_noising_strip``: x_t = alpha_t x_0 + sigma_t eps for a few images at several t.
 - ``plot_vlb_terms``: the per-t terms L_{t-1} of the bound (seed 000 "Interpretation of the ELBO").
+- ``plot_class_histogram``: classes of samples (by the feature classifier) beside the data's.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import Tensor
 from diffusekit.gaussian import q_sample
 from diffusekit.schedules import DiscreteSchedule
 
-__all__ = ["plot_diffusion_kernel", "save_noising_strip", "plot_vlb_terms"]
+__all__ = ["plot_diffusion_kernel", "save_noising_strip", "plot_vlb_terms", "plot_class_histogram"]
 
 
 def _two_panels():
@@ -91,4 +92,24 @@ def plot_vlb_terms(term_bpd: Sequence[float], path: Path | str, prior_bpd: float
     ax2.set(xlabel="t", ylabel="share of the bound", title=f"cumulative share (total {total:.3f} bits/dim)",
             xscale="log", ylim=(0, 1.02))
     ax2.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_class_histogram(sample_counts: Sequence[int], reference_counts: Sequence[int], path: Path | str,
+                         title: str = "predicted classes of the samples") -> Path:
+    """Share of samples the feature classifier puts in each class, beside the held-out split's true
+    class shares (a missing or swollen bar is a dropped or over-produced mode)."""
+    from diffusekit.viz import _figure
+
+    s = np.asarray(sample_counts, dtype=np.float64)
+    r = np.asarray(reference_counts, dtype=np.float64)
+    if s.shape != r.shape or s.sum() <= 0 or r.sum() <= 0:
+        raise ValueError(f"class histograms must have the same length and positive totals, got {s} and {r}")
+    k = np.arange(s.size)
+    fig, axes = _figure(1, 1, size=(6, 3))
+    ax = axes[0, 0]
+    ax.bar(k - 0.2, s / s.sum(), width=0.4, label=f"samples (n={int(s.sum())})", color="C0")
+    ax.bar(k + 0.2, r / r.sum(), width=0.4, label=f"held-out data (n={int(r.sum())})", color="C7")
+    ax.set(xticks=k, xlabel="class", ylabel="share", title=title)
+    ax.legend(fontsize=8)
     return _save(fig, path)
