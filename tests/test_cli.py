@@ -89,6 +89,9 @@ def test_train_sample_evaluate_end_to_end(capsys, tmp_path):
     assert code == 0, err
     result = json.loads(out)
     assert result["bpd"]["bits_per_dim"] > 0 and "categorical_per_pixel" in result["bpd"]["baselines"]
+    # the default bound fits the reverse variances on the train split and also reports the fixed ones
+    assert result["bpd"]["variance"].startswith("fitted") and result["bpd"]["bits_per_dim_beta_tilde"] > 0
+    assert len(json.loads((run / "eval" / "reverse_log_variances.json").read_text())["log_variance_t0_to_T"]) == 21
     assert (run / "eval" / "report.md").is_file()
     for name in ("diffusion_kernel", "noising", "trajectory"):
         assert (run / "eval" / f"{name}.png").is_file(), name

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", default="bpd,fd", help="comma-separated: bpd (the bound), fd (sample quality)")
     p.add_argument("--exact", action="store_true", help="compute all T terms of the bound (default: stratified estimate)")
     p.add_argument("--strata", type=int, default=50, help="strata of t for the estimated bound (2 draws each)")
+    p.add_argument("--variance", choices=["fitted", "beta_tilde", "beta"], default="fitted",
+                   help="reverse variances of the bound: fitted to the train split for the model's means "
+                        "(default), or the fixed beta_tilde / beta")
     p.add_argument("--n-samples", type=int, default=None, help="samples for the quality score (default: split size, <= 1000)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
     p.add_argument("--steps", type=int, default=None, help="sampling steps for the quality score (0 = T)")
@@ -148,7 +151,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 0:
         raise ConfigError(f"--steps must be >= 0, got {args.steps}")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    result = evaluate_run(args.run, metrics=metrics, split=args.split, exact=args.exact, n_strata=args.strata,
+    result = evaluate_run(args.run, metrics=metrics, split=args.split, exact=args.exact, n_strata=args.strata, variance=args.variance,
                           n_samples=args.n_samples, sampler=args.sampler, steps=args.steps, seed=args.seed,
                           progress=not args.no_progress)
     print(json.dumps(result, indent=1) if args.json else format_table(result))

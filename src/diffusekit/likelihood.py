@@ -21,7 +21,7 @@ from diffusekit.gaussian import (discretized_gaussian_log_likelihood, extract, g
 from diffusekit.schedules import DiscreteSchedule
 
 __all__ = ["prior_kl", "nats_to_bits_per_dim", "mean_flat", "sum_flat", "decoder_log_variance", "vlb_term",
-           "BoundResult", "vlb_exact", "vlb_estimate", "stratum_edges"]
+           "BoundResult", "vlb_exact", "vlb_estimate", "stratum_edges", "fit_reverse_log_variances"]
 
 
 def sum_flat(x: Tensor) -> Tensor:
@@ -54,10 +54,16 @@ def nats_to_bits_per_dim(nats: Tensor | float, dims: int) -> Tensor | float:
 # --------------------------------------------------------------------------------------------
 # The discrete variational bound, term by term
 # --------------------------------------------------------------------------------------------
-def decoder_log_variance(schedule: DiscreteSchedule, variance: str = "beta_tilde") -> Tensor:
+def decoder_log_variance(schedule: DiscreteSchedule, variance: str | Tensor = "beta_tilde") -> Tensor:
     """log sigma_t^2 of p_theta(x_{t-1} | x_t) for t = 0..T: beta_tilde_t or beta_t (seed 000,
     Algorithm 2's sigma_t). At t = 1 (the decoder p(x_0 | x_1)) both use beta_tilde_2, because
-    beta_tilde_1 = 0 (improved-diffusion's choice)."""
+    beta_tilde_1 = 0 (improved-diffusion's choice). A tensor of T + 1 log-variances (e.g. from
+    ``fit_reverse_log_variances``) is returned as it is."""
+    if isinstance(variance, Tensor):
+        if variance.shape != (schedule.T + 1,):
+            raise ValueError(f"a reverse log-variance table must have shape ({schedule.T + 1},), got "
+                             f"{tuple(variance.shape)}")
+        return variance.to(torch.float64)
     table = schedule.posterior_log_variance_clipped.clone()
     if variance == "beta":
         table[2:] = torch.log(schedule.betas[2:])
@@ -68,7 +74,7 @@ def decoder_log_variance(schedule: DiscreteSchedule, variance: str = "beta_tilde
 
 @torch.no_grad()
 def vlb_term(denoiser, x0: Tensor, t: Tensor, schedule: DiscreteSchedule, noise: Tensor, levels: int,
-             variance: str = "beta_tilde", cond: dict | None = None) -> Tensor:
+             variance: str | Tensor = "beta_tilde", cond: dict | None = None) -> Tensor:
     """One term of the bound per example (t may differ per example), in nats summed over dimensions:
     t >= 2: L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t)) at x_t ~ q(x_t|x_0);
     t = 1:  L_0 = -log p_theta(x_0|x_1), a discretized Gaussian over ``levels`` values."""
@@ -83,6 +89,57 @@ def vlb_term(denoiser, x0: Tensor, t: Tensor, schedule: DiscreteSchedule, noise:
     decoder_nll = -discretized_gaussian_log_likelihood(x0, mean_p, 0.5 * logvar_p, levels)
     return torch.where(first.to(x0.device), sum_flat(decoder_nll), sum_flat(kl))
 
+
+@torch.no_grad()
+def fit_reverse_log_variances(denoiser, x0: Tensor, schedule: DiscreteSchedule, levels: int, *, seed: int = 0,
+                              batch_size: int = 256, cond: dict | None = None, progress: bool = False) -> Tensor:
+    """Reverse variances sigma_t^2 that minimise the bound on ``x0`` (training data) for the model's
+    fixed means, as log sigma_t^2 for t = 0..T (entry 0 unused); pass the result as ``variance`` to
+    ``vlb_exact`` / ``vlb_estimate`` of held-out data.
+
+    For t >= 2 the expected term E KL(N(mu_q, beta_tilde_t) || N(mu_theta, sigma^2)) per dimension is
+    (1/2)[log sigma^2 - log beta_tilde_t + (beta_tilde_t + e_t) / sigma^2 - 1], with e_t the mean of
+    (mu_q - mu_theta)^2 over examples and dimensions; it is minimal at sigma_t^2 = beta_tilde_t + e_t
+    (the optimum that Analytic-DPM, Bao et al. 2022, estimates from the score's norm; here the mean
+    error is measured directly, one draw of x_t per example and t). An imperfect model gets a wider
+    reverse step than beta_tilde exactly where its mean is unsure, which is where the fixed-variance
+    bound pays most (small t). For t = 1 the discretized-Gaussian decoder's scale has no closed form:
+    the best of a log-spaced grid (refined once) is taken. Noise is seeded per (seed, t), as in
+    ``vlb_exact``: the fit does not depend on batching.
+    """
+    from tqdm.auto import tqdm
+
+    n = x0.shape[0]
+    table = schedule.posterior_log_variance_clipped.clone()
+    excess = torch.zeros(schedule.T + 1, dtype=torch.float64)
+    means_1: list[Tensor] = []
+    for t in tqdm(range(1, schedule.T + 1), desc="fit variances", disable=not progress, unit="t"):
+        noise = _term_noise(seed + 7919, t, tuple(x0.shape), x0.dtype)
+        total = 0.0
+        for i in range(0, n, batch_size):
+            sl = slice(i, i + batch_size)
+            c = {k: v[sl] for k, v in cond.items()} if cond else None
+            tt = torch.full((x0[sl].shape[0],), t, dtype=torch.long)
+            x_t = q_sample(x0[sl], tt, schedule, noise[sl].to(x0.device))
+            pred = denoiser(x_t, schedule.logsnr[tt].to(x0.device), c)
+            mean_p, _, _ = posterior_mean_variance(pred.x0, x_t, tt, schedule)
+            if t == 1:
+                means_1.append(mean_p.double().cpu())
+            else:
+                mean_q, _, _ = posterior_mean_variance(x0[sl], x_t, tt, schedule)
+                total += (mean_q - mean_p).double().pow(2).sum().item()
+        excess[t] = total / x0.numel()
+    table[2:] = torch.log(schedule.posterior_variance[2:] + excess[2:])
+    mean_1, x = torch.cat(means_1), x0.double().cpu()
+
+    def decoder_nll(log_var: float) -> float:
+        return -discretized_gaussian_log_likelihood(x, mean_1, torch.full_like(x, 0.5 * log_var), levels).mean().item()
+
+    grid = torch.linspace(math.log(1e-8), 0.0, 49, dtype=torch.float64)
+    best = min(grid.tolist(), key=decoder_nll)
+    step = float(grid[1] - grid[0])
+    table[1] = min(torch.linspace(best - step, best + step, 21, dtype=torch.float64).tolist(), key=decoder_nll)
+    return table
 
 
 def _term_noise(seed: int, t: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
@@ -120,7 +177,7 @@ class BoundResult:
 
 @torch.no_grad()
 def vlb_exact(denoiser, x0: Tensor, schedule: DiscreteSchedule, levels: int, *, seed: int = 0,
-              batch_size: int = 256, variance: str = "beta_tilde", cond: dict | None = None,
+              batch_size: int = 256, variance: str | Tensor = "beta_tilde", cond: dict | None = None,
               progress: bool = False) -> BoundResult:
     """Every term of the bound for every example (T network calls per example)."""
     from tqdm.auto import tqdm
@@ -149,7 +206,7 @@ def stratum_edges(T: int, n: int) -> Tensor:
 
 @torch.no_grad()
 def vlb_estimate(denoiser, x0: Tensor, schedule: DiscreteSchedule, levels: int, *, n_strata: int = 16,
-                 seed: int = 0, batch_size: int = 256, variance: str = "beta_tilde", cond: dict | None = None,
+                 seed: int = 0, batch_size: int = 256, variance: str | Tensor = "beta_tilde", cond: dict | None = None,
                  progress: bool = False) -> BoundResult:
     """Stratified estimate of sum_t L_{t-1} with two draws of t per stratum for every example.
 

@@ -27,9 +27,14 @@ __all__ = ["METRICS", "evaluate_run", "format_table", "write_report"]
 METRICS = ("bpd", "fd")
 
 
-def _bound(run, test, exact: bool, n_strata: int, seed: int, progress: bool) -> dict[str, Any]:
+VARIANCES = ("fitted", "beta_tilde", "beta")
+N_FIT = 128  # training images the reverse variances are fitted on (x 64..784 dimensions each)
+
+
+def _bound(run, test, exact: bool, n_strata: int, seed: int, progress: bool, variance: str = "fitted",
+           out_dir: Path | None = None) -> dict[str, Any]:
     from diffusekit.evaluate.baselines import categorical_baseline, gaussian_baseline
-    from diffusekit.likelihood import nats_to_bits_per_dim, vlb_estimate, vlb_exact
+    from diffusekit.likelihood import fit_reverse_log_variances, nats_to_bits_per_dim, vlb_estimate, vlb_exact
 
     from diffusekit.data import load_dataset
 
@@ -38,17 +43,35 @@ def _bound(run, test, exact: bool, n_strata: int, seed: int, progress: bool) -> 
     train = load_dataset(run.cfg.data, "train")
     x = test.x
     t0 = time.time()
+    table: Any = variance
+    if variance == "fitted":
+        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:N_FIT]
+        table = fit_reverse_log_variances(run.denoiser, train.x[pick], run.schedule, run.levels, seed=seed,
+                                          progress=progress)
+        if out_dir is not None:
+            from diffusekit.train.checkpoint import atomic_write_text
+
+            out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out_dir / "reverse_log_variances.json", json.dumps(
+                {"fitted_on": f"{len(pick)} images of the train split", "seed": seed,
+                 "log_variance_t0_to_T": table.tolist()}))
+    fit_seconds = time.time() - t0
     if exact:
-        bound = vlb_exact(run.denoiser, x, run.schedule, run.levels, seed=seed, progress=progress)
+        bound = vlb_exact(run.denoiser, x, run.schedule, run.levels, seed=seed, variance=table, progress=progress)
     else:
         bound = vlb_estimate(run.denoiser, x, run.schedule, run.levels, n_strata=n_strata, seed=seed,
-                             progress=progress)
+                             variance=table, progress=progress)
     out = {"bits_per_dim": bound.bits_per_dim, "mode": "exact" if exact else f"stratified ({n_strata} strata x 2)",
+           "variance": variance if variance != "fitted" else f"fitted on {N_FIT} train images",
            "stderr_bits_per_dim": bound.stderr_bits_per_dim, "levels": run.levels, "n_examples": x.shape[0],
            "prior_bits_per_dim": float(nats_to_bits_per_dim(bound.prior.mean().item(), bound.dims)),
            "baselines": {"categorical_per_pixel": categorical_baseline(train.x, x, run.levels),
                          "gaussian_full_covariance": gaussian_baseline(train.x, x, run.levels)},
-           "seconds": time.time() - t0}
+           "seconds": time.time() - t0, "fit_seconds": fit_seconds}
+    if variance == "fitted" and not exact:  # the same estimate with the variances the model was trained for
+        fixed = vlb_estimate(run.denoiser, x, run.schedule, run.levels, n_strata=n_strata, seed=seed)
+        out["bits_per_dim_beta_tilde"] = fixed.bits_per_dim
+        out["stderr_bits_per_dim_beta_tilde"] = fixed.stderr_bits_per_dim
     if exact:
         terms = bound.term_bits_per_dim()
         out["terms_bits_per_dim"] = terms.tolist()
@@ -103,7 +126,8 @@ def _trajectory(run, out_dir: Path, seed: int) -> Path:
 
 def evaluate_run(run_dir: Path | str, *, metrics: Sequence[str] = METRICS, split: str = "test", exact: bool = False,
                  n_strata: int = 50, n_samples: int | None = None, sampler: str | None = None,
-                 steps: int | None = None, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+                 steps: int | None = None, seed: int = 0, progress: bool = True,
+                 variance: str = "fitted") -> dict[str, Any]:
     """Evaluate a run folder; writes ``eval/metrics.json``, ``eval/report.md`` and pictures."""
     from diffusekit.data import load_dataset
     from diffusekit.models import load_run
@@ -112,6 +136,8 @@ def evaluate_run(run_dir: Path | str, *, metrics: Sequence[str] = METRICS, split
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ConfigError(f"--metrics: unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
+    if variance not in VARIANCES:
+        raise ConfigError(f"--variance must be one of {', '.join(VARIANCES)}, got {variance!r}")
     if split not in ("train", "test"):
         raise ConfigError(f"--split must be 'train' or 'test', got {split!r}")
     run = load_run(run_dir, use_ema=True)
@@ -125,7 +151,7 @@ def evaluate_run(run_dir: Path | str, *, metrics: Sequence[str] = METRICS, split
     samples = None
     with torch.random.fork_rng():
         if "bpd" in metrics:
-            result["bpd"] = _bound(run, test, exact, n_strata, seed, progress)
+            result["bpd"] = _bound(run, test, exact, n_strata, seed, progress, variance, Path(run_dir) / "eval")
         if "fd" in metrics:
             result["quality"], samples = _quality(run, test, settings, progress)
         trajectory = _trajectory(run, Path(run_dir) / "eval", seed)
@@ -140,7 +166,11 @@ def format_table(result: dict[str, Any]) -> str:
     if "bits_per_dim" in b:
         se = f" ± {b['stderr_bits_per_dim']:.3f}" if b["stderr_bits_per_dim"] else ""
         rows += [(f"bound, bits/dim ({b['mode']})", f"{b['bits_per_dim']:.4f}{se}"),
-                 ("  prior term L_T", f"{b['prior_bits_per_dim']:.2e}"),
+                 ("  reverse variances", b.get("variance", "beta_tilde"))]
+        if "bits_per_dim_beta_tilde" in b:
+            rows.append(("  same bound, variances beta_tilde",
+                         f"{b['bits_per_dim_beta_tilde']:.4f} ± {b['stderr_bits_per_dim_beta_tilde']:.3f}"))
+        rows += [("  prior term L_T", f"{b['prior_bits_per_dim']:.2e}"),
                  ("baseline: per-pixel categorical", f"{b['baselines']['categorical_per_pixel']:.4f}"),
                  ("baseline: full-covariance Gaussian", f"{b['baselines']['gaussian_full_covariance']:.4f}")]
         if "L0_bits_per_dim" in b:
