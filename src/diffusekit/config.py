@@ -1,7 +1,7 @@
 """Typed configuration: dataclasses with visible defaults, TOML files, dotted overrides.
 
-One ``Config`` holds six sections (``[data]``, ``[model]``, ``[diffusion]``, ``[loss]``, ``[train]``,
-``[sample]``). A run's config is built in three layers, later ones winning:
+One ``Config`` holds seven sections (``[data]``, ``[model]``, ``[diffusion]``, ``[loss]``, ``[train]``,
+``[sample]``, ``[vae]``). A run's config is built in three layers, later ones winning:
 
     defaults (the dataclasses below)  <-  TOML file  <-  ``--set section.key=value`` overrides
 
@@ -32,7 +32,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 from diffusekit.errors import ConfigError
 
 __all__ = [
-    "DATASET_NAMES", "DataConfig", "ModelConfig", "DiffusionConfig", "LossConfig", "TrainConfig", "SampleConfig", "Config",
+    "DATASET_NAMES", "DataConfig", "ModelConfig", "DiffusionConfig", "LossConfig", "TrainConfig", "SampleConfig", "VAEConfig", "Config",
     "load_config", "config_from_dict", "config_to_dict", "save_config", "format_config", "parse_override",
 ]
 
@@ -55,7 +55,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    kind: Literal["unet", "mlp", "vae", "mhvae"] = "unet"
+    kind: Literal["unet", "mlp", "vae", "mhvae", "autoencoder"] = "unet"
     prediction: Literal["eps", "x0", "v", "score"] = "eps"
     base_channels: int = 32
     channel_mult: list[int] = field(default_factory=lambda: [1, 2])
@@ -117,6 +117,20 @@ class SampleConfig:
 
 
 @dataclass
+class VAEConfig:
+    """The latent-variable families (model.kind = vae | mhvae | autoencoder); MLP widths come from
+    model.hidden / model.depth, the autoencoder's from model.base_channels / model.norm_groups."""
+
+    latent_dim: int = 16  # vae, mhvae: latent size of each level
+    hierarchy: int = 3  # mhvae: number of latent levels T
+    latent_channels: int = 4  # autoencoder: channels of the H/4 x W/4 latent
+    decoder: Literal["auto", "gaussian", "bernoulli", "discretized"] = "auto"  # auto: discretized for image data
+    kl_weight: float = 1.0  # beta on the latent terms (1 = the ELBO; autoencoders use less)
+    iwae_k: int = 1  # importance samples per example in training (1 = ELBO, k > 1 = IWAE bound)
+    sample_noise: bool = False  # samples: E[x|z] (false) or a draw of p(x|z) (true)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -124,6 +138,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
 
     def validate(self) -> "Config":
         """Range checks across the whole config; raises ``ConfigError`` naming the key. Returns self."""
@@ -398,3 +413,9 @@ def _validate(cfg: Config) -> None:
     _check(t.time_limit_s >= 0.0, "train.time_limit_s", ">= 0 (0 = none)", t.time_limit_s)
     _check(0 <= s.steps <= df.T, "sample.steps", f"in 0..diffusion.T = {df.T} (0 = T)", s.steps)
     _check(0.0 <= s.eta <= 1.0, "sample.eta", "in [0, 1]", s.eta)
+    v = cfg.vae
+    _check(v.latent_dim >= 1, "vae.latent_dim", ">= 1", v.latent_dim)
+    _check(v.hierarchy >= 1, "vae.hierarchy", ">= 1", v.hierarchy)
+    _check(v.latent_channels >= 1, "vae.latent_channels", ">= 1", v.latent_channels)
+    _check(v.kl_weight >= 0.0, "vae.kl_weight", ">= 0", v.kl_weight)
+    _check(v.iwae_k >= 1, "vae.iwae_k", ">= 1", v.iwae_k)

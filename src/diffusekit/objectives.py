@@ -84,6 +84,8 @@ def register_family(kind: str, builder: Callable[[Any, tuple[int, ...]], Objecti
 def build_objective(cfg, data_shape: tuple[int, ...]) -> Objective:
     """The objective for ``cfg.model.kind`` on data of per-example shape ``data_shape``."""
     kind = cfg.model.kind
+    if kind in ("vae", "mhvae", "autoencoder"):
+        import diffusekit.vae  # noqa: F401  (registers the latent-variable families)
     if kind not in FAMILIES:
         raise ConfigError(f"model.kind = {kind!r} cannot be trained; known kinds: {', '.join(sorted(FAMILIES))}")
     return FAMILIES[kind](cfg, tuple(data_shape))
