@@ -37,6 +37,8 @@ def test_leftover_temporary_files_are_ignored_and_cleaned(tmp_path):
     junk = tmp_path / "checkpoints" / ".step-00000002.safetensors.123.tmp"
     junk.write_bytes(b"partial")
     assert latest_checkpoint(tmp_path).name == "step-00000001"
+    assert junk.exists()  # readers never delete: the file may belong to a writer still at work
+    save_checkpoint(tmp_path, 2, _tensors(), {})  # the writer cleans
     assert not junk.exists()
 
 
@@ -59,11 +61,13 @@ def test_damaged_tensor_file_fails_naming_the_file(tmp_path, how):
         load_checkpoint(stem)
 
 
-def test_latest_falls_back_to_an_older_intact_checkpoint(tmp_path):
+def test_a_damaged_latest_is_an_error_not_a_silent_fallback(tmp_path):
     save_checkpoint(tmp_path, 1, _tensors(1), {})
     stem = save_checkpoint(tmp_path, 2, _tensors(2), {})
     _damage(stem.with_suffix(".safetensors"), "bitflip")
-    assert latest_checkpoint(tmp_path).name == "step-00000001"
+    assert latest_checkpoint(tmp_path).name == "step-00000002"
+    with pytest.raises(CheckpointError, match="step-00000002.safetensors"):
+        load_checkpoint(tmp_path)
 
 
 def test_bad_records_fail_loudly(tmp_path):

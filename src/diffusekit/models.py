@@ -66,12 +66,23 @@ class LoadedRun:
     num_classes: int
     step: int
     checkpoint: Path
+    logsnr_schedule: nn.Module | None = None  # continuous runs: lambda(t) (``schedule`` is its table on T steps)
+
+
+def _load_continuous_run(cfg, state, data_shape, levels, num_classes, step, ckpt, device) -> LoadedRun:
+    """A continuous-time run: one module holds the network and its (maybe learned) log-SNR schedule;
+    samplers and the discrete bound get the discrete table of lambda(t) on diffusion.T grid steps."""
+    from diffusekit.continuous import load_continuous
+
+    module = load_continuous(cfg, data_shape, levels, state, ckpt).to(device)
+    return LoadedRun(cfg, module.denoiser.eval(), module.schedule.discretize(cfg.diffusion.T), data_shape, levels,
+                     num_classes, step, ckpt, module.schedule)
 
 
 def load_run(run_dir: Path | str, use_ema: bool = True, device: str | torch.device = "cpu") -> LoadedRun:
     """Load the newest complete checkpoint of a run folder for sampling or evaluation."""
     from diffusekit.config import Config, config_from_dict
-    from diffusekit.train.checkpoint import latest_checkpoint, load_checkpoint
+    from diffusekit.train.checkpoint import check_state, latest_checkpoint, load_checkpoint, load_module_state
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -85,16 +96,22 @@ def load_run(run_dir: Path | str, use_ema: bool = True, device: str | torch.devi
         cfg: Config = config_from_dict(meta["config"])
         data_shape = tuple(meta["data"]["shape"])
         levels, num_classes = meta["data"]["levels"], meta["data"]["num_classes"]
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{ckpt}.json: metadata lacks {exc}") from None
-    denoiser = build_denoiser(cfg, data_shape)
+    except ConfigError as exc:
+        raise CheckpointError(f"{ckpt}.json: recorded config is invalid ({exc})") from None
     prefix = "ema." if use_ema else "model."
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    try:
-        denoiser.net.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"{ckpt}.safetensors: weights do not fit the configured network ({first})") from None
+    if cfg.loss.objective == "continuous" and cfg.model.kind in ("unet", "mlp"):
+        return _load_continuous_run(cfg, state, data_shape, levels, num_classes, int(record["step"]), ckpt, device)
+    try:  # shapes are checked on a weightless ("meta") copy first: a hostile record allocates nothing
+        with torch.device("meta"):
+            check_state(build_denoiser(cfg, data_shape).net.state_dict(), state, f"{ckpt}.safetensors",
+                        f"{prefix[:-1]} weights")
+        denoiser = build_denoiser(cfg, data_shape)
+    except (ConfigError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{ckpt}.json: recorded model cannot be built ({exc})") from None
+    load_module_state(denoiser.net, state, f"{ckpt}.safetensors", f"{prefix[:-1]} weights")
     denoiser.to(device).eval()
     return LoadedRun(cfg, denoiser, build_schedule(cfg.diffusion), data_shape, levels, num_classes,
                      int(record["step"]), ckpt)

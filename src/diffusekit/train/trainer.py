@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import math
 import signal
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,13 @@ from torch import Tensor
 
 from diffusekit.errors import CheckpointError, TrainingError
 from diffusekit.objectives import build_objective
-from diffusekit.train.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
+from diffusekit.train import distributed as ddp
+from diffusekit.train.checkpoint import (atomic_write_text, check_state, clean_leftovers, latest_checkpoint,
+                                         list_checkpoints, load_checkpoint, save_checkpoint)
+from diffusekit.train.distributed import DistInfo
 from diffusekit.train.ema import EMA
 
-__all__ = ["derive_seed", "DataStream", "Trainer", "train"]
+__all__ = ["derive_seed", "DataStream", "DistInfo", "Trainer", "train"]
 
 
 def derive_seed(seed: int, *parts: Any) -> int:
@@ -65,23 +68,6 @@ class DataStream:
         return {"epoch": self.epoch, "offset": self.offset}
 
 
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> "DistInfo":
-        """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK (defaults: a single process)."""
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
-
-
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -93,22 +79,41 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 class Trainer:
-    """Owns the model, EMA, optimizer, data stream and RNGs of one run; ``run()`` trains it."""
+    """Owns the model, EMA, optimizer, data stream and RNGs of one run; ``run()`` trains it.
+
+    Under torchrun (``dist.world_size > 1``) it joins the process group, trains through
+    DistributedDataParallel and keeps the ranks in lock step: every rank starts from the same
+    weights (drawn with rank 0's seed), takes its slice of each global batch with its own noise,
+    and all ranks agree each step on the mean loss and on whether to stop (SIGTERM, time limit,
+    non-finite values), so they fail, stop and checkpoint at the same step."""
 
     def __init__(self, cfg, run_dir: Path | str, resume: bool = False, progress: bool = True,
                  dist: DistInfo | None = None):
-        from diffusekit.data import load_dataset
-
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
         self.dist = dist or DistInfo.from_env()
         tc = cfg.train
         self.device = resolve_device(tc.device, self.dist.local_rank)
+        self.owns_process_group = ddp.init_process_group(self.dist, self.device)
+        try:
+            self._setup(cfg, resume)
+        except BaseException:
+            if self.owns_process_group:
+                ddp.destroy_process_group()
+            raise
+
+    def _setup(self, cfg, resume: bool) -> None:
+        from diffusekit.data import load_dataset
+
+        tc = cfg.train
         self.data = load_dataset(cfg.data, "train")
         self.x = self.data.x.to(self.device)
         self.labels = self.data.labels.to(self.device) if self.data.labels is not None else None
-        torch.manual_seed(derive_seed(tc.seed, "global", self.dist.rank))
+        torch.manual_seed(derive_seed(tc.seed, "global", 0))  # the same initial weights on every rank
         self.objective = build_objective(cfg, tuple(self.data.shape))
         self.net = self.objective.module.to(self.device)  # trained, EMA'd and checkpointed
+        if self.dist.rank != 0:
+            torch.manual_seed(derive_seed(tc.seed, "global", self.dist.rank))  # rank-own dropout
+        self.model = ddp.wrap_module(self.net, self.device) if self.dist.distributed else self.net
         self.ema = EMA(self.net, tc.ema_decay)
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         self.noise_gen = torch.Generator().manual_seed(derive_seed(tc.seed, "noise", self.dist.rank))
@@ -116,82 +121,163 @@ class Trainer:
         self.step = 0
         self.log_path = self.run_dir / "log.jsonl"
         self._stop_requested = False
+        self._stop_agreed = False
+        self._deadline = float("inf")
+        if self.dist.is_main:
+            clean_leftovers(self.run_dir)
         if resume:
             self._resume()
-        elif self.dist.is_main and (self.run_dir / "checkpoints").is_dir() and any((self.run_dir / "checkpoints").iterdir()):
-            raise TrainingError(f"{self.run_dir}: run folder already has checkpoints; pass --resume to continue "
-                                "it or choose another --out")
+        elif self.dist.is_main:
+            if list_checkpoints(self.run_dir) or (self.run_dir / "checkpoints" / "latest.json").exists():
+                raise TrainingError(f"{self.run_dir}: run folder already has checkpoints; pass --resume to "
+                                    "continue it or choose another --out")
+            self._truncate_log(0)
 
     # -- state ---------------------------------------------------------------------------------
+    def _rng_tensors(self) -> dict[str, Tensor]:
+        """This rank's RNG states: global torch, diffusion noise, and CUDA when training on a GPU."""
+        out = {"rng.torch": torch.get_rng_state(), "rng.noise": self.noise_gen.get_state()}
+        if self.device.type == "cuda":
+            out["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        return out
+
+    @staticmethod
+    def _rng_key(key: str, rank: int) -> str:
+        return key if rank == 0 else f"{key}.rank{rank}"
+
     def state_tensors(self) -> dict[str, Tensor]:
-        """Every tensor needed to continue exactly: weights, EMA, optimizer moments, RNG states."""
+        """Every tensor needed to continue exactly: weights, EMA, optimizer moments, and the RNG
+        states of every rank (rank r > 0 under ``rng.*.rank<r>``). A collective under DDP."""
         out = {f"model.{k}": v for k, v in self.net.state_dict().items()}
         out.update({f"ema.{k}": v for k, v in self.ema.shadow.items()})
         names = {id(p): n for n, p in self.net.named_parameters()}
         for p, st in self.optimizer.state.items():
             for key, val in st.items():
                 out[f"optim.{names[id(p)]}.{key}"] = torch.as_tensor(val)
-        out["rng.torch"] = torch.get_rng_state()
-        out["rng.noise"] = self.noise_gen.get_state()
-        if self.device.type == "cuda":
-            out["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        for key, val in self._rng_tensors().items():
+            for rank, state in enumerate(ddp.gather_tensors(val.cpu())):
+                out[self._rng_key(key, rank)] = state
         return out
 
     def state_meta(self) -> dict[str, Any]:
         from diffusekit.config import config_to_dict
 
+        names = {id(p): n for n, p in self.net.named_parameters()}
         return {"config": config_to_dict(self.cfg), "data_position": self.stream.state(),
                 "ema_updates": self.ema.updates, "world_size": self.dist.world_size,
                 "data": {"name": self.data.name, "shape": list(self.data.shape), "levels": self.data.levels,
                          "num_classes": self.data.num_classes},
+                "optimizer_state": {names[id(p)]: sorted(st) for p, st in self.optimizer.state.items()},
                 "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]}
 
     def _resume(self) -> None:
+        """Restore everything from the latest checkpoint, or raise ``CheckpointError`` naming the
+        file and the missing or misfitting piece; nothing is changed unless everything checks out."""
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
             raise CheckpointError(f"{self.run_dir}: --resume given but no complete checkpoint was found")
         tensors, record = load_checkpoint(ckpt)
-        meta = record["meta"]
-        required = ["rng.torch", "rng.noise"] + [f"ema.{k}" for k in self.ema.shadow] + \
-            [f"model.{k}" for k in self.net.state_dict()]
-        missing = [k for k in required if k not in tensors]
-        for key in ("data_position", "ema_updates", "param_groups"):
-            if key not in meta:
-                missing.append(f"meta.{key}")
-        if record["step"] > 0 and not any(k.startswith("optim.") for k in tensors):
-            missing.append("optim.*")
+        st_file, js_file = f"{ckpt}.safetensors", f"{ckpt}.json"
+        meta, step = record["meta"], int(record["step"])
+        missing = [f"meta.{k}" for k in ("data_position", "ema_updates", "param_groups", "world_size",
+                                         "optimizer_state") if k not in meta]
+        rng_keys = [self._rng_key(k, r) for r in range(self.dist.world_size) for k in self._rng_tensors()]
+        missing += [k for k in rng_keys if k not in tensors]
         if missing:
-            raise CheckpointError(f"{ckpt}: cannot resume exactly, missing {', '.join(missing[:5])}")
-        self.net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        self.ema.shadow = {k[4:]: v.float().to(self.device) for k, v in tensors.items() if k.startswith("ema.")}
-        self.ema.updates = int(meta["ema_updates"])
-        params = dict(self.net.named_parameters())
-        state: dict[int, dict[str, Tensor]] = {}
-        order = {n: i for i, n in enumerate(params)}
-        for key, val in tensors.items():
-            if key.startswith("optim."):
-                pname, field = key[6:].rsplit(".", 1)
-                state.setdefault(order[pname], {})[field] = val.to(self.device) if field != "step" else val
-        groups = [dict(g, params=list(range(len(params)))) for g in meta["param_groups"]]
-        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
-        torch.set_rng_state(tensors["rng.torch"])
-        self.noise_gen.set_state(tensors["rng.noise"])
-        if self.device.type == "cuda" and "rng.cuda" in tensors:
-            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
-        self.stream = DataStream(len(self.data), self.stream.seed, **meta["data_position"])
-        self.step = int(record["step"])
+            raise CheckpointError(f"{st_file}: cannot resume exactly, missing {', '.join(missing[:5])}")
+        if meta["world_size"] != self.dist.world_size:
+            raise CheckpointError(f"{js_file}: written by {meta['world_size']} processes, resumed with "
+                                  f"{self.dist.world_size}; exact resume needs every rank's RNG state "
+                                  "(use the same --nproc_per_node)")
+        model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        expected = self.net.state_dict()
+        check_state(expected, model, st_file, "model weights")
+        ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+        check_state({k: v.float() for k, v in expected.items()}, ema, st_file, "EMA weights")
+        optim_state = self._check_optimizer(tensors, meta, step, st_file)
+        groups = self._check_param_groups(meta["param_groups"], js_file)
+        position = self._check_position(meta, js_file)
+        rngs = {k: tensors[self._rng_key(k, self.dist.rank)] for k in self._rng_tensors()}
+        check_state(self._rng_tensors(), rngs, st_file, "RNG states")
+        ema_updates = meta["ema_updates"]
+        if isinstance(ema_updates, bool) or not isinstance(ema_updates, int) or ema_updates < 0:
+            raise CheckpointError(f"{js_file}: meta.ema_updates must be a non-negative integer, got {ema_updates!r}")
+        # everything checked: now change state
+        self.net.load_state_dict(model, strict=True)
+        self.ema.shadow = {k: v.to(self.device) for k, v in ema.items()}
+        self.ema.updates = ema_updates
+        self.optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+        torch.set_rng_state(rngs["rng.torch"])
+        self.noise_gen.set_state(rngs["rng.noise"])
+        if "rng.cuda" in rngs:
+            torch.cuda.set_rng_state(rngs["rng.cuda"], self.device)
+        self.stream = DataStream(len(self.data), self.stream.seed, **position)
+        self.step = step
         self._truncate_log(self.step)
 
+    def _check_optimizer(self, tensors: dict[str, Tensor], meta: dict, step: int, source: str) -> dict:
+        params = dict(self.net.named_parameters())
+        order = {n: i for i, n in enumerate(params)}
+        recorded = meta["optimizer_state"]
+        if not isinstance(recorded, dict) or any(n not in params or not isinstance(f, list) for n, f in recorded.items()):
+            raise CheckpointError(f"{source}: meta.optimizer_state does not describe this network's parameters")
+        if step > 0 and not recorded:
+            raise CheckpointError(f"{source}: cannot resume exactly, missing the optimizer state")
+        wanted = {f"optim.{n}.{f}" for n, fs in recorded.items() for f in fs}
+        present = {k for k in tensors if k.startswith("optim.")}
+        if wanted != present:
+            gone, extra = sorted(wanted - present), sorted(present - wanted)
+            raise CheckpointError(f"{source}: optimizer state does not match its record"
+                                  + (f"; missing {', '.join(gone[:3])}" if gone else "")
+                                  + (f"; unexpected {', '.join(extra[:3])}" if extra else ""))
+        state: dict[int, dict[str, Tensor]] = {}
+        for name, fields in recorded.items():
+            for field in fields:
+                val = tensors[f"optim.{name}.{field}"]
+                if field != "step" and (val.shape != params[name].shape or val.dtype != params[name].dtype):
+                    raise CheckpointError(f"{source}: optim.{name}.{field} is {tuple(val.shape)} {val.dtype}, "
+                                          f"the parameter is {tuple(params[name].shape)} {params[name].dtype}")
+                if field == "step" and val.numel() != 1:
+                    raise CheckpointError(f"{source}: optim.{name}.step is not a scalar")
+                state.setdefault(order[name], {})[field] = val.to(self.device) if field != "step" else val
+        return state
+
+    def _check_param_groups(self, groups: Any, source: str) -> list[dict]:
+        current = self.optimizer.param_groups
+        if not isinstance(groups, list) or len(groups) != len(current) or not all(
+                isinstance(g, dict) and set(g) == set(c) - {"params"} for g, c in zip(groups, current)):
+            raise CheckpointError(f"{source}: meta.param_groups does not fit this optimizer")
+        return [dict(g, params=list(c_ids)) for g, c_ids in
+                zip(groups, _group_param_ids(current))]
+
+    def _check_position(self, meta: dict, source: str) -> dict[str, int]:
+        pos = meta["data_position"]
+        ok = (isinstance(pos, dict) and set(pos) == {"epoch", "offset"}
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in pos.values())
+              and pos["epoch"] >= 0 and 0 <= pos["offset"] < len(self.data))
+        if not ok:
+            raise CheckpointError(f"{source}: meta.data_position {pos!r} does not fit the {len(self.data)} "
+                                  "training examples")
+        return pos
+
     def _truncate_log(self, step: int) -> None:
-        """Drop log records written after the checkpoint we resume from."""
+        """Drop log records written after the checkpoint we resume from (all of them for a fresh run)."""
         if not (self.dist.is_main and self.log_path.exists()):
             return
-        keep = [ln for ln in self.log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        keep = []
+        for ln in self.log_path.read_text().splitlines():
+            try:
+                if ln.strip() and json.loads(ln)["step"] <= step:
+                    keep.append(ln)
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a crash
         atomic_write_text(self.log_path, "".join(ln + "\n" for ln in keep))
 
     def save(self) -> None:
+        """Checkpoint now (a collective under DDP: every rank calls it; rank 0 writes)."""
+        tensors = self.state_tensors()
         if self.dist.is_main:
-            save_checkpoint(self.run_dir, self.step, self.state_tensors(), self.state_meta())
+            save_checkpoint(self.run_dir, self.step, tensors, self.state_meta())
 
     # -- one optimizer step --------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -211,45 +297,59 @@ class Trainer:
             cond = {"class_labels": y}
         return x0, cond
 
+    def _stopped_here(self) -> str:
+        return f"stopped, the last good checkpoint in {self.run_dir / 'checkpoints'} is kept"
+
     def train_step(self) -> tuple[float, float]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns (loss, grad norm)."""
+        """One optimizer step over ``grad_accum`` micro-batches; returns (loss, grad norm).
+
+        The loss is the mean over the global batch (all ranks). Gradients are all-reduced once per
+        step: micro-batches before the last run under DDP's ``no_sync``. Raises ``TrainingError``
+        naming the step, before the weights change, when the loss or gradient norm is not finite."""
         tc = self.cfg.train
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for _ in range(tc.grad_accum):
+        total = torch.zeros((), dtype=torch.float64)
+        for i in range(tc.grad_accum):
             x0, cond = self._micro_batch()
-            loss = self.objective.loss(self.net, x0, cond, self.noise_gen).mean() / tc.grad_accum
-            if not torch.isfinite(loss):
-                raise TrainingError(f"step {self.step + 1}: loss is {loss.item()}; stopped, the last good "
-                                    f"checkpoint in {self.run_dir / 'checkpoints'} is kept")
-            loss.backward()
-            total += loss.item()
+            sync = not self.dist.distributed or i == tc.grad_accum - 1
+            with nullcontext() if sync else self.model.no_sync():
+                loss = self.objective.loss(self.model, x0, cond, self.noise_gen).mean() / tc.grad_accum
+                loss.backward()
+            total += loss.detach().to("cpu", torch.float64)
+        stop = self._stop_requested or time.time() > self._deadline
+        total, stop_votes = ddp.all_reduce_sum(torch.stack([total, torch.tensor(float(stop), dtype=torch.float64)]))
+        loss_value = float(total) / self.dist.world_size
+        self._stop_agreed = bool(stop_votes > 0)
+        if not math.isfinite(loss_value):
+            raise TrainingError(f"step {self.step + 1}: loss is {loss_value}; {self._stopped_here()}")
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), max_norm)
         if not torch.isfinite(norm):
-            raise TrainingError(f"step {self.step + 1}: gradient norm is {norm.item()}; stopped, the last good "
-                                f"checkpoint in {self.run_dir / 'checkpoints'} is kept")
+            raise TrainingError(f"step {self.step + 1}: gradient norm is {norm.item()}; {self._stopped_here()}")
         self.optimizer.step()
         self.ema.update(self.net)
         self.step += 1
-        return total, float(norm)
+        return loss_value, float(norm)
 
     # -- the loop ------------------------------------------------------------------------------
     def _on_sigterm(self, signum, frame) -> None:
         self._stop_requested = True
 
     def run(self) -> dict[str, Any]:
-        """Train to ``train.steps`` (or the time limit / SIGTERM), checkpointing along the way."""
+        """Train to ``train.steps``, checkpointing along the way. SIGTERM or the time limit stop it at
+        the next step boundary (on every rank at the same step) with a checkpoint written."""
         from tqdm.auto import tqdm
 
         tc = self.cfg.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         bar = tqdm(total=tc.steps, initial=self.step, disable=not (self.progress and self.dist.is_main),
                    desc="train", unit="step", dynamic_ncols=True)
         start, window, window_start = time.time(), [], time.time()
+        self._deadline = start + tc.time_limit_s if tc.time_limit_s else float("inf")
         stopped = "finished"
         try:
             while self.step < tc.steps:
@@ -268,17 +368,17 @@ class Trainer:
                     self.save()
                 if tc.sample_every and self.step % tc.sample_every == 0 and self.step < tc.steps:
                     self.preview()
-                if self._stop_requested:
-                    stopped = "sigterm"
-                    break
-                if tc.time_limit_s and time.time() - start > tc.time_limit_s:
-                    stopped = "time_limit"
+                if self._stop_agreed:
+                    stopped = "sigterm" if self._stop_requested else "stopped by another rank or the time limit"
+                    if not self._stop_requested and time.time() > self._deadline:
+                        stopped = "time_limit"
                     break
         finally:
             bar.close()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
-        self.save()
+        if not (tc.checkpoint_every and self.step % tc.checkpoint_every == 0):
+            self.save()
         return {"step": self.step, "stopped": stopped, "train_seconds": time.time() - start}
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -320,25 +420,43 @@ class Trainer:
                 plot_loss_curve([r["step"] for r in recs], [r["loss"] for r in recs], self.run_dir / "loss_curve.png")
 
 
+def _group_param_ids(groups: list[dict]) -> list[list[int]]:
+    """The optimizer's own numbering of parameters, group by group (as ``state_dict`` numbers them)."""
+    ids, n = [], 0
+    for g in groups:
+        ids.append(list(range(n, n + len(g["params"]))))
+        n += len(g["params"])
+    return ids
+
+
 def _main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
 
 
-def train(cfg, run_dir: Path | str, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train ``cfg`` into ``run_dir``; writes checkpoints, log.jsonl, pictures and summary.json."""
+def train(cfg, run_dir: Path | str, resume: bool = False, progress: bool = True,
+          dist: DistInfo | None = None) -> dict[str, Any]:
+    """Train ``cfg`` into ``run_dir``; writes checkpoints, log.jsonl, pictures and summary.json.
+
+    Under torchrun every process calls this; only rank 0 writes, and the process group this call
+    joined is left again at the end (also on errors)."""
     from diffusekit.config import save_config
 
     run_dir = Path(run_dir)
-    trainer = Trainer(cfg, run_dir, resume=resume, progress=progress)
-    if trainer.dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.toml")
-    result = trainer.run()
-    if trainer.dist.is_main:
-        trainer.preview(run_dir / "samples.png")
-        summary = {**result, "run_dir": str(run_dir), "data": trainer.data.name,
-                   "parameters": sum(p.numel() for p in trainer.net.parameters())}
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
+    trainer = Trainer(cfg, run_dir, resume=resume, progress=progress, dist=dist)
+    try:
+        if trainer.dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.toml")
+        result = trainer.run()
+        if trainer.dist.is_main:
+            trainer.preview(run_dir / "samples.png")
+            summary = {**result, "run_dir": str(run_dir), "data": trainer.data.name,
+                       "world_size": trainer.dist.world_size, "seed": cfg.train.seed,
+                       "parameters": sum(p.numel() for p in trainer.net.parameters())}
+            atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
+    finally:
+        if trainer.owns_process_group:
+            ddp.destroy_process_group()
     return result
