@@ -77,11 +77,17 @@ class DiffusionConfig:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     cosine_s: float = 0.008
+    # loss.objective = "continuous" only: lambda(t) = log-SNR runs from logsnr_max (t = 0) to logsnr_min (t = 1)
+    learned_schedule: bool = False  # learn lambda(t) between the fixed end points (VDM's monotone network)
+    logsnr_min: float = -10.0
+    logsnr_max: float = 10.0
 
 
 @dataclass
 class LossConfig:
-    weighting: Literal["simple", "x0", "v", "elbo", "snr", "min_snr", "truncated_snr"] = "simple"
+    objective: Literal["discrete", "continuous"] = "discrete"  # continuous: VDM's ELBO / Kingma & Gao's L_w
+    weighting: Literal["simple", "x0", "v", "elbo", "snr", "min_snr", "truncated_snr", "sigmoid", "edm"] = "simple"
+    sigmoid_bias: float = 2.0  # weighting = "sigmoid": w(lambda) = sigmoid(sigmoid_bias - lambda)
     min_snr_gamma: float = 5.0
     t_sampling: Literal["uniform", "stratified", "importance"] = "uniform"
 
@@ -363,6 +369,30 @@ def _check(ok: bool, key: str, rule: str, value: Any) -> None:
         raise ConfigError(f"{key} must be {rule}; got {value!r}")
 
 
+def _validate_objective(df: DiffusionConfig, lo: LossConfig) -> None:
+    """The keys of the continuous-time objective (``diffusekit.continuous``) and what they exclude."""
+    _check(df.logsnr_min < df.logsnr_max, "diffusion.logsnr_max", f"> diffusion.logsnr_min = {df.logsnr_min}",
+           df.logsnr_max)
+    if lo.objective == "discrete":
+        if df.learned_schedule:
+            raise ConfigError("diffusion.learned_schedule = true needs loss.objective = 'continuous'")
+        if lo.weighting in ("sigmoid", "edm"):
+            raise ConfigError(f"loss.weighting = {lo.weighting!r} is a weighting w(lambda) of the continuous "
+                              "objective; set loss.objective = 'continuous'")
+        return
+    if lo.weighting in ("simple", "snr"):
+        raise ConfigError(f"loss.weighting = {lo.weighting!r} depends on the schedule under loss.objective = "
+                          "'continuous'; use 'elbo' (the bound) or a w(lambda): sigmoid, edm, x0, v, min_snr, "
+                          "truncated_snr")
+    if lo.t_sampling == "importance":
+        raise ConfigError("loss.t_sampling = 'importance' is not available with loss.objective = 'continuous'; "
+                          "use uniform or stratified (a learned schedule is the importance sampler)")
+    if df.schedule == "sigmoid" and not df.learned_schedule:
+        raise ConfigError("diffusion.schedule = 'sigmoid' has no log-SNR form for loss.objective = 'continuous'; "
+                          "use cosine, linear (in log-SNR) or diffusion.learned_schedule = true")
+    _check(df.T >= 2, "diffusion.T", ">= 2 with loss.objective = 'continuous'", df.T)
+
+
 def _validate(cfg: Config) -> None:
     for section in SECTIONS:
         for f in fields(SECTIONS[section]):
@@ -397,6 +427,7 @@ def _validate(cfg: Config) -> None:
            df.beta_end)
     _check(df.cosine_s >= 0.0, "diffusion.cosine_s", ">= 0", df.cosine_s)
     _check(lo.min_snr_gamma > 0.0, "loss.min_snr_gamma", "> 0", lo.min_snr_gamma)
+    _validate_objective(df, lo)
     _check(t.steps > 0, "train.steps", "> 0", t.steps)
     _check(t.batch_size > 0, "train.batch_size", "> 0", t.batch_size)
     _check(t.lr > 0.0, "train.lr", "> 0", t.lr)

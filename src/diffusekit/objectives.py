@@ -86,6 +86,10 @@ def build_objective(cfg, data_shape: tuple[int, ...]) -> Objective:
     kind = cfg.model.kind
     if kind in ("vae", "mhvae", "autoencoder"):
         import diffusekit.vae  # noqa: F401  (registers the latent-variable families)
+    if kind in ("unet", "mlp") and cfg.loss.objective == "continuous":
+        from diffusekit.continuous import ContinuousObjective  # VDM's ELBO / weighted L_w, maybe a learned schedule
+
+        return ContinuousObjective(cfg, tuple(data_shape))
     if kind not in FAMILIES:
         raise ConfigError(f"model.kind = {kind!r} cannot be trained; known kinds: {', '.join(sorted(FAMILIES))}")
     return FAMILIES[kind](cfg, tuple(data_shape))

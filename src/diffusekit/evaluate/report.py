@@ -81,6 +81,17 @@ def _bound(run, test, exact: bool, n_strata: int, seed: int, progress: bool, var
     return out
 
 
+def _continuous_bound(run, test, seed: int, progress: bool, n_draws: int = 32) -> dict[str, Any]:
+    """The continuous-time negative ELBO (VDM) of a continuous run on the split, with its terms
+    (``diffusekit.continuous.continuous_bound``); a bound on -log density for continuous data."""
+    from diffusekit.continuous import continuous_bound
+
+    t0 = time.time()
+    bound = continuous_bound(run.denoiser, run.logsnr_schedule, test.x, run.levels, n_draws=n_draws, seed=seed,
+                             progress=progress)
+    return {**bound.summary(), "n_draws": n_draws, "seconds": time.time() - t0}
+
+
 def _quality(run, test, settings, progress: bool) -> tuple[dict[str, Any], torch.Tensor]:
     from diffusekit.sampling.run import generate
 
@@ -152,6 +163,8 @@ def evaluate_run(run_dir: Path | str, *, metrics: Sequence[str] = METRICS, split
     with torch.random.fork_rng():
         if "bpd" in metrics:
             result["bpd"] = _bound(run, test, exact, n_strata, seed, progress, variance, Path(run_dir) / "eval")
+            if getattr(run, "logsnr_schedule", None) is not None:  # continuous-time run: the bound it trained on
+                result["bpd"]["continuous"] = _continuous_bound(run, test, seed, progress)
         if "fd" in metrics:
             result["quality"], samples = _quality(run, test, settings, progress)
         trajectory = _trajectory(run, Path(run_dir) / "eval", seed)
@@ -178,6 +191,12 @@ def format_table(result: dict[str, Any]) -> str:
                 [(f"  {k[:-13]}", f"{v:.4f}") for k, v in b.items() if k.startswith("L_t")]
     elif b:
         rows.append(("bound", b.get("skipped", "")))
+    c = b.get("continuous")
+    if c:
+        rows += [(f"continuous bound, bits/dim ({c['n_draws']} draws of t)",
+                  f"{c['bits_per_dim']:.4f} ± {c['stderr_bits_per_dim']:.3f}"),
+                 ("  prior / reconstruction / diffusion", f"{c['prior_bits_per_dim']:.2e} / "
+                  f"{c['reconstruction_bits_per_dim']:.4f} / {c['diffusion_bits_per_dim']:.4f}")]
     q = result.get("quality", {})
     for key in ("fd", "fd_train_test", "fd_ratio", "confidence", "class_entropy_bits", "class_histogram",
                 "classifier_test_accuracy", "sliced_wasserstein", "mmd",

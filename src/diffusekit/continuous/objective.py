@@ -1,0 +1,124 @@
+"""Training the continuous-time objective: one module holding the network and its log-SNR schedule.
+
+``ContinuousDiffusion`` is the trainer's ``Objective.module``: its ``forward`` returns the per-example
+loss, so the whole loss is computed inside ``module(...)`` and DistributedDataParallel can wrap it,
+and a learned schedule's parameters are checkpointed, EMA-averaged and resumed with the network's.
+
+A learned schedule gets a different gradient from the network (Kingma et al. 2021, sec. 5.2 and
+Appendix I.2): the ELBO does not depend on the schedule between its fixed end points, so its gradient
+there is pure noise; instead the schedule minimises the variance of the loss estimator,
+d/d eta E[L^2] = E[2 L dL/d eta] (E[L] does not depend on eta). One backward pass gives both: hooks on
+lambda(t) and lambda'(t), the only paths from eta to the loss, multiply their gradient by 2 L (per
+example, detached), so eta receives the gradient of mean(L^2) while the network receives that of mean(L).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from diffusekit.continuous.elbo import diffusion_loss, prior_kl, reconstruction_nll, sample_times
+from diffusekit.continuous.logsnr import CosineLogSNR, LinearLogSNR, LogSNRSchedule, MonotoneLogSNR
+from diffusekit.errors import CheckpointError, ConfigError
+from diffusekit.parameterization import Denoiser
+
+__all__ = ["ContinuousDiffusion", "ContinuousObjective", "build_logsnr_schedule", "build_continuous_module",
+           "load_continuous"]
+
+
+class ContinuousDiffusion(nn.Module):
+    """The network (behind the denoiser convention) and its log-SNR schedule, with the loss as forward.
+
+    ``forward(x0, t, noise, cond)`` returns per-example losses in bits/dim: the whole negative ELBO
+    (prior + reconstruction + diffusion) for ``weighting = "elbo"``, else the weighted diffusion loss L_w
+    alone (not a bound) in the same units. ``levels`` is the data's number of values (None: continuous).
+    """
+
+    def __init__(self, net: nn.Module, schedule: LogSNRSchedule, kind: str = "eps", levels: int | None = None,
+                 weighting: str = "elbo", sigmoid_bias: float = 2.0, gamma: float = 5.0):
+        super().__init__()
+        self.net, self.schedule = net, schedule
+        self.kind, self.levels, self.weighting = kind, levels, weighting
+        self.weight_kw = {"sigmoid_bias": sigmoid_bias, "gamma": gamma}
+
+    @property
+    def denoiser(self) -> Denoiser:
+        """The network under the denoiser convention (shares the weights)."""
+        return Denoiser(self.net, self.kind)
+
+    def forward(self, x0: Tensor, t: Tensor, noise: Tensor, cond: dict | None = None) -> Tensor:
+        lam, dlam = self.schedule(t)
+        dims = x0[0].numel()
+        to_bits = 1.0 / (dims * math.log(2.0))
+        diff = diffusion_loss(self.denoiser, x0, lam, dlam, noise, self.weighting, cond, **self.weight_kw) * to_bits
+        if lam.requires_grad:  # a learned schedule: its parameters get d mean(L^2), not d mean(L)
+            scale = 2.0 * diff.detach().to(torch.float64)
+            lam.register_hook(lambda g: g * scale.to(g))
+            dlam.register_hook(lambda g: g * scale.to(g))
+        if self.weighting != "elbo":
+            return diff
+        with torch.no_grad():  # no parameter enters these two terms (fixed end points, fixed decoder)
+            const = prior_kl(x0, self.schedule.logsnr_min) + reconstruction_nll(x0, self.schedule.logsnr_max,
+                                                                                noise, self.levels)
+        return diff + (const * to_bits).to(diff)
+
+
+def build_logsnr_schedule(diffusion_cfg) -> LogSNRSchedule:
+    """``[diffusion]`` -> the log-SNR schedule of a continuous run (learned, or cosine / linear in log-SNR)."""
+    lo, hi = diffusion_cfg.logsnr_min, diffusion_cfg.logsnr_max
+    if diffusion_cfg.learned_schedule:
+        return MonotoneLogSNR(lo, hi)
+    if diffusion_cfg.schedule == "cosine":
+        return CosineLogSNR(lo, hi)
+    if diffusion_cfg.schedule == "linear":
+        return LinearLogSNR(lo, hi)
+    raise ConfigError(f"diffusion.schedule = {diffusion_cfg.schedule!r} has no log-SNR form for loss.objective = "
+                      "'continuous'; use cosine, linear (in log-SNR) or diffusion.learned_schedule = true")
+
+
+def build_continuous_module(cfg, data_shape: tuple[int, ...], levels: int | None) -> ContinuousDiffusion:
+    from diffusekit.models import build_network
+
+    lc = cfg.loss
+    return ContinuousDiffusion(build_network(cfg.model, tuple(data_shape)), build_logsnr_schedule(cfg.diffusion),
+                               cfg.model.prediction, levels, lc.weighting, lc.sigmoid_bias, lc.min_snr_gamma)
+
+
+class ContinuousObjective:
+    """The trainer's ``Objective`` for ``loss.objective = "continuous"`` (see ``diffusekit.objectives``)."""
+
+    def __init__(self, cfg, data_shape: tuple[int, ...]):
+        from diffusekit.data import load_dataset
+
+        self.cfg, self.data_shape = cfg, tuple(data_shape)
+        levels = load_dataset(cfg.data, "train").levels
+        self.module = build_continuous_module(cfg, self.data_shape, levels)
+        self.t_sampling = "antithetic" if cfg.loss.t_sampling == "stratified" else "uniform"
+
+    def loss(self, module: nn.Module, x0: Tensor, cond: dict | None, generator: torch.Generator) -> Tensor:
+        t = sample_times(x0.shape[0], generator, self.t_sampling)
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        return module(x0, t.to(x0.device), noise, cond)
+
+    def preview(self, module: nn.Module, n: int, device: torch.device) -> Tensor:
+        from diffusekit.sampling.run import SampleSettings, generate
+
+        schedule = module.schedule.discretize(self.cfg.diffusion.T)
+        settings = SampleSettings(sampler="ddpm", steps=min(100, schedule.T), seeds=list(range(n)),
+                                  batch_size=max(n, 1))
+        return generate(module.denoiser.eval(), schedule, self.data_shape, settings, device=device, progress=False)
+
+
+def load_continuous(cfg, data_shape: tuple[int, ...], levels: int | None, state: dict[str, Tensor],
+                    source: Any) -> ContinuousDiffusion:
+    """Rebuild a continuous run's module from a checkpoint state dict (``source`` names the file)."""
+    module = build_continuous_module(cfg, data_shape, levels)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"{source}.safetensors: weights do not fit the configured network ({first})") from None
+    return module.eval()
