@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=2e-4 (repeatable)")
     p.add_argument("--out", type=Path, help="run folder (default: runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest checkpoint (with the run's config.toml "
+                        "unless --config is given)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     _add_common(p)
 
@@ -82,13 +84,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from diffusekit.config import format_config, load_config
     from diffusekit.train.trainer import train
 
-    cfg = load_config(args.config, args.overrides)
-    if args.dry_run:
-        print(format_config(cfg))
-        return 0
     out = args.out or Path("runs") / (args.config.stem if args.config else "digits")
     if args.resume and not out.is_dir():
         raise ConfigError(f"--resume: run folder {out} does not exist")
+    config = args.config
+    if args.resume and config is None and (out / "config.toml").is_file():
+        config = out / "config.toml"  # resuming without --config continues with the run's own config
+    cfg = load_config(config, args.overrides)
+    if args.dry_run:
+        print(format_config(cfg))
+        return 0
     result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
     print(f"trained to step {result['step']} ({result['stopped']}) in {result['train_seconds']:.0f} s; run folder: {out}")
     return 0

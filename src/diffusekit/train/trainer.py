@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffusekit.errors import CheckpointError, TrainingError
+from diffusekit.errors import CheckpointError, ConfigError, TrainingError
 from diffusekit.objectives import build_objective
 from diffusekit.train import distributed as ddp
 from diffusekit.train.checkpoint import (atomic_write_text, check_state, clean_leftovers, latest_checkpoint,
@@ -173,18 +173,23 @@ class Trainer:
     def _resume(self) -> None:
         """Restore everything from the latest checkpoint, or raise ``CheckpointError`` naming the
         file and the missing or misfitting piece; nothing is changed unless everything checks out."""
+        from diffusekit.config import config_from_dict
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
             raise CheckpointError(f"{self.run_dir}: --resume given but no complete checkpoint was found")
         tensors, record = load_checkpoint(ckpt)
         st_file, js_file = f"{ckpt}.safetensors", f"{ckpt}.json"
         meta, step = record["meta"], int(record["step"])
-        missing = [f"meta.{k}" for k in ("data_position", "ema_updates", "param_groups", "world_size",
+        missing = [f"meta.{k}" for k in ("config", "data_position", "ema_updates", "param_groups", "world_size",
                                          "optimizer_state") if k not in meta]
         rng_keys = [self._rng_key(k, r) for r in range(self.dist.world_size) for k in self._rng_tensors()]
         missing += [k for k in rng_keys if k not in tensors]
         if missing:
             raise CheckpointError(f"{st_file}: cannot resume exactly, missing {', '.join(missing[:5])}")
+        try:
+            config_from_dict(meta["config"])
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{js_file}: recorded config is invalid ({exc})") from None
         if meta["world_size"] != self.dist.world_size:
             raise CheckpointError(f"{js_file}: written by {meta['world_size']} processes, resumed with "
                                   f"{self.dist.world_size}; exact resume needs every rank's RNG state "
