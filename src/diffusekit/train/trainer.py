@@ -373,10 +373,10 @@ class Trainer:
                     self.save()
                 if tc.sample_every and self.step % tc.sample_every == 0 and self.step < tc.steps:
                     self.preview()
-                if self._stop_agreed:
-                    stopped = "sigterm" if self._stop_requested else "stopped by another rank or the time limit"
-                    if not self._stop_requested and time.time() > self._deadline:
-                        stopped = "time_limit"
+                over_time = time.time() > self._deadline
+                if self._stop_agreed or (not self.dist.distributed and (self._stop_requested or over_time)):
+                    # one process stops at this boundary; ranks stop where they agreed (one step later at most)
+                    stopped = "sigterm" if self._stop_requested else "time_limit" if over_time else "another rank"
                     break
         finally:
             bar.close()
