@@ -255,3 +255,146 @@ def test_samples_depend_only_on_their_seed():
     assert not torch.equal(a[0], a[1])
     (z,) = seeded_normals([4], (2,))
     torch.testing.assert_close(z[0], torch.randn(2, generator=torch.Generator().manual_seed(4)))
+
+
+# -- evaluation -------------------------------------------------------------------------------------
+def test_bound_in_bits_per_dim_and_active_units_on_the_exact_model():
+    from diffusekit.vae.evaluate import active_units, bound
+
+    W, b, M = _linear_gaussian()
+    A = (W / M).T.clone()
+    vae = _linear_vae(W, b, A, -A @ b, torch.log(SIGMA**2 / M))
+    x = _data(300, seed=7)
+    exact_bpd = -_exact_log_px(x, W, b).mean().item() / (D * math.log(2))
+    out = bound(vae, x, iwae_k=3)
+    assert out["iwae_bits_per_dim"] == pytest.approx(exact_bpd, abs=1e-9)
+    assert abs(out["bits_per_dim"] - exact_bpd) < 4 * out["stderr_bits_per_dim"]
+    assert out["latent_bits_per_dim_per_level"][-1] == out["prior_bits_per_dim"] > 0
+    assert active_units(vae, x)["active_units"] == [2]
+    with torch.no_grad():  # the second latent coordinate ignores x: a collapsed unit
+        vae.encoders[0].weight[1] = 0.0
+    assert active_units(vae, x)["active_units"] == [1]
+
+
+def test_reconstruction_quality_is_mse_and_psnr_of_the_mean_code():
+    from diffusekit.vae.evaluate import reconstruction_quality
+
+    W, b, M = _linear_gaussian()
+    A = (W / M).T.clone()
+    vae = _linear_vae(W, b, A, -A @ b, torch.log(SIGMA**2 / M))
+    x = _data(50)
+    x_hat = ((x - b) @ A.T) @ W.T + b
+    mse = ((x_hat - x) ** 2).mean().item()
+    out = reconstruction_quality(vae, x, batch_size=16)
+    assert out["mse"] == pytest.approx(mse, rel=1e-10)
+    assert out["psnr_db"] == pytest.approx(10 * math.log10(4 / mse), rel=1e-10)
+
+
+def test_objective_loss_is_the_bound_per_dimension_and_trains(tmp_path):
+    """The trainer's loss is -ELBO / dims through one forward call; a few steps of the real trainer
+    lower it, and the MHVAE reports one latent cost per level."""
+    from diffusekit.config import load_config
+    from diffusekit.objectives import build_objective
+
+    cfg = load_config(None, ["model.kind=mhvae", "vae.hierarchy=2", "model.hidden=32", "model.depth=1",
+                             "vae.latent_dim=4"])
+    obj = build_objective(cfg, (1, 8, 8))
+    x = torch.rand(6, 1, 8, 8) * 2 - 1
+    loss = obj.loss(obj.module, x, None, torch.Generator().manual_seed(0))
+    terms = obj.module(x, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loss, terms["neg_elbo"] / 64)
+    assert terms["consistency"].shape == (6, 1)
+    cfg = load_config(None, ["model.kind=vae", "vae.iwae_k=4", "model.hidden=32", "model.depth=1"])
+    obj = build_objective(cfg, (1, 8, 8))
+    assert obj.loss(obj.module, x, None, torch.Generator().manual_seed(0)).shape == (6,)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["model.kind=vae", "data.name=moons", "vae.decoder=discretized"], "vae.decoder"),
+    (["model.kind=vae", "vae.decoder=bernoulli"], "vae.decoder"),
+    (["model.kind=vae", "model.num_classes=10"], "model.num_classes"),
+    (["model.kind=vae", "vae.iwae_k=5", "vae.kl_weight=0.5"], "vae.kl_weight"),
+])
+def test_config_errors_name_the_key(overrides, needle):
+    from diffusekit.config import load_config
+    from diffusekit.errors import ConfigError
+    from diffusekit.objectives import build_objective
+
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        build_objective(load_config(None, overrides), (1, 8, 8) if "moons" not in overrides[1] else (2,))
+
+
+def test_autoencoder_codec_shapes_and_shape_errors():
+    from diffusekit.config import load_config
+    from diffusekit.errors import ConfigError
+    from diffusekit.vae.objective import build_latent_model
+
+    cfg = load_config(None, ["model.kind=autoencoder", "data.name=mnist", "model.base_channels=8",
+                             "model.norm_groups=4"])
+    ae = build_latent_model(cfg, (1, 28, 28))
+    x = torch.rand(3, 1, 28, 28) * 2 - 1
+    z = ae.encode(x)
+    assert z.shape == (3, 4, 7, 7)
+    assert ae.decode(z).shape == (3, 1, 28, 28) and ae.decode(z).abs().max() <= 1
+    z2 = ae.encode(x, torch.Generator().manual_seed(0))
+    assert z2.shape == z.shape and not torch.equal(z, z2)
+    with pytest.raises(ConfigError, match="autoencoder"):
+        build_latent_model(cfg, (1, 30, 30))
+
+
+# -- the command line -------------------------------------------------------------------------------
+TINY_VAE = ["--set", "data.name=digits", "--set", "model.hidden=16", "--set", "model.depth=1",
+            "--set", "vae.latent_dim=4", "--set", "train.steps=3", "--set", "train.batch_size=8",
+            "--set", "train.sample_every=0", "--set", "train.n_sample=4", "--set", "train.log_every=1"]
+
+
+@pytest.mark.parametrize("kind", ["vae", "mhvae", "autoencoder"])
+def test_cli_train_sample_evaluate(capsys, tmp_path, kind):
+    import json
+
+    from diffusekit.cli import main
+
+    def cli(*argv):
+        code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    run = tmp_path / "run"
+    extra = ["--set", f"model.kind={kind}", "--set", "vae.hierarchy=2", "--set", "model.base_channels=8",
+             "--set", "model.norm_groups=4"]
+    code, _, err = cli("train", *TINY_VAE, *extra, "--out", run, "--no-progress")
+    assert code == 0, err
+    code, _, err = cli("sample", "--run", run, "--seeds", "0-5", "--out", tmp_path / "s1", "--no-progress")
+    assert code == 0, err
+    data = np.load(tmp_path / "s1" / "samples.npz")
+    assert data["x"].shape == (6, 1, 8, 8) and list(data["seeds"]) == list(range(6))
+    assert (tmp_path / "s1" / "grid.png").is_file() and (tmp_path / "s1" / "sample_5.png").is_file()
+    code, _, err = cli("sample", "--run", run, "--settings", tmp_path / "s1" / "settings.json", "--out",
+                       tmp_path / "s2", "--no-progress")
+    assert code == 0, err
+    assert np.array_equal(np.load(tmp_path / "s2" / "samples.npz")["x"], data["x"])
+    code, _, err = cli("sample", "--run", run, "--sampler", "ddim", "--no-progress")
+    assert code == 2 and "--sampler" in err and len(err.strip().splitlines()) == 1
+    code, out, err = cli("evaluate", "--run", run, "--metrics", "bpd", "--iwae-k", "4", "--json", "--no-progress")
+    assert code == 0, err
+    b = json.loads(out)["bpd"]
+    assert b["levels"] == 17 and b["iwae_k"] == 4 and b["bits_per_dim"] > 0
+    assert len(b["latent_bits_per_dim_per_level"]) == (2 if kind == "mhvae" else 1)
+    assert (run / "eval" / "report.md").is_file() and (run / "eval" / "reconstructions.png").is_file()
+    code, out, err = cli("evaluate", "--run", run, "--metrics", "bpd", "--iwae-k", "2", "--no-progress")
+    assert code == 0 and "IWAE bound (k = 2)" in out and "active units" in out
+
+
+def test_cli_evaluate_quality(capsys, tmp_path, monkeypatch, digits_cache):
+    import json
+
+    from diffusekit.cli import main
+
+    monkeypatch.setenv("DIFFUSEKIT_CACHE", str(digits_cache.parent))
+    run = tmp_path / "run"
+    assert main(["train", *TINY_VAE, "--set", "model.kind=vae", "--out", str(run), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), "--metrics", "fd", "--n-samples", "40", "--json", "--no-progress"]) == 0
+    q = json.loads(capsys.readouterr().out)["quality"]
+    assert q["n_samples"] == 40 and q["fd"] > 0 and q["fd_ratio"] == pytest.approx(q["fd"] / q["fd_train_test"])
+    assert (run / "eval" / "samples.png").is_file()

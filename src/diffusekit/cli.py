@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="sampling steps for the quality score (0 = T)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the full results as JSON")
+    p.add_argument("--iwae-k", type=int, default=100, help="importance samples of the IWAE bound (VAE-family runs)")
     _add_common(p)
 
     p = sub.add_parser("demo", help="train on the bundled digits, sample and report (a few minutes on 2 CPU cores)")
@@ -129,10 +130,33 @@ def _sample_settings(args: argparse.Namespace, run):
                           seeds=seeds, use_ema=args.ema, batch_size=args.batch_size)
 
 
+def _sample_latent(args: argparse.Namespace) -> int:
+    """``sample`` for VAE / MHVAE / autoencoder runs: ancestral samples, one seed each."""
+    from diffusekit.sampling.noise import parse_seeds
+    from diffusekit.vae.evaluate import sample_latent_run
+
+    for flag in ("sampler", "steps", "eta", "variance", "spacing", "clip_x0"):
+        if getattr(args, flag, None) is not None:
+            raise ConfigError(f"--{flag.replace('_', '-')} applies to diffusion runs only; {args.run} is a "
+                              "latent-variable model (ancestral sampling, no steps)")
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    t0 = time.time()
+    x, out = sample_latent_run(args.run, seeds, args.out, use_ema=args.ema, batch_size=args.batch_size,
+                               settings_path=args.settings)
+    print(f"{x.shape[0]} samples in {time.time() - t0:.1f} s -> {out}")
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from diffusekit.models import load_run
     from diffusekit.sampling.run import generate, write_samples
+    from diffusekit.vae.evaluate import is_latent_run
 
+    if is_latent_run(args.run):
+        return _sample_latent(args)
     run = load_run(args.run, use_ema=True if args.settings else args.ema)
     settings = _sample_settings(args, run)
     if settings.use_ema != (True if args.settings else args.ema):
@@ -156,6 +180,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 0:
         raise ConfigError(f"--steps must be >= 0, got {args.steps}")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    from diffusekit.vae.evaluate import evaluate_latent_run, is_latent_run
+
+    if is_latent_run(args.run):  # VAE / MHVAE / autoencoder: ELBO and IWAE bounds, collapse, reconstruction
+        result = evaluate_latent_run(args.run, metrics=metrics, split=args.split, n_samples=args.n_samples,
+                                     iwae_k=args.iwae_k, seed=args.seed, progress=not args.no_progress)
+        print(json.dumps(result, indent=1) if args.json else format_table(result))
+        if not args.json:
+            print(f"report: {args.run / 'eval' / 'report.md'}")
+        return 0
     result = evaluate_run(args.run, metrics=metrics, split=args.split, exact=args.exact, n_strata=args.strata, variance=args.variance,
                           n_samples=args.n_samples, sampler=args.sampler, steps=args.steps, seed=args.seed,
                           progress=not args.no_progress)

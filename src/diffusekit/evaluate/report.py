@@ -143,7 +143,11 @@ def evaluate_run(run_dir: Path | str, *, metrics: Sequence[str] = METRICS, split
     from diffusekit.data import load_dataset
     from diffusekit.models import load_run
     from diffusekit.sampling.run import SampleSettings
+    from diffusekit.vae.evaluate import evaluate_latent_run, is_latent_run
 
+    if is_latent_run(run_dir):  # VAE / MHVAE / autoencoder: ELBO and IWAE bounds, collapse, reconstruction
+        return evaluate_latent_run(run_dir, metrics=metrics, split=split, n_samples=n_samples, seed=seed,
+                                   progress=progress)
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ConfigError(f"--metrics: unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
@@ -174,6 +178,10 @@ def evaluate_run(run_dir: Path | str, *, metrics: Sequence[str] = METRICS, split
 
 def format_table(result: dict[str, Any]) -> str:
     """A plain-text table of the headline numbers."""
+    if result.get("kind") in ("vae", "mhvae", "autoencoder"):
+        from diffusekit.vae.evaluate import format_latent_table
+
+        return format_latent_table(result)
     rows = [("run", result["run"]), ("checkpoint step", result["step"]), ("split", result["split"])]
     b = result.get("bpd", {})
     if "bits_per_dim" in b:
