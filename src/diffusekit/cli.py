@@ -23,8 +23,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line naming it (no usage block); exit status 2 as before."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffusekit", description="Diffusion models that are correct, measurable and fast.")
+    parser = _Parser(prog="diffusekit", description="Diffusion models that are correct, measurable and fast.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model from a TOML config")

@@ -35,6 +35,7 @@ def build_network(model_cfg, data_shape: tuple[int, ...]) -> nn.Module:
         c, h, w = data_shape
         if h != w:
             raise ConfigError(f"model.kind = 'unet' needs square images, got {h}x{w}")
+        _check_unet_fits(model_cfg, h)
         return UNet(in_channels=c, image_size=h, base_channels=model_cfg.base_channels,
                     channel_mult=tuple(model_cfg.channel_mult), num_res_blocks=model_cfg.num_res_blocks,
                     attn_resolutions=tuple(model_cfg.attn_resolutions), num_heads=model_cfg.num_heads,
@@ -47,6 +48,28 @@ def build_network(model_cfg, data_shape: tuple[int, ...]) -> nn.Module:
                            time_embedding=model_cfg.time_embedding, num_classes=model_cfg.num_classes,
                            dropout=model_cfg.dropout)
     raise ConfigError(f"model.kind = {model_cfg.kind!r} cannot be trained as a diffusion model yet")
+
+
+def _check_unet_fits(m, size: int) -> None:
+    """One-line ConfigErrors naming the key, for U-Net settings that cannot fit ``size``-pixel images."""
+    halvings = len(m.channel_mult) - 1
+    if size % 2**halvings:
+        raise ConfigError(f"model.channel_mult = {m.channel_mult} halves the image {halvings} times, so the image "
+                          f"size must be divisible by {2**halvings}; the data has {size}x{size} images "
+                          "(change data.image_size or model.channel_mult)")
+    widths = [m.base_channels * k for k in m.channel_mult]
+    if any(w % m.norm_groups for w in widths):
+        raise ConfigError(f"model.norm_groups = {m.norm_groups} must divide every channel width "
+                          f"(model.base_channels x model.channel_mult = {widths})")
+    sizes = [size // 2**i for i in range(halvings + 1)]
+    unknown = sorted(set(m.attn_resolutions) - set(sizes))
+    if unknown:
+        raise ConfigError(f"model.attn_resolutions = {m.attn_resolutions}: {unknown} match no level of "
+                          f"{size}x{size} images (level sizes {sizes})")
+    attended = [w for w, s in zip(widths, sizes) if s in m.attn_resolutions] + widths[-1:]
+    if any(w % m.num_heads for w in attended):
+        raise ConfigError(f"model.num_heads = {m.num_heads} must divide the channel widths with attention "
+                          f"({sorted(set(attended))})")
 
 
 def build_denoiser(cfg, data_shape: tuple[int, ...]) -> Denoiser:

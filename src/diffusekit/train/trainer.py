@@ -106,6 +106,13 @@ class Trainer:
 
         tc = cfg.train
         self.data = load_dataset(cfg.data, "train")
+        k = cfg.model.num_classes
+        if k > 0 and self.data.labels is None:
+            raise ConfigError(f"model.num_classes = {k} but data.name = {cfg.data.name!r} has no labels "
+                              "(set model.num_classes = 0)")
+        if 0 < k < self.data.num_classes:
+            raise ConfigError(f"model.num_classes = {k} but data.name = {cfg.data.name!r} has "
+                              f"{self.data.num_classes} classes")
         self.x = self.data.x.to(self.device)
         self.labels = self.data.labels.to(self.device) if self.data.labels is not None else None
         torch.manual_seed(derive_seed(tc.seed, "global", 0))  # the same initial weights on every rank
