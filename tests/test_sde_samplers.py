@@ -296,3 +296,62 @@ def test_bad_arguments_raise():
         VPSDE(LinearVPSchedule(), t_min=0.0)
     with pytest.raises(ValueError, match="rtol"):
         sample_rk45(mix.denoiser, sde, x, rtol=0.0)
+
+
+# -- integration: settings, generate, CLI ------------------------------------------------------------
+def test_generate_dispatches_the_continuous_samplers_and_counts_calls():
+    from diffusekit.sampling.run import SampleSettings, generate
+
+    mix, sched = default_mixture(2), make_schedule("linear", 100)
+    expected_nfe = {"euler": 6, "heun": 11, "dpmpp_2m": 6, "sde": 6, "pc": 12, "langevin": 6 * 2 + 1}
+    for name, nfe in expected_nfe.items():
+        settings = SampleSettings(sampler=name, steps=6, seeds=[0, 1, 2], batch_size=3, langevin_steps=2)
+        stats = {}
+        x = generate(mix.denoiser, sched, (2,), settings, progress=False, dtype=F64, stats=stats)
+        assert x.shape == (3, 2) and torch.isfinite(x).all() and stats["nfe"] == nfe, (name, stats)
+        one = generate(mix.denoiser, sched, (2,), SampleSettings(sampler=name, steps=6, seeds=[1], batch_size=1,
+                                                                 langevin_steps=2), progress=False, dtype=F64)
+        assert torch.allclose(one[0], x[1], atol=1e-10), name
+    stats = {}
+    generate(mix.denoiser, sched, (2,), SampleSettings(sampler="rk45", seeds=[0, 1]), progress=False, dtype=F64,
+             stats=stats)
+    assert stats["nfe"] > 10
+    for bad in ({"sampler": "heun", "clip_x0": 1.0}, {"snr": 0.0}, {"grid": "cosine"}, {"rtol": -1.0},
+                {"sampler": "dpm"}):
+        with pytest.raises(ValueError):
+            SampleSettings(**bad)
+
+
+@pytest.mark.slow
+def test_cli_samples_with_new_samplers_and_evaluates_nll_ode(capsys, tmp_path):
+    import json
+
+    from test_cli import TINY, assert_one_line_error, run_cli
+
+    run = tmp_path / "run"
+    assert run_cli(capsys, "train", *TINY, "--out", run, "--no-progress")[0] == 0
+    for sampler in ("dpmpp_2m", "pc", "rk45"):
+        code, _, err = run_cli(capsys, "sample", "--run", run, "--seeds", "0-2", "--sampler", sampler, "--steps", "4",
+                               "--rtol", "1e-3", "--atol", "1e-3", "--out", tmp_path / sampler, "--no-progress")
+        assert code == 0, err
+        data = np.load(tmp_path / sampler / "samples.npz")
+        assert data["x"].shape == (3, 1, 8, 8) and np.isfinite(data["x"]).all()
+        settings = json.loads((tmp_path / sampler / "settings.json").read_text())
+        assert settings["sampler"] == sampler and settings["rtol"] == 1e-3
+    code, _, err = run_cli(capsys, "sample", "--run", run, "--settings", tmp_path / "pc" / "settings.json",
+                           "--out", tmp_path / "pc2", "--no-progress")
+    assert code == 0, err
+    assert np.array_equal(np.load(tmp_path / "pc2" / "samples.npz")["x"], np.load(tmp_path / "pc" / "samples.npz")["x"])
+    for argv, flag in ((["--sampler", "pc", "--snr", "-1"], "--snr"), (["--sampler", "heun", "--clip-x0", "1"],
+                       "--clip-x0"), (["--sampler", "rk45", "--rtol", "nan"], "--rtol")):
+        code, _, err = run_cli(capsys, "sample", "--run", run, *argv, "--no-progress")
+        assert_one_line_error(code, err, flag)
+    code, out, err = run_cli(capsys, "evaluate", "--run", run, "--metrics", "bpd,nll_ode", "--strata", "2",
+                             "--ode-examples", "3", "--ode-rtol", "1e-3", "--ode-atol", "1e-3", "--json",
+                             "--no-progress")
+    assert code == 0, err
+    o = json.loads(out)["nll_ode"]
+    assert o["n_examples"] == 3 and o["levels"] == 17 and o["nfe"] > 0 and math.isfinite(o["bits_per_dim"])
+    code, _, err = run_cli(capsys, "evaluate", "--run", run, "--metrics", "nll_ode", "--ode-examples", "0",
+                           "--no-progress")
+    assert_one_line_error(code, err, "--ode-examples")

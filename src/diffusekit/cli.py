@@ -48,12 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="draw samples from a trained run")
     p.add_argument("--run", type=Path, required=True, help="run folder written by `diffusekit train`")
     p.add_argument("--seeds", default="0-63", help="sample seeds, e.g. 0-63 or 1,5,9-12 (image i depends only on seed i)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
+    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default=None,
+                   help="ddpm, ddim (discrete); euler, heun, rk45, dpmpp_2m (probability-flow ODE); sde, pc, langevin")
     p.add_argument("--steps", type=int, default=None, help="number of sampling steps (default: the run's config; 0 = T)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1]")
     p.add_argument("--variance", choices=["beta", "beta_tilde"], default=None, help="DDPM reverse variance")
     p.add_argument("--spacing", choices=["leading", "linspace", "trailing"], default=None, help="timestep grid spacing")
     p.add_argument("--clip-x0", type=float, default=None, metavar="C", help="clip predicted x0 to [-C, C]")
+    _add_continuous_sampler_flags(p)
     ema = p.add_mutually_exclusive_group()
     ema.add_argument("--ema", dest="ema", action="store_true", default=True, help="use EMA weights (default)")
     ema.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights")
@@ -65,15 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="bits/dim (term by term, with baselines) and sample quality of a run")
     p.add_argument("--run", type=Path, required=True, help="run folder written by `diffusekit train`")
     p.add_argument("--split", default="test", help="data split to evaluate on (test or train)")
-    p.add_argument("--metrics", default="bpd,fd", help="comma-separated: bpd (the bound), fd (sample quality)")
+    p.add_argument("--metrics", default="bpd,fd",
+                   help="comma-separated: bpd (the bound), fd (sample quality), nll_ode (probability-flow ODE likelihood)")
     p.add_argument("--exact", action="store_true", help="compute all T terms of the bound (default: stratified estimate)")
     p.add_argument("--strata", type=int, default=50, help="strata of t for the estimated bound (2 draws each)")
     p.add_argument("--variance", choices=["fitted", "beta_tilde", "beta"], default="fitted",
                    help="reverse variances of the bound: fitted to the train split for the model's means "
                         "(default), or the fixed beta_tilde / beta")
     p.add_argument("--n-samples", type=int, default=None, help="samples for the quality score (default: split size, <= 1000)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None)
+    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default=None)
     p.add_argument("--steps", type=int, default=None, help="sampling steps for the quality score (0 = T)")
+    p.add_argument("--ode-examples", type=int, default=100,
+                   help="examples of the split scored by nll_ode (the probability-flow ODE likelihood)")
+    p.add_argument("--trace", choices=["hutchinson", "exact"], default="hutchinson",
+                   help="nll_ode divergence: Hutchinson estimate (one Rademacher probe) or exact (D backward passes)")
+    p.add_argument("--ode-rtol", type=float, default=1e-5, help="nll_ode solver relative tolerance")
+    p.add_argument("--ode-atol", type=float, default=1e-5, help="nll_ode solver absolute tolerance")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the full results as JSON")
     p.add_argument("--iwae-k", type=int, default=100, help="importance samples of the IWAE bound (VAE-family runs)")
@@ -85,6 +94,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     _add_common(p)
     return parser
+
+
+SAMPLER_CHOICES = ["ddpm", "ddim", "euler", "heun", "rk45", "dpmpp_2m", "sde", "pc", "langevin"]
+CONTINUOUS_FLAGS = ("grid", "snr", "corrector_steps", "langevin_steps", "step_size", "rtol", "atol")
+
+
+def _add_continuous_sampler_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--grid", choices=["auto", "time", "logsnr", "karras"], default=None,
+                   help="time grid of the continuous-time samplers (auto: karras for euler/heun, logsnr for "
+                        "dpmpp_2m, time for sde/pc)")
+    p.add_argument("--snr", type=float, default=None, help="pc: Langevin corrector signal-to-noise ratio")
+    p.add_argument("--corrector-steps", type=int, default=None, help="pc: Langevin steps per noise level")
+    p.add_argument("--langevin-steps", type=int, default=None, help="langevin: steps per noise level")
+    p.add_argument("--step-size", type=float, default=None, help="langevin: step size / noise variance")
+    p.add_argument("--rtol", type=float, default=None, help="rk45: relative tolerance")
+    p.add_argument("--atol", type=float, default=None, help="rk45: absolute tolerance")
+
+
+def _continuous_settings(args: argparse.Namespace, sc) -> dict:
+    """The continuous-time sampler flags (falling back on the run's [sample] config), checked."""
+    out = {k: getattr(sc, k) if getattr(args, k, None) is None else getattr(args, k) for k in CONTINUOUS_FLAGS}
+    rules = {"snr": (lambda v: v > 0, "positive"), "corrector_steps": (lambda v: v >= 0, ">= 0"),
+             "langevin_steps": (lambda v: v >= 1, ">= 1"), "step_size": (lambda v: v > 0, "positive"),
+             "rtol": (lambda v: v > 0, "positive"), "atol": (lambda v: v > 0, "positive")}
+    for key, (ok, want) in rules.items():
+        if not ok(out[key]):  # also rejects NaN
+            raise ConfigError(f"--{key.replace('_', '-')} must be {want}, got {out[key]}")
+    return out
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -118,8 +155,11 @@ def _sample_settings(args: argparse.Namespace, run):
             raise ConfigError(f"--settings {args.settings}: cannot read sampler settings ({exc})") from None
     sc = run.cfg.sample
     steps = sc.steps if args.steps is None else args.steps
-    if steps < 0 or steps > run.schedule.T:
+    sampler = args.sampler or sc.sampler
+    if sampler in ("ddpm", "ddim") and (steps < 0 or steps > run.schedule.T):
         raise ConfigError(f"--steps must lie in 0..{run.schedule.T} (0 = all steps), got {steps}")
+    if steps < 0:
+        raise ConfigError(f"--steps must be >= 0 (0 = T), got {steps}")
     eta = sc.eta if args.eta is None else args.eta
     if not 0.0 <= eta <= 1.0:  # also rejects NaN
         raise ConfigError(f"--eta must lie in [0, 1], got {eta}")
@@ -127,14 +167,17 @@ def _sample_settings(args: argparse.Namespace, run):
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
     if args.clip_x0 is not None and not args.clip_x0 > 0:
         raise ConfigError(f"--clip-x0 must be positive, got {args.clip_x0}")
+    clip_x0 = args.clip_x0 if args.clip_x0 is not None else (1.0 if sc.clip_x0 else None)
+    if clip_x0 is not None and sampler not in ("ddpm", "ddim"):
+        raise ConfigError(f"--clip-x0 applies to ddpm and ddim only, not --sampler {sampler}")
     try:
         seeds = parse_seeds(args.seeds)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return SampleSettings(sampler=args.sampler or sc.sampler, steps=steps, eta=eta,
+    return SampleSettings(sampler=sampler, steps=steps, eta=eta,
                           variance=args.variance or sc.variance, spacing=args.spacing or sc.spacing,
-                          clip_x0=args.clip_x0 if args.clip_x0 is not None else (1.0 if sc.clip_x0 else None),
-                          seeds=seeds, use_ema=args.ema, batch_size=args.batch_size)
+                          clip_x0=clip_x0, seeds=seeds, use_ema=args.ema, batch_size=args.batch_size,
+                          **_continuous_settings(args, sc))
 
 
 def _sample_latent(args: argparse.Namespace) -> int:
@@ -142,7 +185,7 @@ def _sample_latent(args: argparse.Namespace) -> int:
     from diffusekit.sampling.noise import parse_seeds
     from diffusekit.vae.evaluate import sample_latent_run
 
-    for flag in ("sampler", "steps", "eta", "variance", "spacing", "clip_x0"):
+    for flag in ("sampler", "steps", "eta", "variance", "spacing", "clip_x0") + CONTINUOUS_FLAGS:
         if getattr(args, flag, None) is not None:
             raise ConfigError(f"--{flag.replace('_', '-')} applies to diffusion runs only; {args.run} is a "
                               "latent-variable model (ancestral sampling, no steps)")
@@ -186,6 +229,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--n-samples must be at least 2, got {args.n_samples}")
     if args.steps is not None and args.steps < 0:
         raise ConfigError(f"--steps must be >= 0, got {args.steps}")
+    if args.ode_examples < 1:
+        raise ConfigError(f"--ode-examples must be positive, got {args.ode_examples}")
+    for flag in ("ode_rtol", "ode_atol"):
+        if not getattr(args, flag) > 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     from diffusekit.vae.evaluate import evaluate_latent_run, is_latent_run
 
@@ -198,7 +246,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     result = evaluate_run(args.run, metrics=metrics, split=args.split, exact=args.exact, n_strata=args.strata, variance=args.variance,
                           n_samples=args.n_samples, sampler=args.sampler, steps=args.steps, seed=args.seed,
-                          progress=not args.no_progress)
+                          ode_examples=args.ode_examples, trace=args.trace, ode_rtol=args.ode_rtol,
+                          ode_atol=args.ode_atol, progress=not args.no_progress)
     print(json.dumps(result, indent=1) if args.json else format_table(result))
     if not args.json:
         print(f"report: {args.run / 'eval' / 'report.md'}")

@@ -114,12 +114,20 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    sampler: Literal["ddpm", "ddim", "euler", "heun", "rk45", "dpmpp_2m", "sde", "pc", "langevin"] = "ddpm"
     steps: int = 0  # 0 = T
     eta: float = 0.0
     variance: Literal["beta", "beta_tilde"] = "beta_tilde"
     spacing: Literal["leading", "linspace", "trailing"] = "trailing"
     clip_x0: bool = False
+    # continuous-time samplers (docs/samplers.md)
+    grid: Literal["auto", "time", "logsnr", "karras"] = "auto"
+    snr: float = 0.16  # pc: Langevin corrector signal-to-noise ratio
+    corrector_steps: int = 1  # pc
+    langevin_steps: int = 5  # langevin: steps per noise level
+    step_size: float = 1.0  # langevin: step / noise variance
+    rtol: float = 1e-4  # rk45
+    atol: float = 1e-4  # rk45
 
 
 @dataclass
@@ -442,7 +450,18 @@ def _validate(cfg: Config) -> None:
     _check(t.n_sample >= 1, "train.n_sample", ">= 1", t.n_sample)
     _check(0.0 <= t.class_dropout <= 1.0, "train.class_dropout", "in [0, 1]", t.class_dropout)
     _check(t.time_limit_s >= 0.0, "train.time_limit_s", ">= 0 (0 = none)", t.time_limit_s)
-    _check(0 <= s.steps <= df.T, "sample.steps", f"in 0..diffusion.T = {df.T} (0 = T)", s.steps)
+    if s.sampler in ("ddpm", "ddim"):
+        _check(0 <= s.steps <= df.T, "sample.steps", f"in 0..diffusion.T = {df.T} (0 = T)", s.steps)
+    else:
+        _check(s.steps >= 0, "sample.steps", ">= 0 (0 = diffusion.T)", s.steps)
+    _check(s.snr > 0.0, "sample.snr", "positive", s.snr)
+    _check(s.corrector_steps >= 0, "sample.corrector_steps", ">= 0", s.corrector_steps)
+    _check(s.langevin_steps >= 1, "sample.langevin_steps", ">= 1", s.langevin_steps)
+    _check(s.step_size > 0.0, "sample.step_size", "positive", s.step_size)
+    _check(s.rtol > 0.0 and s.atol > 0.0, "sample.rtol" if not s.rtol > 0.0 else "sample.atol", "positive",
+           s.rtol if not s.rtol > 0.0 else s.atol)
+    _check(not (s.clip_x0 and s.sampler not in ("ddpm", "ddim")), "sample.clip_x0",
+           "false for the continuous-time samplers (clipping applies to ddpm and ddim)", s.clip_x0)
     _check(0.0 <= s.eta <= 1.0, "sample.eta", "in [0, 1]", s.eta)
     v = cfg.vae
     _check(v.latent_dim >= 1, "vae.latent_dim", ">= 1", v.latent_dim)

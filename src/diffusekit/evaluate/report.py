@@ -8,6 +8,10 @@
   network (Fréchet distance calibrated by the real train/test distance, classifier confidence and
   class histogram); for vector data, sliced Wasserstein and MMD to the held-out data (and the exact
   NLL of the samples under the oracle for ``gmm`` data).
+- ``nll_ode``: -log p(x) through the probability-flow ODE of the run's VP SDE (``likelihood_ode``),
+  dequantized and in bits/dim for discrete data, on the first ``ode_examples`` of the split, with
+  its standard error, the number of network calls and the time; beside the bound, which it should
+  not exceed by more than noise.
 The results go to ``<run>/eval/metrics.json`` and ``<run>/eval/report.md`` with pictures.
 """
 
@@ -24,7 +28,7 @@ from diffusekit.errors import ConfigError
 
 __all__ = ["METRICS", "evaluate_run", "format_table", "write_report"]
 
-METRICS = ("bpd", "fd")
+METRICS = ("bpd", "fd", "nll_ode")
 
 
 VARIANCES = ("fitted", "beta_tilde", "beta")
@@ -92,11 +96,26 @@ def _continuous_bound(run, test, seed: int, progress: bool, n_draws: int = 32) -
     return {**bound.summary(), "n_draws": n_draws, "seconds": time.time() - t0}
 
 
+def _nll_ode(run, test, n: int, seed: int, trace: str, rtol: float, atol: float, progress: bool) -> dict[str, Any]:
+    """Bits/dim through the probability-flow ODE on the first ``n`` examples of the split."""
+    from diffusekit.likelihood_ode import ode_nll
+    from diffusekit.sde import vp_from_schedule
+
+    sde = vp_from_schedule(run.schedule)
+    x = test.x[:n]
+    res = ode_nll(run.denoiser, sde, x, run.levels, trace=trace, seed=seed, rtol=rtol, atol=atol, batch_size=128,
+                  progress=progress)
+    return {"bits_per_dim": res.bits_per_dim, "stderr_bits_per_dim": res.stderr_bits_per_dim,
+            "n_examples": x.shape[0], "levels": run.levels, "dequantized": run.levels is not None,
+            "nfe": res.nfe, "seconds": res.seconds, **res.settings}
+
+
 def _quality(run, test, settings, progress: bool) -> tuple[dict[str, Any], torch.Tensor]:
     from diffusekit.sampling.run import generate
 
     t0 = time.time()
-    x = generate(run.denoiser, run.schedule, run.data_shape, settings, progress=progress)
+    stats: dict[str, Any] = {}
+    x = generate(run.denoiser, run.schedule, run.data_shape, settings, progress=progress, stats=stats)
     seconds = time.time() - t0
     if x.ndim == 4:
         from diffusekit.evaluate.quality import image_quality
@@ -115,6 +134,7 @@ def _quality(run, test, settings, progress: bool) -> tuple[dict[str, Any], torch
             oracle = default_mixture(x.shape[1])
         out = vector_quality(x, test.x, oracle=oracle)
     out.update(sampling_seconds=seconds, seconds_per_sample=seconds / x.shape[0], sampler=settings.sampler,
+               nfe=stats.get("nfe"),
                steps=settings.steps or run.schedule.T, n_samples=x.shape[0])
     return out, x
 
@@ -135,10 +155,11 @@ def _trajectory(run, out_dir: Path, seed: int) -> Path:
                                  labels=[f"t={t}" for t in recorder.times], x0_frames=recorder.frames("x0"))
 
 
-def evaluate_run(run_dir: Path | str, *, metrics: Sequence[str] = METRICS, split: str = "test", exact: bool = False,
+def evaluate_run(run_dir: Path | str, *, metrics: Sequence[str] = ("bpd", "fd"), split: str = "test", exact: bool = False,
                  n_strata: int = 50, n_samples: int | None = None, sampler: str | None = None,
                  steps: int | None = None, seed: int = 0, progress: bool = True,
-                 variance: str = "fitted") -> dict[str, Any]:
+                 variance: str = "fitted", ode_examples: int = 100, trace: str = "hutchinson",
+                 ode_rtol: float = 1e-5, ode_atol: float = 1e-5) -> dict[str, Any]:
     """Evaluate a run folder; writes ``eval/metrics.json``, ``eval/report.md`` and pictures."""
     from diffusekit.data import load_dataset
     from diffusekit.models import load_run
@@ -161,7 +182,8 @@ def evaluate_run(run_dir: Path | str, *, metrics: Sequence[str] = METRICS, split
     n = n_samples or min(len(test), 1000)
     settings = SampleSettings(sampler=sampler or sc.sampler, steps=sc.steps if steps is None else steps, eta=sc.eta,
                               variance=sc.variance, spacing=sc.spacing, seeds=list(range(seed, seed + n)),
-                              batch_size=min(n, 500))
+                              batch_size=min(n, 500), grid=sc.grid, snr=sc.snr, corrector_steps=sc.corrector_steps,
+                              langevin_steps=sc.langevin_steps, step_size=sc.step_size, rtol=sc.rtol, atol=sc.atol)
     result: dict[str, Any] = {"run": str(run_dir), "step": run.step, "split": split, "data": run.cfg.data.name}
     samples = None
     with torch.random.fork_rng():
@@ -169,6 +191,8 @@ def evaluate_run(run_dir: Path | str, *, metrics: Sequence[str] = METRICS, split
             result["bpd"] = _bound(run, test, exact, n_strata, seed, progress, variance, Path(run_dir) / "eval")
             if getattr(run, "logsnr_schedule", None) is not None:  # continuous-time run: the bound it trained on
                 result["bpd"]["continuous"] = _continuous_bound(run, test, seed, progress)
+        if "nll_ode" in metrics:
+            result["nll_ode"] = _nll_ode(run, test, ode_examples, seed, trace, ode_rtol, ode_atol, progress)
         if "fd" in metrics:
             result["quality"], samples = _quality(run, test, settings, progress)
         trajectory = _trajectory(run, Path(run_dir) / "eval", seed)
@@ -205,6 +229,12 @@ def format_table(result: dict[str, Any]) -> str:
                   f"{c['bits_per_dim']:.4f} ± {c['stderr_bits_per_dim']:.3f}"),
                  ("  prior / reconstruction / diffusion", f"{c['prior_bits_per_dim']:.2e} / "
                   f"{c['reconstruction_bits_per_dim']:.4f} / {c['diffusion_bits_per_dim']:.4f}")]
+    o = result.get("nll_ode")
+    if o:
+        unit = "bits/dim" + (f", dequantized, {o['levels']} levels" if o["dequantized"] else "")
+        rows += [(f"PF-ODE NLL, {unit} ({o['n_examples']} examples, {o['trace']} trace)",
+                  f"{o['bits_per_dim']:.4f} ± {o['stderr_bits_per_dim']:.3f}"),
+                 ("  network calls / seconds", f"{o['nfe']} / {o['seconds']:.1f}")]
     q = result.get("quality", {})
     for key in ("fd", "fd_train_test", "fd_ratio", "confidence", "class_entropy_bits", "class_histogram",
                 "classifier_test_accuracy", "sliced_wasserstein", "mmd",

@@ -25,7 +25,14 @@ from diffusekit.sampling.grids import SPACINGS
 from diffusekit.sampling.noise import PerSampleNoise
 from diffusekit.schedules import DiscreteSchedule
 
-__all__ = ["SampleSettings", "generate", "write_samples", "TrajectoryRecorder"]
+__all__ = ["SampleSettings", "generate", "write_samples", "TrajectoryRecorder", "SAMPLERS", "CONTINUOUS_SAMPLERS"]
+
+DISCRETE_SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
+CONTINUOUS_SAMPLERS: tuple[str, ...] = ("euler", "heun", "rk45", "dpmpp_2m", "sde", "pc", "langevin")
+SAMPLERS: tuple[str, ...] = DISCRETE_SAMPLERS + CONTINUOUS_SAMPLERS
+CONTINUOUS_GRIDS: tuple[str, ...] = ("auto", "time", "logsnr", "karras")
+# the grid each continuous sampler uses with grid = "auto" (see sampling/ode.py)
+DEFAULT_GRID = {"euler": "karras", "heun": "karras", "dpmpp_2m": "logsnr", "sde": "time", "pc": "time"}
 
 
 @dataclass
@@ -35,9 +42,18 @@ class SampleSettings:
     ``steps = 0`` means the full chain (T steps); ``eta`` is DDIM's, ``variance`` DDPM's;
     ``clip_x0 = c`` clamps the predicted x0 to [-c, c] (None = off, the default). ``use_ema`` is
     recorded for the caller that loads the weights; ``batch_size`` does not change the samples.
+
+    The continuous-time samplers (``CONTINUOUS_SAMPLERS``) run on the VP SDE of the schedule
+    (``sde.vp_from_schedule``: t in [1/T, 1]); for them ``steps`` (0 = T) is the number of grid
+    times (network calls: euler, dpmpp_2m, sde: steps; heun: 2 steps - 1; pc: steps (1 +
+    corrector_steps); langevin: steps noise levels times ``langevin_steps`` + 1; rk45 ignores it and
+    uses ``rtol``/``atol``), ``grid`` picks the time grid ("auto": karras for euler/heun, logsnr for
+    dpmpp_2m, time for sde/pc; langevin's levels are always geometric), ``snr`` and
+    ``corrector_steps`` are the predictor-corrector's, ``step_size`` the annealed Langevin step
+    relative to the noise variance.
     """
 
-    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    sampler: Literal["ddpm", "ddim", "euler", "heun", "rk45", "dpmpp_2m", "sde", "pc", "langevin"] = "ddpm"
     steps: int = 0
     eta: float = 0.0
     variance: Literal["beta", "beta_tilde"] = "beta_tilde"
@@ -46,11 +62,18 @@ class SampleSettings:
     seeds: list[int] = field(default_factory=lambda: list(range(64)))
     use_ema: bool = True
     batch_size: int = 64
+    grid: Literal["auto", "time", "logsnr", "karras"] = "auto"
+    snr: float = 0.16
+    corrector_steps: int = 1
+    langevin_steps: int = 5
+    step_size: float = 1.0
+    rtol: float = 1e-4
+    atol: float = 1e-4
 
     def __post_init__(self) -> None:
         self.seeds = [int(s) for s in self.seeds]
         checks = [
-            (self.sampler in ("ddpm", "ddim"), "sampler", "'ddpm' or 'ddim'", self.sampler),
+            (self.sampler in SAMPLERS, "sampler", f"one of {SAMPLERS}", self.sampler),
             (isinstance(self.steps, int) and self.steps >= 0, "steps", "an integer >= 0 (0 = T)", self.steps),
             (0.0 <= self.eta <= 1.0, "eta", "in [0, 1]", self.eta),
             (self.variance in ("beta", "beta_tilde"), "variance", "'beta' or 'beta_tilde'", self.variance),
@@ -59,6 +82,17 @@ class SampleSettings:
             (len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds), "seeds", "non-empty and distinct",
              f"{len(self.seeds)} seeds"),
             (isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", ">= 1", self.batch_size),
+            (self.grid in CONTINUOUS_GRIDS, "grid", f"one of {CONTINUOUS_GRIDS}", self.grid),
+            (self.snr > 0, "snr", "positive", self.snr),
+            (isinstance(self.corrector_steps, int) and self.corrector_steps >= 0, "corrector_steps", ">= 0",
+             self.corrector_steps),
+            (isinstance(self.langevin_steps, int) and self.langevin_steps >= 1, "langevin_steps", ">= 1",
+             self.langevin_steps),
+            (self.step_size > 0, "step_size", "positive", self.step_size),
+            (self.rtol > 0, "rtol", "positive", self.rtol),
+            (self.atol > 0, "atol", "positive", self.atol),
+            (self.clip_x0 is None or self.sampler in DISCRETE_SAMPLERS, "clip_x0",
+             "None for the continuous-time samplers (clipping applies to ddpm and ddim)", self.clip_x0),
         ]
         for ok, name, want, got in checks:
             if not ok:
@@ -121,8 +155,48 @@ class TrajectoryRecorder:
         return list(self._frames[key])
 
 
+def _run_continuous(denoiser: DenoiserFn, schedule: DiscreteSchedule, noise: PerSampleNoise,
+                    settings: SampleSettings, cond: Any, callback: Callback | None) -> Tensor:
+    """The continuous-time samplers on the VP SDE of ``schedule`` (x_T ~ N(0, I), the VP prior)."""
+    from diffusekit.sampling import dpm_solver, ode, sde as sde_samplers
+    from diffusekit.sde import vp_from_schedule
+
+    sde = vp_from_schedule(schedule)
+    steps = settings.steps or schedule.T
+    name = settings.sampler
+    grid = DEFAULT_GRID.get(name, "logsnr") if settings.grid == "auto" else settings.grid
+    x_T = sde.prior_sample(noise())
+    common = {"cond": cond, "callback": callback}
+    if name == "rk45":
+        return ode.sample_rk45(denoiser, sde, x_T, rtol=settings.rtol, atol=settings.atol, cond=cond)[0]
+    if name in ("euler", "heun", "dpmpp_2m"):
+        fn = {"euler": ode.sample_euler, "heun": ode.sample_heun, "dpmpp_2m": dpm_solver.sample_dpmpp_2m}[name]
+        return fn(denoiser, sde, x_T, steps=steps, grid=grid, **common)
+    if name == "sde":
+        return sde_samplers.sample_euler_maruyama(denoiser, sde, x_T, noise, steps=steps, grid=grid, **common)
+    if name == "pc":
+        return sde_samplers.sample_pc(denoiser, sde, x_T, noise, steps=steps, snr=settings.snr,
+                                      corrector_steps=settings.corrector_steps, grid=grid, **common)
+    return sde_samplers.sample_annealed_langevin(denoiser, sde, x_T, noise, levels=steps,
+                                                 steps_each=settings.langevin_steps, step_size=settings.step_size,
+                                                 **common)
+
+
+class _CountCalls:
+    """A denoiser wrapper that counts network calls (one call = one batched evaluation)."""
+
+    def __init__(self, denoiser: DenoiserFn):
+        self.denoiser, self.calls = denoiser, 0
+
+    def __call__(self, x_t: Tensor, logsnr: Tensor, cond: Any = None):
+        self.calls += 1
+        return self.denoiser(x_t, logsnr, cond)
+
+
 def _run_sampler(denoiser: DenoiserFn, schedule: DiscreteSchedule, noise: PerSampleNoise, settings: SampleSettings,
                  cond: Any, callback: Callback | None, progress: bool) -> Tensor:
+    if settings.sampler in CONTINUOUS_SAMPLERS:
+        return _run_continuous(denoiser, schedule, noise, settings, cond, callback)
     steps = settings.steps or None
     x_T = noise()
     if settings.sampler == "ddpm":
@@ -146,15 +220,16 @@ def _slice_cond(cond: Any, lo: int, hi: int) -> Any:
 
 def generate(denoiser: DenoiserFn, schedule: DiscreteSchedule, shape: Sequence[int], settings: SampleSettings,
              device: torch.device | str = "cpu", cond: Any = None, callback: Callback | None = None,
-             progress: bool = True, dtype: torch.dtype = torch.float32) -> Tensor:
+             progress: bool = True, dtype: torch.dtype = torch.float32, stats: dict[str, Any] | None = None) -> Tensor:
     """Samples for ``settings.seeds`` in order, shape (len(seeds), *shape), on the CPU.
 
     Seeds are processed in batches of ``settings.batch_size``; sample i uses only seed i, so the
     batch size does not change any sample (up to the network's own batch invariance). ``cond``
     holds per-seed tensors (or a dict of them) and is cut into the same batches. The caller chooses
-    the weights (``settings.use_ema`` is only recorded).
+    the weights (``settings.use_ema`` is only recorded). ``stats``, if given, receives "nfe": the
+    number of batched network calls over all batches.
     """
-    if settings.steps > schedule.T:
+    if settings.steps > schedule.T and settings.sampler in DISCRETE_SAMPLERS:
         raise ValueError(f"settings.steps must lie in 0..T = {schedule.T}, got {settings.steps}")
     seeds, bs = settings.seeds, settings.batch_size
     out = []
@@ -163,11 +238,14 @@ def generate(denoiser: DenoiserFn, schedule: DiscreteSchedule, shape: Sequence[i
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc=f"{settings.sampler} batches", total=math.ceil(len(seeds) / bs))
+    counted = _CountCalls(denoiser)
     for lo in batches:
         hi = min(lo + bs, len(seeds))
         noise = PerSampleNoise(seeds[lo:hi], shape, dtype=dtype, device=device)
-        x = _run_sampler(denoiser, schedule, noise, settings, _slice_cond(cond, lo, hi), callback, False)
+        x = _run_sampler(counted, schedule, noise, settings, _slice_cond(cond, lo, hi), callback, False)
         out.append(x.cpu())
+    if stats is not None:
+        stats["nfe"] = counted.calls
     return torch.cat(out)
 
 
