@@ -398,3 +398,50 @@ def test_cli_evaluate_quality(capsys, tmp_path, monkeypatch, digits_cache):
     q = json.loads(capsys.readouterr().out)["quality"]
     assert q["n_samples"] == 40 and q["fd"] > 0 and q["fd_ratio"] == pytest.approx(q["fd"] / q["fd_train_test"])
     assert (run / "eval" / "samples.png").is_file()
+
+
+# -- diffusion is an MHVAE with a fixed linear-Gaussian encoder (seed 000) --------------------------
+def test_diffusion_as_an_mhvae_both_decompositions_agree():
+    """Encoder q(z_t | z_{t-1}) = N(sqrt(1 - beta_t) z_{t-1}, beta_t I) fixed; any Gaussian decoder.
+    The MHVAE decomposition of this module and the notes' diffusion decomposition (reconstruction,
+    prior matching KL(q(x_T|x_0) || N(0, I)), denoising KLs against q(x_{t-1} | x_t, x_0), computed with
+    ``diffusekit.gaussian``) give the same bound."""
+    from diffusekit.gaussian import marginal_mean_std, posterior_mean_variance, q_sample
+    from diffusekit.schedules import DiscreteSchedule
+
+    T, d = 4, 2
+    sch = DiscreteSchedule.from_betas(torch.tensor([0.1, 0.2, 0.3, 0.5], dtype=torch.float64))
+    g = torch.Generator().manual_seed(0)
+    enc, dec = [], []
+    for t in range(1, T + 1):
+        layer = nn.Linear(d, 2 * d, dtype=torch.float64)
+        with torch.no_grad():
+            layer.weight.zero_(), layer.bias.zero_()
+            layer.weight[:d] = torch.eye(d, dtype=torch.float64) * (1 - sch.betas[t]).sqrt()
+            layer.bias[d:] = sch.betas[t].log()
+        enc.append(layer)
+        layer = nn.Linear(d, 2 * d, dtype=torch.float64)  # an arbitrary (untrained) reverse step
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(2 * d, d, generator=g, dtype=torch.float64) * 0.5)
+            layer.bias.copy_(torch.randn(2 * d, generator=g, dtype=torch.float64) * 0.3 - torch.tensor([0, 0, 1, 1]))
+        dec.append(layer)
+    model = HierarchicalVAE(enc, dec, DecoderLikelihood("gaussian"), (d,), (d,))
+    x0 = torch.tensor([[0.7, -1.2]], dtype=torch.float64)
+    k = 40_000
+    ours = model(x0, torch.Generator().manual_seed(1), k=k)["neg_elbo"]
+    # the notes' decomposition, Monte Carlo over x_t ~ q(x_t | x_0), analytic KLs
+    xs = x0.expand(k, d)
+    gq = torch.Generator().manual_seed(2)
+    mean_T, std_T = marginal_mean_std(xs, torch.full((k,), T), sch)
+    total = gaussian_kl(mean_T, 2 * std_T.log(), torch.zeros_like(xs), torch.zeros_like(xs)).sum(1)
+    x1 = q_sample(xs, torch.ones(k, dtype=torch.long), sch, torch.randn(k, d, generator=gq, dtype=torch.float64))
+    total = total - model.likelihood.log_prob(xs, model.decoder_params(x1)).sum(1)
+    for t in range(2, T + 1):
+        tt = torch.full((k,), t)
+        xt = q_sample(xs, tt, sch, torch.randn(k, d, generator=gq, dtype=torch.float64))
+        mq, vq, _ = posterior_mean_variance(xs, xt, tt, sch)
+        mp, lvp = model.p_params(t - 1, xt)
+        total = total + gaussian_kl(mq, vq.log(), mp, lvp).sum(1)
+    se = math.sqrt(ours.var().item() / k + total.var().item() / k)
+    assert abs(ours.mean().item() - total.mean().item()) < 4 * se, (ours.mean(), total.mean(), se)
+    assert total.std() < ours.std()  # analytic KLs: the lower-variance estimator of the same bound
