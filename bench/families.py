@@ -56,12 +56,26 @@ def _train_or_load(family: str, data: str, given: Path | None, out: Path, overri
     return run, seconds
 
 
-def _evaluate(family: str, run: Path, n_samples: int | None, strata: int, iwae_k: int, seed: int) -> dict:
+def _reusable(run: Path) -> dict | None:
+    """The run's eval/metrics.json when it holds both metrics for the newest checkpoint."""
+    path = run / "eval" / "metrics.json"
+    try:
+        res = json.loads(path.read_text())
+        step = json.loads((run / "checkpoints" / "latest.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return res if res.get("step") == step and "bpd" in res and "quality" in res else None
+
+
+def _evaluate(family: str, run: Path, n_samples: int | None, strata: int, iwae_k: int, seed: int,
+              reuse: bool = False) -> dict:
     from diffusekit.evaluate.report import evaluate_run
     from diffusekit.vae.evaluate import evaluate_latent_run
 
     t0 = time.time()
-    if family == "ddpm":
+    if reuse and _reusable(run) is not None:
+        res = _reusable(run)
+    elif family == "ddpm":
         res = evaluate_run(run, metrics=["bpd", "fd"], n_samples=n_samples, n_strata=strata, seed=seed, progress=False)
     else:
         res = evaluate_latent_run(run, metrics=["bpd", "fd"], n_samples=n_samples, iwae_k=iwae_k, seed=seed,
@@ -125,6 +139,8 @@ def main() -> None:
     p.add_argument("--iwae-k", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--reuse-eval", action="store_true",
+                   help="reuse a run's eval/metrics.json when it is for the newest checkpoint (default: re-evaluate)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="override for the trained configs")
     args = p.parse_args()
     if args.threads:
@@ -136,7 +152,7 @@ def main() -> None:
         run, train_s = _train_or_load(family, args.data, getattr(args, f"{family}_run"), out, args.overrides)
         runs[family] = run
         print(f"evaluating {family} ({run}) ...", flush=True)
-        row = _evaluate(family, run, args.n_samples, args.strata, args.iwae_k, args.seed)
+        row = _evaluate(family, run, args.n_samples, args.strata, args.iwae_k, args.seed, args.reuse_eval)
         row["train_seconds"] = train_s
         rows.append(row)
     result = {"data": args.data, "split": "test", "threads": torch.get_num_threads(), "rows": rows,

@@ -103,7 +103,7 @@ def load_latent_run(run_dir: Path | str, use_ema: bool = True, device: str | tor
 
 
 # -- the bound --------------------------------------------------------------------------------------
-def _chunks(n: int, rows_per_example: int, max_rows: int = 8192) -> list[slice]:
+def _chunks(n: int, rows_per_example: int, max_rows: int = 1024) -> list[slice]:
     size = max(1, max_rows // rows_per_example)
     return [slice(lo, min(lo + size, n)) for lo in range(0, n, size)]
 
@@ -154,7 +154,7 @@ def active_units(module: HierarchicalVAE, x: Tensor, seed: int = 0, threshold: f
 
 
 @torch.no_grad()
-def reconstruction_quality(module: HierarchicalVAE, x: Tensor, batch_size: int = 1000) -> dict[str, float]:
+def reconstruction_quality(module: HierarchicalVAE, x: Tensor, batch_size: int = 256) -> dict[str, float]:
     """MSE of x_hat = E[x | z_1 = E[z_1 | x]] (data in [-1, 1]) and PSNR = 10 log10(2^2 / MSE) dB,
     the peak-to-peak range of the data being 2 (the same as 10 log10(1 / MSE) for images in [0, 1])."""
     module.eval()
