@@ -15,7 +15,11 @@ The grid (``time_grid``) is explicit: ``steps`` times t_0 = t_max > ... > t_{N-1
 ``"time"`` (uniform in t, Song et al.), ``"logsnr"`` (uniform in lambda, Lu et al. 2022) or
 ``"karras"`` (sigma_i^(1/rho) uniform, rho = 7; Karras et al. 2022, eq. 5), then one last step from
 t_min to clean data (sigma = 0), which is the Euler/DDIM step y_0 = x0_hat (Tweedie's denoising
-step). So N steps cost N network calls for Euler (and DPM-Solver++), 2N - 1 for Heun (the last step
+step). The ``"*_trailing"`` variants place steps + 1 points the same way and drop the last one
+(t_min): the last network call is one spacing above t_min (t ~ 1/N for ``"time_trailing"``), and
+the last step spans the whole remaining range down to sigma = 0 (diffusers' default placement of N
+timesteps out of T, called "trailing" by Lin et al. 2024, "Common diffusion noise schedules and
+sample steps are flawed"). So N steps cost N network calls for Euler (and DPM-Solver++), 2N - 1 for Heun (the last step
 is Euler, Karras' Algorithm 2).
 
 ``sample_rk45`` integrates dy/du = sigma eps_hat = y - x0_hat in u = log sigma with an embedded
@@ -41,8 +45,8 @@ __all__ = ["Grid", "GRIDS", "time_grid", "inverse_logsnr", "ve_denoise", "sample
            "sample_rk45", "dopri5", "ODEStats"]
 
 F64 = torch.float64
-Grid = Literal["time", "logsnr", "karras"]
-GRIDS: tuple[str, ...] = ("time", "logsnr", "karras")
+Grid = Literal["time", "logsnr", "karras", "time_trailing", "logsnr_trailing", "karras_trailing"]
+GRIDS: tuple[str, ...] = ("time", "logsnr", "karras", "time_trailing", "logsnr_trailing", "karras_trailing")
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,9 +67,17 @@ def inverse_logsnr(sde: SDE, lam: Tensor, iters: int = 80) -> Tensor:
 
 def time_grid(sde: SDE, steps: int, grid: Grid = "logsnr", *, t_min: float | None = None,
               t_max: float | None = None, rho: float = 7.0) -> Tensor:
-    """``steps`` times from t_max down to t_min (float64, descending; see the module docstring)."""
+    """``steps`` times from t_max down to t_min (float64, descending; see the module docstring).
+
+    A ``"<base>_trailing"`` grid is the first ``steps`` of the ``steps + 1`` times of ``<base>``: it
+    starts at t_max and ends one spacing above t_min."""
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if grid not in GRIDS:
+        raise ValueError(f"unknown grid {grid!r}; choose one of {GRIDS}")
+    if grid.endswith("_trailing"):
+        base = grid[: -len("_trailing")]
+        return time_grid(sde, steps + 1, base, t_min=t_min, t_max=t_max, rho=rho)[:-1].clone()  # type: ignore[arg-type]
     t_lo = sde.t_min if t_min is None else float(t_min)
     t_hi = sde.t_max if t_max is None else float(t_max)
     if not 0 < t_lo <= t_hi <= sde.t_max:
