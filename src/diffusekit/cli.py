@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=Path, required=True, help="run folder written by `diffusekit train`")
     p.add_argument("--seeds", default="0-63", help="sample seeds, e.g. 0-63 or 1,5,9-12 (image i depends only on seed i)")
     p.add_argument("--sampler", choices=SAMPLER_CHOICES, default=None,
-                   help="ddpm, ddim (discrete); euler, heun, rk45, dpmpp_2m (probability-flow ODE); sde, pc, langevin")
+                   help="ddpm, ddim (discrete); euler, heun, rk45, dpmpp_2m, unipc (probability-flow ODE); "
+                        "sde, pc, langevin")
     p.add_argument("--steps", type=int, default=None, help="number of sampling steps (default: the run's config; 0 = T)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1]")
     p.add_argument("--variance", choices=["beta", "beta_tilde"], default=None, help="DDPM reverse variance")
@@ -96,20 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SAMPLER_CHOICES = ["ddpm", "ddim", "euler", "heun", "rk45", "dpmpp_2m", "sde", "pc", "langevin"]
-CONTINUOUS_FLAGS = ("grid", "snr", "corrector_steps", "langevin_steps", "step_size", "rtol", "atol")
+SAMPLER_CHOICES = ["ddpm", "ddim", "euler", "heun", "rk45", "dpmpp_2m", "unipc", "sde", "pc", "langevin"]
+CONTINUOUS_FLAGS = ("grid", "snr", "corrector_steps", "langevin_steps", "step_size", "rtol", "atol", "order")
 
 
 def _add_continuous_sampler_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--grid", choices=["auto", "time", "logsnr", "karras"], default=None,
+    p.add_argument("--grid", choices=["auto", "time", "logsnr", "karras", "time_trailing", "logsnr_trailing",
+                                      "karras_trailing"], default=None,
                    help="time grid of the continuous-time samplers (auto: karras for euler/heun, logsnr for "
-                        "dpmpp_2m, time for sde/pc)")
+                        "dpmpp_2m, logsnr_trailing for unipc, time for sde/pc; *_trailing: the last call one "
+                        "spacing above t_min)")
     p.add_argument("--snr", type=float, default=None, help="pc: Langevin corrector signal-to-noise ratio")
     p.add_argument("--corrector-steps", type=int, default=None, help="pc: Langevin steps per noise level")
     p.add_argument("--langevin-steps", type=int, default=None, help="langevin: steps per noise level")
     p.add_argument("--step-size", type=float, default=None, help="langevin: step size / noise variance")
     p.add_argument("--rtol", type=float, default=None, help="rk45: relative tolerance")
     p.add_argument("--atol", type=float, default=None, help="rk45: absolute tolerance")
+    p.add_argument("--order", type=int, choices=[1, 2, 3], default=None,
+                   help="unipc: order of the predictor (the corrector adds one)")
 
 
 def _continuous_settings(args: argparse.Namespace, sc) -> dict:
@@ -117,7 +122,8 @@ def _continuous_settings(args: argparse.Namespace, sc) -> dict:
     out = {k: getattr(sc, k) if getattr(args, k, None) is None else getattr(args, k) for k in CONTINUOUS_FLAGS}
     rules = {"snr": (lambda v: v > 0, "positive"), "corrector_steps": (lambda v: v >= 0, ">= 0"),
              "langevin_steps": (lambda v: v >= 1, ">= 1"), "step_size": (lambda v: v > 0, "positive"),
-             "rtol": (lambda v: v > 0, "positive"), "atol": (lambda v: v > 0, "positive")}
+             "rtol": (lambda v: v > 0, "positive"), "atol": (lambda v: v > 0, "positive"),
+             "order": (lambda v: 1 <= v <= 3, "1, 2 or 3")}
     for key, (ok, want) in rules.items():
         if not ok(out[key]):  # also rejects NaN
             raise ConfigError(f"--{key.replace('_', '-')} must be {want}, got {out[key]}")

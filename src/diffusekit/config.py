@@ -114,20 +114,21 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: Literal["ddpm", "ddim", "euler", "heun", "rk45", "dpmpp_2m", "sde", "pc", "langevin"] = "ddpm"
+    sampler: Literal["ddpm", "ddim", "euler", "heun", "rk45", "dpmpp_2m", "unipc", "sde", "pc", "langevin"] = "ddpm"
     steps: int = 0  # 0 = T
     eta: float = 0.0
     variance: Literal["beta", "beta_tilde"] = "beta_tilde"
     spacing: Literal["leading", "linspace", "trailing"] = "trailing"
     clip_x0: bool = False
     # continuous-time samplers (docs/samplers.md)
-    grid: Literal["auto", "time", "logsnr", "karras"] = "auto"
+    grid: Literal["auto", "time", "logsnr", "karras", "time_trailing", "logsnr_trailing", "karras_trailing"] = "auto"
     snr: float = 0.16  # pc: Langevin corrector signal-to-noise ratio
     corrector_steps: int = 1  # pc
     langevin_steps: int = 5  # langevin: steps per noise level
     step_size: float = 1.0  # langevin: step / noise variance
     rtol: float = 1e-4  # rk45
     atol: float = 1e-4  # rk45
+    order: int = 2  # unipc: 1-3 (the corrector adds one)
 
 
 @dataclass
@@ -458,6 +459,7 @@ def _validate(cfg: Config) -> None:
     _check(s.corrector_steps >= 0, "sample.corrector_steps", ">= 0", s.corrector_steps)
     _check(s.langevin_steps >= 1, "sample.langevin_steps", ">= 1", s.langevin_steps)
     _check(s.step_size > 0.0, "sample.step_size", "positive", s.step_size)
+    _check(1 <= s.order <= 3, "sample.order", "1, 2 or 3", s.order)
     _check(s.rtol > 0.0 and s.atol > 0.0, "sample.rtol" if not s.rtol > 0.0 else "sample.atol", "positive",
            s.rtol if not s.rtol > 0.0 else s.atol)
     _check(not (s.clip_x0 and s.sampler not in ("ddpm", "ddim")), "sample.clip_x0",

@@ -28,11 +28,13 @@ from diffusekit.schedules import DiscreteSchedule
 __all__ = ["SampleSettings", "generate", "write_samples", "TrajectoryRecorder", "SAMPLERS", "CONTINUOUS_SAMPLERS"]
 
 DISCRETE_SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
-CONTINUOUS_SAMPLERS: tuple[str, ...] = ("euler", "heun", "rk45", "dpmpp_2m", "sde", "pc", "langevin")
+CONTINUOUS_SAMPLERS: tuple[str, ...] = ("euler", "heun", "rk45", "dpmpp_2m", "unipc", "sde", "pc", "langevin")
 SAMPLERS: tuple[str, ...] = DISCRETE_SAMPLERS + CONTINUOUS_SAMPLERS
-CONTINUOUS_GRIDS: tuple[str, ...] = ("auto", "time", "logsnr", "karras")
+CONTINUOUS_GRIDS: tuple[str, ...] = ("auto", "time", "logsnr", "karras", "time_trailing", "logsnr_trailing",
+                                     "karras_trailing")
 # the grid each continuous sampler uses with grid = "auto" (see sampling/ode.py)
-DEFAULT_GRID = {"euler": "karras", "heun": "karras", "dpmpp_2m": "logsnr", "sde": "time", "pc": "time"}
+DEFAULT_GRID = {"euler": "karras", "heun": "karras", "dpmpp_2m": "logsnr", "unipc": "logsnr_trailing", "sde": "time",
+                "pc": "time"}
 
 
 @dataclass
@@ -45,15 +47,15 @@ class SampleSettings:
 
     The continuous-time samplers (``CONTINUOUS_SAMPLERS``) run on the VP SDE of the schedule
     (``sde.vp_from_schedule``: t in [1/T, 1]); for them ``steps`` (0 = T) is the number of grid
-    times (network calls: euler, dpmpp_2m, sde: steps; heun: 2 steps - 1; pc: steps (1 +
+    times (network calls: euler, dpmpp_2m, unipc, sde: steps; heun: 2 steps - 1; pc: steps (1 +
     corrector_steps); langevin: steps noise levels times ``langevin_steps`` + 1; rk45 ignores it and
     uses ``rtol``/``atol``), ``grid`` picks the time grid ("auto": karras for euler/heun, logsnr for
-    dpmpp_2m, time for sde/pc; langevin's levels are always geometric), ``snr`` and
-    ``corrector_steps`` are the predictor-corrector's, ``step_size`` the annealed Langevin step
-    relative to the noise variance.
+    dpmpp_2m, logsnr_trailing for unipc, time for sde/pc; langevin's levels are always geometric),
+    ``snr`` and ``corrector_steps`` are the predictor-corrector's, ``step_size`` the annealed
+    Langevin step relative to the noise variance, ``order`` UniPC's (1-3; the corrector adds one).
     """
 
-    sampler: Literal["ddpm", "ddim", "euler", "heun", "rk45", "dpmpp_2m", "sde", "pc", "langevin"] = "ddpm"
+    sampler: Literal["ddpm", "ddim", "euler", "heun", "rk45", "dpmpp_2m", "unipc", "sde", "pc", "langevin"] = "ddpm"
     steps: int = 0
     eta: float = 0.0
     variance: Literal["beta", "beta_tilde"] = "beta_tilde"
@@ -62,13 +64,14 @@ class SampleSettings:
     seeds: list[int] = field(default_factory=lambda: list(range(64)))
     use_ema: bool = True
     batch_size: int = 64
-    grid: Literal["auto", "time", "logsnr", "karras"] = "auto"
+    grid: Literal["auto", "time", "logsnr", "karras", "time_trailing", "logsnr_trailing", "karras_trailing"] = "auto"
     snr: float = 0.16
     corrector_steps: int = 1
     langevin_steps: int = 5
     step_size: float = 1.0
     rtol: float = 1e-4
     atol: float = 1e-4
+    order: int = 2
 
     def __post_init__(self) -> None:
         self.seeds = [int(s) for s in self.seeds]
@@ -91,6 +94,8 @@ class SampleSettings:
             (self.step_size > 0, "step_size", "positive", self.step_size),
             (self.rtol > 0, "rtol", "positive", self.rtol),
             (self.atol > 0, "atol", "positive", self.atol),
+            (isinstance(self.order, int) and not isinstance(self.order, bool) and 1 <= self.order <= 3, "order",
+             "1, 2 or 3", self.order),
             (self.clip_x0 is None or self.sampler in DISCRETE_SAMPLERS, "clip_x0",
              "None for the continuous-time samplers (clipping applies to ddpm and ddim)", self.clip_x0),
         ]
@@ -158,7 +163,7 @@ class TrajectoryRecorder:
 def _run_continuous(denoiser: DenoiserFn, schedule: DiscreteSchedule, noise: PerSampleNoise,
                     settings: SampleSettings, cond: Any, callback: Callback | None) -> Tensor:
     """The continuous-time samplers on the VP SDE of ``schedule`` (x_T ~ N(0, I), the VP prior)."""
-    from diffusekit.sampling import dpm_solver, ode, sde as sde_samplers
+    from diffusekit.sampling import dpm_solver, ode, sde as sde_samplers, unipc
     from diffusekit.sde import vp_from_schedule
 
     sde = vp_from_schedule(schedule)
@@ -172,6 +177,8 @@ def _run_continuous(denoiser: DenoiserFn, schedule: DiscreteSchedule, noise: Per
     if name in ("euler", "heun", "dpmpp_2m"):
         fn = {"euler": ode.sample_euler, "heun": ode.sample_heun, "dpmpp_2m": dpm_solver.sample_dpmpp_2m}[name]
         return fn(denoiser, sde, x_T, steps=steps, grid=grid, **common)
+    if name == "unipc":
+        return unipc.sample_unipc(denoiser, sde, x_T, steps=steps, order=settings.order, grid=grid, **common)
     if name == "sde":
         return sde_samplers.sample_euler_maruyama(denoiser, sde, x_T, noise, steps=steps, grid=grid, **common)
     if name == "pc":
