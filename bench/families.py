@@ -109,7 +109,7 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _picture(runs: dict[str, Path], rows: list[dict], path: Path, levels: int | None) -> Path:
+def _picture(runs: dict[str, Path], rows: list[dict], path: Path) -> Path:
     """64 samples per family side by side (the grids written by the evaluation, seeds 0-63)."""
     import matplotlib
 
@@ -156,7 +156,7 @@ def main() -> None:
         row["train_seconds"] = train_s
         rows.append(row)
     result = {"data": args.data, "split": "test", "threads": torch.get_num_threads(), "rows": rows,
-              "picture": str(_picture(runs, rows, out / "families.png", None))}
+              "picture": str(_picture(runs, rows, out / "families.png"))}
     (out / "families.json").write_text(json.dumps(result, indent=1))
     print(_table(rows))
     print(json.dumps(result, indent=1))
