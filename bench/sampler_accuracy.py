@@ -12,10 +12,11 @@ adding an entry. Stochastic samplers are averaged over ``--replicates`` noise se
     .venv/bin/python bench/sampler_accuracy.py [--n 4000] [--steps 10,20,50,100,1000]
 
 With ``--nfe 5,10,20,50`` it instead compares the fast deterministic solvers at equal numbers of
-network calls (NFE): ours (DPM-Solver++(2M) on a log-SNR, a Karras and a uniform-time grid, Euler and Heun on the
-Karras grid, DDIM) against diffusers' DPMSolverMultistepScheduler, UniPCMultistepScheduler,
-EulerDiscreteScheduler and HeunDiscreteScheduler on the same linear T = 1000 table, the same exact
-model and the same x_T. Two metrics, the same for all: sliced W2 to the exact target (per
+network calls (NFE): ours (UniPC of order 2 and 3 and DPM-Solver++(2M) on log-SNR, Karras, uniform-time
+and trailing grids, Euler and Heun on the Karras grid, DDIM) against diffusers' DPMSolverMultistepScheduler
+(orders 2 and 3, default, Karras and Lu's log-SNR spacings), UniPCMultistepScheduler (orders 2 and 3,
+default, Karras and exponential spacings), EulerDiscreteScheduler and HeunDiscreteScheduler on the same
+linear T = 1000 table, the same exact model and the same x_T. "best_by_nfe" is each side's lowest sliced W2. Two metrics, the same for all: sliced W2 to the exact target (per
 projection, sorted samples against the exact quantiles of the projected mixture, so no reference
 sample noise), and the RMS distance of each sample to the exact probability-flow ODE map of its
 x_T (Dormand-Prince at rtol = atol = 1e-8, checked against scipy in the tests), which isolates the
@@ -146,6 +147,7 @@ def fast_solvers(mix, sch, x_T: torch.Tensor) -> dict[str, Callable[[int], torch
     import diffusers
 
     from diffusekit.sampling import sample_ddim, sample_dpmpp_2m, sample_euler, sample_heun
+    from diffusekit.sampling.unipc import sample_unipc
     from diffusekit.sde import vp_from_schedule
 
     sde = vp_from_schedule(sch)
@@ -179,7 +181,19 @@ def fast_solvers(mix, sch, x_T: torch.Tensor) -> dict[str, Callable[[int], torch
     def heun_ours(nfe: int):
         return None if nfe % 2 == 0 else sample_heun(mix.denoiser, sde, x_T, steps=(nfe + 1) // 2, grid="karras")
 
+    def unipc(order: int, grid: str, coefficients: str = "solve"):
+        return lambda nfe: sample_unipc(mix.denoiser, sde, x_T, steps=nfe, order=order, grid=grid,
+                                        coefficients=coefficients)
+
     return {
+        "ours-unipc2-logsnr_trailing": unipc(2, "logsnr_trailing"),
+        "ours-unipc3-logsnr_trailing": unipc(3, "logsnr_trailing"),
+        "ours-unipc3-bh2-logsnr_trailing": unipc(3, "logsnr_trailing", "bh2"),
+        "ours-unipc2-logsnr": unipc(2, "logsnr"),
+        "ours-unipc2-bh2-time_trailing": unipc(2, "time_trailing", "bh2"),
+        "ours-dpmpp_2m-logsnr_trailing": lambda nfe: sample_dpmpp_2m(mix.denoiser, sde, x_T, steps=nfe,
+                                                                     grid="logsnr_trailing"),
+        "ours-dpmpp_2m-time_trailing": lambda nfe: sample_dpmpp_2m(mix.denoiser, sde, x_T, steps=nfe, grid="time_trailing"),
         "ours-dpmpp_2m-logsnr": lambda nfe: sample_dpmpp_2m(mix.denoiser, sde, x_T, steps=nfe, grid="logsnr"),
         "ours-dpmpp_2m-karras": lambda nfe: sample_dpmpp_2m(mix.denoiser, sde, x_T, steps=nfe, grid="karras"),
         "ours-dpmpp_2m-time": lambda nfe: sample_dpmpp_2m(mix.denoiser, sde, x_T, steps=nfe, grid="time"),
@@ -188,7 +202,14 @@ def fast_solvers(mix, sch, x_T: torch.Tensor) -> dict[str, Callable[[int], torch
         "ours-ddim-trailing": lambda nfe: sample_ddim(mix.denoiser, sch, x_T, steps=nfe, spacing="trailing"),
         "diffusers-dpmpp_2m": vp_loop(diffusers.DPMSolverMultistepScheduler),
         "diffusers-dpmpp_2m-karras": vp_loop(diffusers.DPMSolverMultistepScheduler, use_karras_sigmas=True),
+        "diffusers-dpmpp_2m-lu": vp_loop(diffusers.DPMSolverMultistepScheduler, use_lu_lambdas=True),
+        "diffusers-dpmpp_3m": vp_loop(diffusers.DPMSolverMultistepScheduler, solver_order=3),
+        "diffusers-dpmpp_3m-lu": vp_loop(diffusers.DPMSolverMultistepScheduler, solver_order=3, use_lu_lambdas=True),
         "diffusers-unipc": vp_loop(diffusers.UniPCMultistepScheduler),
+        "diffusers-unipc-3": vp_loop(diffusers.UniPCMultistepScheduler, solver_order=3),
+        "diffusers-unipc-karras": vp_loop(diffusers.UniPCMultistepScheduler, use_karras_sigmas=True),
+        "diffusers-unipc-exp": vp_loop(diffusers.UniPCMultistepScheduler, use_exponential_sigmas=True),
+        "diffusers-unipc-3-exp": vp_loop(diffusers.UniPCMultistepScheduler, solver_order=3, use_exponential_sigmas=True),
         "diffusers-euler": sigma_loop(diffusers.EulerDiscreteScheduler, False),
         "diffusers-euler-karras": sigma_loop(diffusers.EulerDiscreteScheduler, False, use_karras_sigmas=True),
         "diffusers-heun": sigma_loop(diffusers.HeunDiscreteScheduler, True),

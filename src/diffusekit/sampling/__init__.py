@@ -5,7 +5,8 @@
 - ``timestep_grid``: leading / linspace / trailing grids in the notes' t = 1..T.
 - ``PerSampleNoise``: sample i depends only on seed i.
 - continuous time (``sde.py`` SDEs): probability-flow ODE ``sample_euler`` / ``sample_heun`` /
-  ``sample_rk45`` (adaptive Dormand-Prince), ``sample_dpmpp_2m`` (DPM-Solver++(2M)), and the
+  ``sample_rk45`` (adaptive Dormand-Prince), ``sample_dpmpp_2m`` (DPM-Solver++(2M)), ``sample_unipc``
+  (UniPC), and the
   stochastic ``sample_euler_maruyama`` / ``sample_pc`` / ``sample_annealed_langevin``.
 - ``generate`` / ``write_samples`` / ``SampleSettings``: batched runs over seeds and their files.
 """
@@ -15,6 +16,7 @@ from diffusekit.sampling.ddpm import predict_x0_eps, sample_ddpm
 from diffusekit.sampling.grids import SPACINGS, sampling_schedule, timestep_grid
 from diffusekit.sampling.noise import PerSampleNoise, parse_seeds
 from diffusekit.sampling.dpm_solver import sample_dpmpp_2m
+from diffusekit.sampling.unipc import sample_unipc
 from diffusekit.sampling.ode import sample_euler, sample_heun, sample_rk45, time_grid
 from diffusekit.sampling.run import SampleSettings, TrajectoryRecorder, generate, write_samples
 from diffusekit.sampling.sde import sample_annealed_langevin, sample_euler_maruyama, sample_pc
@@ -24,6 +26,7 @@ __all__ = [
     "sample_heun",
     "sample_rk45",
     "sample_dpmpp_2m",
+    "sample_unipc",
     "sample_euler_maruyama",
     "sample_pc",
     "sample_annealed_langevin",

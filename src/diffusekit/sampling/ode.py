@@ -19,8 +19,8 @@ step). The ``"*_trailing"`` variants place steps + 1 points the same way and dro
 (t_min): the last network call is one spacing above t_min (t ~ 1/N for ``"time_trailing"``), and
 the last step spans the whole remaining range down to sigma = 0 (diffusers' default placement of N
 timesteps out of T, called "trailing" by Lin et al. 2024, "Common diffusion noise schedules and
-sample steps are flawed"). So N steps cost N network calls for Euler (and DPM-Solver++), 2N - 1 for Heun (the last step
-is Euler, Karras' Algorithm 2).
+sample steps are flawed"). So N steps cost N network calls for Euler (and DPM-Solver++, UniPC),
+2N - 1 for Heun (the last step is Euler, Karras' Algorithm 2).
 
 ``sample_rk45`` integrates dy/du = sigma eps_hat = y - x0_hat in u = log sigma with an embedded
 Dormand-Prince 5(4) pair (``dopri5``): every sample has its own step size and error control, so
