@@ -114,7 +114,16 @@ def _checkpoint_forever(run, conn):
         save_checkpoint(run, step, {"w": torch.full((512, 1024), float(step))}, {"step": step})
 
 
-FORK = pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="needs fork()")
+FORK = pytest.mark.skipif("forkserver" not in mp.get_all_start_methods(), reason="needs a fork server")
+
+
+def _context():
+    """Children fork from a clean single-threaded server that imported torch and diffusekit once
+    (forking the test process itself can deadlock on locks its other threads hold)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.nn.parallel", "diffusekit.train.trainer",
+                                "diffusekit.data", "sklearn.datasets"])
+    return ctx
 
 
 @pytest.mark.resilience
@@ -125,7 +134,7 @@ def test_sigkill_at_random_moments_while_checkpointing(tmp_path):
     run = tmp_path / "run"
     rng = random.Random(0)
     last = 0
-    ctx = mp.get_context("fork")
+    ctx = _context()
     for _ in range(6):
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_checkpoint_forever, args=(run, child))
@@ -162,7 +171,7 @@ def _train_announcing(overrides, run, pause, conn):
 
 
 def _start(overrides, run, pause=0.02):
-    ctx = mp.get_context("fork")
+    ctx = _context()
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_train_announcing, args=(overrides, run, pause, child))
     proc.start()

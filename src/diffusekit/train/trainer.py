@@ -97,6 +97,7 @@ class Trainer:
         try:
             self._setup(cfg, resume)
         except BaseException:
+            self.model = None
             if self.owns_process_group:
                 ddp.destroy_process_group()
             raise
@@ -139,6 +140,17 @@ class Trainer:
                 raise TrainingError(f"{self.run_dir}: run folder already has checkpoints; pass --resume to "
                                     "continue it or choose another --out")
             self._truncate_log(0)
+
+    def close(self) -> None:
+        """Leave the process group this trainer joined. The DDP wrapper is released first: tearing
+        it down after the group is gone can block forever in its destructor."""
+        import gc
+
+        self.model = self.net
+        gc.collect()
+        if self.owns_process_group:
+            ddp.destroy_process_group()
+            self.owns_process_group = False
 
     # -- state ---------------------------------------------------------------------------------
     def _rng_tensors(self) -> dict[str, Tensor]:
@@ -469,6 +481,5 @@ def train(cfg, run_dir: Path | str, resume: bool = False, progress: bool = True,
                        "parameters": sum(p.numel() for p in trainer.net.parameters())}
             atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     finally:
-        if trainer.owns_process_group:
-            ddp.destroy_process_group()
+        trainer.close()
     return result
