@@ -184,7 +184,12 @@ def evaluate_run(run_dir: Path | str, *, metrics: Sequence[str] = ("bpd", "fd"),
                               variance=sc.variance, spacing=sc.spacing, seeds=list(range(seed, seed + n)),
                               batch_size=min(n, 500), grid=sc.grid, snr=sc.snr, corrector_steps=sc.corrector_steps,
                               langevin_steps=sc.langevin_steps, step_size=sc.step_size, rtol=sc.rtol, atol=sc.atol)
-    result: dict[str, Any] = {"run": str(run_dir), "step": run.step, "split": split, "data": run.cfg.data.name}
+    result: dict[str, Any] = {"run": str(run_dir), "step": run.step, "split": split, "data": run.cfg.data.name,
+                              "seed": seed, "settings": {  # everything needed to repeat this evaluation
+                                  "metrics": list(metrics), "exact": exact, "n_strata": n_strata,
+                                  "variance": variance, "n_samples": n, "ode_examples": ode_examples,
+                                  "trace": trace, "ode_rtol": ode_rtol, "ode_atol": ode_atol,
+                                  "sampling": {**settings.to_dict(), "seeds": f"{seed}-{seed + n - 1}"}}}
     samples = None
     with torch.random.fork_rng():
         if "bpd" in metrics:
