@@ -156,7 +156,7 @@ def test_a_network_that_cannot_take_the_images_is_named(capsys, tmp_path, overri
     (["train", "--set", "data.name=folder", "--set", "data.path=no/such/folder"], "no/such/folder"),
     (["sample", "--run", "no/such/run"], "no/such/run"),
     (["sample", "--run", "x", "--steps", "abc"], "--steps"),
-    (["sample", "--run", "x", "--sampler", "euler"], "--sampler"),
+    (["sample", "--run", "x", "--batch-size", "many"], "--batch-size"),
     (["evaluate", "--run", "x", "--strata", "0"], "--strata"),
     (["bogus"], "bogus"),
 ])
