@@ -7,7 +7,9 @@ bit-for-bit equal to one that never stopped:
   of each global batch;
 - diffusion noise and t: a per-rank torch.Generator seeded by (seed, rank), state saved;
 - dropout and anything else: the global torch RNG seeded by (seed, rank), state saved.
-Only rank 0 writes files.
+Only rank 0 writes files; under torchrun the model trains through DistributedDataParallel and the
+ranks agree once per step on the loss and on stopping (``diffusekit.train.distributed``,
+docs/scale.md). Resuming checks every piece of the checkpoint before changing anything.
 """
 
 from __future__ import annotations
