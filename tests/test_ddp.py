@@ -88,9 +88,9 @@ def _to_torch(value):
     return torch.from_numpy(value) if hasattr(value, "dtype") and hasattr(value, "shape") else value
 
 
-def _entry(job, rank, port, conn, args):
+def _entry(job, rank, port, conn, args, timeout_s="60"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank), DIFFUSEKIT_DIST_TIMEOUT_S="60")
+                      LOCAL_RANK=str(rank), DIFFUSEKIT_DIST_TIMEOUT_S=timeout_s)
     try:
         conn.send(("ok", _to_numpy(job(rank, *args))))
     except BaseException as exc:  # report, never hang the parent
@@ -230,3 +230,41 @@ def test_torchrun_trains_and_a_dead_rank_ends_the_job_non_zero_within_60_s(tmp_p
             proc.wait()
     assert proc.returncode != 0
     assert elapsed < 60, elapsed
+
+
+def _stall_job(rank, overrides, run_dir):
+    """Rank 1 freezes (SIGSTOP: alive, sockets open, never answering) after 3 steps."""
+    trainer = Trainer(load_config(None, overrides), run_dir, progress=False, dist=DistInfo(rank, 2, rank))
+    try:
+        for _ in range(3):
+            trainer.train_step()
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        t0 = time.time()
+        try:
+            trainer.train_step()
+        except Exception as exc:  # the collective timed out
+            return {"error": type(exc).__name__, "waited_s": time.time() - t0}
+        return {"error": None}
+    finally:
+        trainer.model = trainer.net  # leave the group without a clean shutdown: the peer is frozen
+
+
+def test_a_frozen_rank_is_caught_by_the_collective_timeout(tmp_path):
+    ctx = _context()
+    port = free_port()
+    pipes, procs = [], []
+    for rank in range(2):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_entry, args=(_stall_job, rank, port, child, (TOY, tmp_path / "run"), "4"))
+        proc.start()
+        pipes.append(parent)
+        procs.append(proc)
+    try:
+        assert pipes[0].poll(60), "rank 0 waited forever for the frozen rank"
+        status, value = pipes[0].recv()
+        assert status == "ok" and value["error"] is not None and 3 < value["waited_s"] < 30, value
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.join(10)
