@@ -389,3 +389,39 @@ def test_elbo_objective_loss_is_the_bound_in_bits_per_dim():
     nats = prior_kl(x, -8.0) + reconstruction_nll(x, 8.0, noise, 17) + diffusion_loss(module.denoiser, x, lam, dlam,
                                                                                      noise)
     torch.testing.assert_close(module(x, t, noise).detach(), nats.detach() / (2 * math.log(2)))
+
+
+class OracleTargetNet(nn.Module):
+    """The exact output of a network of ``kind`` for mixture data, under the raw-network contract."""
+
+    def __init__(self, oracle: GaussianMixture, kind: str):
+        super().__init__()
+        self.oracle, self.kind = oracle, kind
+
+    def forward(self, x, c_noise):
+        lam = c_noise.to(F64)
+        return self.oracle.target(self.kind, x, torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt())
+
+
+@pytest.mark.parametrize("kind", ["eps", "x0", "v", "score"])
+def test_every_prediction_kind_gives_the_same_eps_error(kind):
+    orc = default_mixture(2)
+    x = orc.sample(64, torch.Generator().manual_seed(24))
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(25), dtype=F64)
+    lam = torch.linspace(-6, 6, 64, dtype=F64)
+    via_kind = eps_sq_error(Denoiser(OracleTargetNet(orc, kind), kind), x, lam, noise)
+    torch.testing.assert_close(via_kind, eps_sq_error(orc.denoiser, x, lam, noise), rtol=1e-6, atol=1e-9)
+
+
+def test_weighted_objective_module_returns_the_weighted_loss_alone():
+    orc = gaussian(2)
+    x = orc.sample(8, torch.Generator().manual_seed(26))
+    t = sample_times(8, torch.Generator().manual_seed(27))
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(28), dtype=F64)
+    sched = CosineLogSNR(-8.0, 8.0)
+    module = ContinuousDiffusion(ScaledOracleNet(), sched, levels=17, weighting="sigmoid", sigmoid_bias=1.5)
+    lam, dlam = sched(t)
+    expected = diffusion_loss(module.denoiser, x, lam, dlam, noise, "sigmoid", sigmoid_bias=1.5) / (2 * math.log(2))
+    torch.testing.assert_close(module(x, t, noise).detach(), expected.detach())
+    elbo = ContinuousDiffusion(module.net, sched, levels=17)(x, t, noise).detach()
+    assert torch.all(module(x, t, noise).detach() < elbo)  # sigmoid weights < 1 and no prior/decoder terms
