@@ -1,7 +1,7 @@
 """The continuous-time ELBO of Variational Diffusion Models and the weighted objectives of Kingma & Gao.
 
 For data x, latents z_t = alpha_t x + sigma_t eps with log-SNR lambda(t) falling from lambda_max
-(t = 0) to lambda_min (t = 1), the negative ELBO is (Kingma et al. 2021, eq. 11 and 17; seed 001
+(t = 0) to lambda_min (t = 1), the negative ELBO is (Kingma et al. 2021, "Variational Diffusion Models": the VLB and its T -> infinity limit; seed 001
 "What is the ELBO for continuous-time diffusion models?", l.1221-1233):
 
     -log p(x) <= KL(q(z_1|x) || N(0, I))                               prior        (``prior_kl``)
@@ -9,10 +9,10 @@ For data x, latents z_t = alpha_t x + sigma_t eps with log-SNR lambda(t) falling
                + 1/2 E_{t~U(0,1), eps} [-lambda'(t) ||eps - eps_hat(z_t; lambda(t))||^2]   diffusion L_inf
 
 all in nats per example (summed over dimensions). The diffusion term is the T -> infinity limit of
-the discrete terms sum_t L_{t-1} (VDM eq. 13-17). Substituting lambda for t, it equals
+the discrete terms sum_t L_{t-1} (derived in docs/continuous.md). Substituting lambda for t, it equals
 1/2 int_{lambda_min}^{lambda_max} E ||eps - eps_hat(z_lambda; lambda)||^2 d lambda: with a network fed
 lambda (the project's convention), it depends on the schedule only through its end points
-(VDM sec. 5.1), which is what lets the schedule's interior be trained for low variance instead.
+(VDM's invariance result), which is what lets the schedule's interior be trained for low variance instead.
 
 The decoder p(x|z_0) is Gaussian around z_0 / alpha_0 = x + e^{-lambda_max/2} eps with standard deviation
 e^{-lambda_max/2}, integrated over each data value's bin for data on ``levels`` values (the project's
@@ -61,7 +61,7 @@ EDM_SIGMA_DATA = 0.5
 def sample_times(batch: int, generator: torch.Generator, method: TimeSampling = "antithetic") -> Tensor:
     """t in [0, 1) per example, float64: i.i.d. uniform, or VDM's low-discrepancy sampler
     t_i = (u_0 + i / B) mod 1 with one uniform u_0 per batch (every t_i is still uniform, so the loss
-    stays unbiased, while the batch covers [0, 1) evenly; Kingma et al. 2021, Appendix I.1)."""
+    stays unbiased, while the batch covers [0, 1) evenly; Kingma et al. 2021, low-discrepancy sampler)."""
     if method == "uniform":
         return torch.rand(batch, generator=generator, dtype=F64)
     if method == "antithetic":
@@ -159,7 +159,7 @@ def importance_weighted_loss(denoiser, x0: Tensor, logsnr: Tensor, log_density: 
 def diffusion_loss(denoiser, x0: Tensor, logsnr: Tensor, dlogsnr_dt: Tensor, noise: Tensor,
                    weighting: str = "elbo", cond: dict | None = None, **weight_kw: float) -> Tensor:
     """The diffusion term 1/2 w(lambda) (-lambda'(t)) ||eps - eps_hat(z_t; lambda(t))||^2 per example (nats),
-    an unbiased estimate of L_inf (w = 1, VDM eq. 17) or of L_w for t ~ U(0, 1).
+    an unbiased estimate of L_inf (w = 1, VDM's continuous-time loss) or of L_w for t ~ U(0, 1).
     It is the importance form with p(lambda) = 1 / |lambda'(t)|."""
     return importance_weighted_loss(denoiser, x0, logsnr, -torch.log(-dlogsnr_dt.to(F64)), noise, weighting, cond,
                                     **weight_kw)
@@ -203,7 +203,7 @@ class ContinuousBound:
 @torch.no_grad()
 def continuous_bound(denoiser, schedule, x0: Tensor, levels: int | None, *, n_draws: int = 16, seed: int = 0,
                      batch_size: int = 256, cond: dict | None = None, progress: bool = False) -> ContinuousBound:
-    """Estimate the continuous negative ELBO of every example of ``x0`` (VDM eq. 11, 17).
+    """Estimate the continuous negative ELBO of every example of ``x0`` (VDM's VLB with the continuous-time diffusion loss).
 
     Example i takes ``n_draws`` times t_ij = (u_i + j / n_draws) mod 1 (stratified over [0, 1)) with fresh
     noise for each; the prior is exact, and the reconstruction term is averaged over the same noise. The

@@ -1,6 +1,6 @@
 """Continuous-time log-SNR schedules t in [0, 1] -> lambda(t), with exact derivatives, in float64.
 
-The continuous ELBO (Kingma et al. 2021, "Variational Diffusion Models", eq. 17; seed 001
+The continuous ELBO (Kingma et al. 2021, "Variational Diffusion Models"; seed 001
 "Continuous-time model: T -> infinity", l.1080) weights the noise-prediction error by -dlambda/dt, so
 every schedule here returns the pair (lambda(t), dlambda/dt) from one call, computed in closed form
 (no finite differences). Conventions: lambda = log(alpha^2 / sigma^2) decreases from
@@ -82,7 +82,7 @@ class LinearLogSNR(LogSNRSchedule):
 
 class CosineLogSNR(LogSNRSchedule):
     """The cosine schedule in log-SNR form, truncated to [lambda_min, lambda_max] (Kingma & Gao 2023,
-    Appendix D): lambda(t) = -2 log tan(a + t (b - a)) with a = atan(exp(-lambda_max / 2)),
+    the cosine schedule written as a function of log-SNR): lambda(t) = -2 log tan(a + t (b - a)) with a = atan(exp(-lambda_max / 2)),
     b = atan(exp(-lambda_min / 2)); dlambda/dt = -4 (b - a) / sin(2 (a + t (b - a)))."""
 
     def forward(self, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -98,7 +98,7 @@ def _softplus_inverse(y: float) -> float:
 
 class MonotoneLogSNR(LogSNRSchedule):
     """A learned monotone schedule with fixed end points (VDM's monotone network, Kingma et al. 2021,
-    Appendix H, in closed form).
+    in closed form).
 
         g(t) = a t + sum_j w_j sigmoid(k_j (t - c_j)),    a, w_j, k_j > 0 (softplus of parameters)
         lambda(t) = lambda_max + (lambda_min - lambda_max) (g(t) - g(0)) / (g(1) - g(0))

@@ -4,8 +4,8 @@
 loss, so the whole loss is computed inside ``module(...)`` and DistributedDataParallel can wrap it,
 and a learned schedule's parameters are checkpointed, EMA-averaged and resumed with the network's.
 
-A learned schedule gets a different gradient from the network (Kingma et al. 2021, sec. 5.2 and
-Appendix I.2): the ELBO does not depend on the schedule between its fixed end points, so its gradient
+A learned schedule gets a different gradient from the network (Kingma et al. 2021, learning the
+noise schedule by minimising the variance): the ELBO does not depend on the schedule between its fixed end points, so its gradient
 there is pure noise; instead the schedule minimises the variance of the loss estimator,
 d/d eta E[L^2] = E[2 L dL/d eta] (E[L] does not depend on eta). One backward pass gives both: hooks on
 lambda(t) and lambda'(t), the only paths from eta to the loss, multiply their gradient by 2 L (per
