@@ -155,3 +155,15 @@ def test_fitted_variances_minimise_each_term_and_lower_the_bound_of_an_imperfect
     expected = schedule.posterior_mean_coef_x0[2:] ** 2 * STD**2 * s2 / (a2 * STD**2 + s2)
     measured = exact_table[2:].exp() - schedule.posterior_variance[2:]
     torch.testing.assert_close(measured, expected, rtol=0.15, atol=0.0)
+
+
+def test_estimate_with_a_comparison_variance_equals_two_separate_estimates():
+    schedule = make_schedule("linear", 40)
+    x, _ = discretized_gaussian_data(150, seed=2)
+    model = _ShrunkDenoiser(0.9)
+    both = vlb_estimate(model, x, schedule, LEVELS, n_strata=6, seed=3, variance="beta", compare_variance="beta_tilde")
+    alone = [vlb_estimate(model, x, schedule, LEVELS, n_strata=6, seed=3, variance=v) for v in ("beta", "beta_tilde")]
+    assert both.bits_per_dim == pytest.approx(alone[0].bits_per_dim, rel=1e-12)
+    assert both.comparison.bits_per_dim == pytest.approx(alone[1].bits_per_dim, rel=1e-12)
+    assert both.comparison.stderr_bits_per_dim == pytest.approx(alone[1].stderr_bits_per_dim, rel=1e-9)
+    assert both.bits_per_dim != both.comparison.bits_per_dim

@@ -78,16 +78,25 @@ def vlb_term(denoiser, x0: Tensor, t: Tensor, schedule: DiscreteSchedule, noise:
     """One term of the bound per example (t may differ per example), in nats summed over dimensions:
     t >= 2: L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t)) at x_t ~ q(x_t|x_0);
     t = 1:  L_0 = -log p_theta(x_0|x_1), a discretized Gaussian over ``levels`` values."""
+    return _vlb_terms(denoiser, x0, t, schedule, noise, levels, [variance], cond)[0]
+
+
+def _vlb_terms(denoiser, x0: Tensor, t: Tensor, schedule: DiscreteSchedule, noise: Tensor, levels: int,
+               variances: list, cond: dict | None) -> list[Tensor]:
+    """``vlb_term`` for several reverse-variance choices from one network call."""
     t = torch.as_tensor(t, dtype=torch.long).expand(x0.shape[0]).cpu()
     x_t = q_sample(x0, t, schedule, noise)
     pred = denoiser(x_t, schedule.logsnr[t].to(x0.device), cond)
     mean_p, _, _ = posterior_mean_variance(pred.x0, x_t, t, schedule)
-    logvar_p = extract(decoder_log_variance(schedule, variance), t, x0).expand_as(x0)
     mean_q, var_q, _ = posterior_mean_variance(x0, x_t, t, schedule)
-    first = t == 1
-    kl = gaussian_kl(mean_q, torch.log(var_q.clamp_min(1e-300)), mean_p, logvar_p)
-    decoder_nll = -discretized_gaussian_log_likelihood(x0, mean_p, 0.5 * logvar_p, levels)
-    return torch.where(first.to(x0.device), sum_flat(decoder_nll), sum_flat(kl))
+    first = (t == 1).to(x0.device)
+    out = []
+    for variance in variances:
+        logvar_p = extract(decoder_log_variance(schedule, variance), t, x0).expand_as(x0)
+        kl = gaussian_kl(mean_q, torch.log(var_q.clamp_min(1e-300)), mean_p, logvar_p)
+        decoder_nll = -discretized_gaussian_log_likelihood(x0, mean_p, 0.5 * logvar_p, levels)
+        out.append(torch.where(first, sum_flat(decoder_nll), sum_flat(kl)))
+    return out
 
 
 @torch.no_grad()
@@ -157,6 +166,7 @@ class BoundResult:
     terms: Tensor  # (N, T) for the exact bound; (N,) diffusion+reconstruction estimate otherwise
     dims: int
     stderr_nats: float = 0.0  # standard error of the mean total (estimates only)
+    comparison: "BoundResult | None" = None  # the same draws under ``compare_variance`` (estimates only)
 
     @property
     def total(self) -> Tensor:
@@ -207,7 +217,7 @@ def stratum_edges(T: int, n: int) -> Tensor:
 @torch.no_grad()
 def vlb_estimate(denoiser, x0: Tensor, schedule: DiscreteSchedule, levels: int, *, n_strata: int = 16,
                  seed: int = 0, batch_size: int = 256, variance: str | Tensor = "beta_tilde", cond: dict | None = None,
-                 progress: bool = False) -> BoundResult:
+                 progress: bool = False, compare_variance: str | Tensor | None = None) -> BoundResult:
     """Stratified estimate of sum_t L_{t-1} with two draws of t per stratum for every example.
 
     1..T is cut into ``n_strata`` strata h whose sizes grow geometrically (the terms of the bound change
@@ -215,7 +225,10 @@ def vlb_estimate(denoiser, x0: Tensor, schedule: DiscreteSchedule, levels: int, 
     t_{ih2} uniformly in each.
     The estimate sum_h |h| (L(t_{ih1}) + L(t_{ih2})) / 2 is unbiased, and its variance is estimated
     by sum_h |h|^2 (L(t_{ih1}) - L(t_{ih2}))^2 / 4, giving the standard error of the mean bound from
-    the sampling of t (and of the noise) alone."""
+    the sampling of t (and of the noise) alone.
+
+    ``compare_variance``: the same estimate (same t and noise, no extra network calls) under a
+    second choice of reverse variances, returned as the result's ``comparison``."""
     from tqdm.auto import tqdm
 
     n, dims, T = x0.shape[0], x0[0].numel(), schedule.T
@@ -223,8 +236,9 @@ def vlb_estimate(denoiser, x0: Tensor, schedule: DiscreteSchedule, levels: int, 
         raise ValueError(f"n_strata must lie in 1..{T}, got {n_strata}")
     edges = stratum_edges(T, n_strata)
     g = torch.Generator().manual_seed(seed)
-    estimate = torch.zeros(n, dtype=torch.float64)
-    variance_sum = torch.zeros(n, dtype=torch.float64)
+    variances = [variance] if compare_variance is None else [variance, compare_variance]
+    estimate = torch.zeros(len(variances), n, dtype=torch.float64)
+    variance_sum = torch.zeros(len(variances), n, dtype=torch.float64)
     for h in tqdm(range(n_strata), desc="bound", disable=not progress, unit="stratum"):
         lo, hi = int(edges[h]) + 1, int(edges[h + 1])
         size = hi - lo + 1
@@ -232,14 +246,18 @@ def vlb_estimate(denoiser, x0: Tensor, schedule: DiscreteSchedule, levels: int, 
         for draw in range(2):
             t = torch.randint(lo, hi + 1, (n,), generator=g)
             noise = torch.randn(tuple(x0.shape), generator=g, dtype=x0.dtype)
-            vals = torch.zeros(n, dtype=torch.float64)
+            vals = torch.zeros(len(variances), n, dtype=torch.float64)
             for i in range(0, n, batch_size):
                 sl = slice(i, i + batch_size)
                 c = {k: v[sl] for k, v in cond.items()} if cond else None
-                vals[sl] = vlb_term(denoiser, x0[sl], t[sl], schedule, noise[sl].to(x0.device), levels, variance,
-                                    c).double().cpu()
+                terms = _vlb_terms(denoiser, x0[sl], t[sl], schedule, noise[sl].to(x0.device), levels, variances, c)
+                vals[:, sl] = torch.stack([v.double().cpu() for v in terms])
             pair.append(vals)
         estimate += size * (pair[0] + pair[1]) / 2
         variance_sum += size**2 * (pair[0] - pair[1]) ** 2 / 4
-    stderr = math.sqrt(variance_sum.sum().item()) / n
-    return BoundResult(prior_kl(x0.cpu(), schedule), estimate, dims, stderr)
+    prior = prior_kl(x0.cpu(), schedule)
+    results = [BoundResult(prior, estimate[k], dims, math.sqrt(variance_sum[k].sum().item()) / n)
+               for k in range(len(variances))]
+    if compare_variance is not None:
+        results[0].comparison = results[1]
+    return results[0]
