@@ -146,7 +146,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(format_config(cfg))
         return 0
     result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
-    print(f"trained to step {result['step']} ({result['stopped']}) in {result['train_seconds']:.0f} s; run folder: {out}")
+    if result.get("rank", 0) == 0:  # under torchrun, one line from rank 0
+        print(f"trained to step {result['step']} ({result['stopped']}) in {result['train_seconds']:.0f} s; "
+              f"run folder: {out}")
     return 0
 
 

@@ -484,4 +484,4 @@ def train(cfg, run_dir: Path | str, resume: bool = False, progress: bool = True,
             atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     finally:
         trainer.close()
-    return result
+    return {**result, "rank": trainer.dist.rank}
