@@ -266,11 +266,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Train on the bundled digits (resuming if the run exists), then evaluate and report."""
     from diffusekit.config import load_config
     from diffusekit.evaluate.report import evaluate_run, format_table
+    from diffusekit.train.checkpoint import list_checkpoints
     from diffusekit.train.trainer import train
 
     config = args.config or (Path("configs/digits.toml") if Path("configs/digits.toml").exists() else None)
     cfg = load_config(config, args.overrides)
-    resume = (args.out / "checkpoints").is_dir()
+    resume = bool(list_checkpoints(args.out))  # a run killed before its first checkpoint starts afresh
     t0 = time.time()
     result = train(cfg, args.out, resume=resume, progress=not args.no_progress)
     train_s = time.time() - t0
