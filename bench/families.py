@@ -31,7 +31,8 @@ import torch
 CONFIGS = {
     "digits": {"vae": "configs/vae_digits.toml", "mhvae": "configs/mhvae_digits.toml",
                "ddpm": "configs/digits_likelihood.toml"},
-    "mnist": {"vae": "configs/vae_mnist.toml", "mhvae": "configs/mhvae_mnist.toml", "ddpm": "configs/mnist.toml"},
+    "mnist": {"vae": "configs/vae_mnist.toml", "mhvae": "configs/mhvae_mnist.toml",
+              "ddpm": "configs/mnist_likelihood.toml"},
 }
 
 
