@@ -156,13 +156,16 @@ def test_sigkill_at_random_moments_while_checkpointing(tmp_path):
 
 
 # -- kill and resume ------------------------------------------------------------------------------
-def _train_announcing(overrides, run, pause, conn):
-    """Train in a child process, sending each finished step number (then the result) to ``conn``."""
+def _train_announcing(overrides, run, pause, conn, gate_step=None):
+    """Train in a child process, sending each finished step number (then the result) to ``conn``;
+    after step ``gate_step`` wait until the parent says "go" (so a signal lands exactly there)."""
     step_once = Trainer.train_step
 
     def announced_step(self):
         out = step_once(self)
         conn.send(self.step)
+        if self.step == gate_step:
+            assert conn.recv() == "go"
         time.sleep(pause)
         return out
 
@@ -170,10 +173,10 @@ def _train_announcing(overrides, run, pause, conn):
     conn.send(train(load_config(None, overrides), run, progress=False))
 
 
-def _start(overrides, run, pause=0.02):
+def _start(overrides, run, pause=0.02, gate_step=None):
     ctx = _context()
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_train_announcing, args=(overrides, run, pause, child))
+    proc = ctx.Process(target=_train_announcing, args=(overrides, run, pause, child, gate_step))
     proc.start()
     return proc, parent
 
@@ -209,9 +212,11 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_exact(tmp_path, grad_accum,
 def test_sigterm_checkpoints_at_the_step_boundary_and_resume_is_exact(tmp_path):
     overrides = TOY + ["train.steps=10", "train.checkpoint_every=4"]
     train(load_config(None, overrides), tmp_path / "straight", progress=False)
-    proc, conn = _start(overrides, tmp_path / "stopped", pause=0.3)
+    proc, conn = _start(overrides, tmp_path / "stopped", gate_step=5)
     _wait_for_step(conn, 5)
-    os.kill(proc.pid, signal.SIGTERM)  # lands in the pause after step 5
+    os.kill(proc.pid, signal.SIGTERM)  # the child waits after step 5 until "go": the signal lands there
+    time.sleep(0.2)
+    conn.send("go")
     assert conn.poll(60)
     result = conn.recv()
     proc.join(30)
