@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(PY) -m diffusekit demo --out runs/demo
 
+# two pytest workers with one thread each: the suite's processes never fight over the cores
 test: venv
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2
 
 clean-venv:
 	rm -rf $(VENV)
