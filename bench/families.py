@@ -16,6 +16,11 @@ Prints a markdown table and JSON, and writes ``<out>/families.json`` and ``<out>
     OMP_NUM_THREADS=1 .venv/bin/python bench/families.py --data digits \\
         [--ddpm-run runs/families_digits/ddpm] [--vae-run R] [--mhvae-run R] [--out runs/families_digits]
 
+MNIST-5k (``configs/vae_mnist.toml``, ``mhvae_mnist.toml``, ``mnist_likelihood.toml``; about 30 min on one
+thread, 13 of them training the DDPM, 9 evaluating it): ``... bench/families.py --data mnist``. Use one
+thread per process on a busy machine: with OMP_NUM_THREADS=2 and other jobs on the two cores, training
+ran ~15x slower (OpenMP threads waiting on each other).
+
 Timings on a shared machine drift (±30%): compare the columns of one call, not calls with each other.
 """
 
