@@ -185,12 +185,13 @@ def _save_histograms(x: np.ndarray, path: Path | str, reference: np.ndarray | No
 
 
 def save_samples_figure(x: Tensor | np.ndarray, path: Path | str, levels: int | None = None,
-                        reference: Tensor | np.ndarray | None = None) -> Path:
-    """The right picture for the data's shape: (N, C, H, W) or (N, H, W) images -> a grid;
+                        reference: Tensor | np.ndarray | None = None, nrow: int | None = None) -> Path:
+    """The right picture for the data's shape: (N, C, H, W) or (N, H, W) images -> a grid (``nrow``
+    per row; class-conditional samples cycling through K classes use nrow = K, one class per column);
     (N, 2) points -> a scatter over ``reference``; other vectors -> histograms of the first dims."""
     a = _numpy(x)
     if a.ndim in (3, 4):
-        return save_image_grid(a, path, levels=levels)
+        return save_image_grid(a, path, nrow=nrow, levels=levels)
     if a.ndim == 1:
         a = a[:, None]
     if a.ndim != 2:

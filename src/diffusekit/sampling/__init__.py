@@ -8,12 +8,14 @@
   ``sample_rk45`` (adaptive Dormand-Prince), ``sample_dpmpp_2m`` (DPM-Solver++(2M)), ``sample_unipc``
   (UniPC), and the
   stochastic ``sample_euler_maruyama`` / ``sample_pc`` / ``sample_annealed_langevin``.
+- ``ClassifierFreeGuidance``: wraps a conditional denoiser into a guided one (Ho & Salimans 2022).
 - ``generate`` / ``write_samples`` / ``SampleSettings``: batched runs over seeds and their files.
 """
 
 from diffusekit.sampling.ddim import ddim_invert, ddim_sigma, sample_ddim
 from diffusekit.sampling.ddpm import predict_x0_eps, sample_ddpm
 from diffusekit.sampling.grids import SPACINGS, sampling_schedule, timestep_grid
+from diffusekit.sampling.guidance import ClassifierFreeGuidance, class_labels_for, null_class_labels
 from diffusekit.sampling.noise import PerSampleNoise, parse_seeds
 from diffusekit.sampling.dpm_solver import sample_dpmpp_2m
 from diffusekit.sampling.unipc import sample_unipc
@@ -41,6 +43,9 @@ __all__ = [
     "SPACINGS",
     "PerSampleNoise",
     "parse_seeds",
+    "ClassifierFreeGuidance",
+    "null_class_labels",
+    "class_labels_for",
     "SampleSettings",
     "TrajectoryRecorder",
     "generate",

@@ -53,6 +53,11 @@ class SampleSettings:
     dpmpp_2m, logsnr_trailing for unipc, time for sde/pc; langevin's levels are always geometric),
     ``snr`` and ``corrector_steps`` are the predictor-corrector's, ``step_size`` the annealed
     Langevin step relative to the noise variance, ``order`` UniPC's (1-3; the corrector adds one).
+
+    Class-conditional models (``generate(..., num_classes=K)``): sample i gets the label
+    ``classes[i % len(classes)]`` (``classes = None``: 0..K-1, so the samples cycle through the
+    classes) and ``guidance`` is the classifier-free guidance scale s of ``sampling.guidance``
+    (eps_uncond + s (eps_cond - eps_uncond); 1 = the conditional model, 0 = unconditional).
     """
 
     sampler: Literal["ddpm", "ddim", "euler", "heun", "rk45", "dpmpp_2m", "unipc", "sde", "pc", "langevin"] = "ddpm"
@@ -72,9 +77,15 @@ class SampleSettings:
     rtol: float = 1e-4
     atol: float = 1e-4
     order: int = 2
+    guidance: float = 1.0
+    classes: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.seeds = [int(s) for s in self.seeds]
+        if isinstance(self.guidance, int) and not isinstance(self.guidance, bool):
+            self.guidance = float(self.guidance)
+        if self.classes is not None and isinstance(self.classes, (list, tuple)):
+            self.classes = list(self.classes)
         checks = [
             (self.sampler in SAMPLERS, "sampler", f"one of {SAMPLERS}", self.sampler),
             (isinstance(self.steps, int) and self.steps >= 0, "steps", "an integer >= 0 (0 = T)", self.steps),
@@ -96,6 +107,11 @@ class SampleSettings:
             (self.atol > 0, "atol", "positive", self.atol),
             (isinstance(self.order, int) and not isinstance(self.order, bool) and 1 <= self.order <= 3, "order",
              "1, 2 or 3", self.order),
+            (isinstance(self.guidance, float) and math.isfinite(self.guidance) and self.guidance >= 0, "guidance",
+             "a finite number >= 0", self.guidance),
+            (self.classes is None or (isinstance(self.classes, list) and len(self.classes) > 0 and all(
+                isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in self.classes)), "classes",
+             "None or a non-empty list of class labels >= 0", self.classes),
             (self.clip_x0 is None or self.sampler in DISCRETE_SAMPLERS, "clip_x0",
              "None for the continuous-time samplers (clipping applies to ddpm and ddim)", self.clip_x0),
         ]
@@ -190,7 +206,8 @@ def _run_continuous(denoiser: DenoiserFn, schedule: DiscreteSchedule, noise: Per
 
 
 class _CountCalls:
-    """A denoiser wrapper that counts network calls (one call = one batched evaluation)."""
+    """A denoiser wrapper that counts network calls (one call = one batched evaluation; a guided
+    denoiser makes one call of 2B rows, see ``sampling.guidance``)."""
 
     def __init__(self, denoiser: DenoiserFn):
         self.denoiser, self.calls = denoiser, 0
@@ -225,19 +242,43 @@ def _slice_cond(cond: Any, lo: int, hi: int) -> Any:
     return cond
 
 
+def _class_conditioning(denoiser: DenoiserFn, settings: SampleSettings, num_classes: int, cond: Any,
+                        device: torch.device | str) -> tuple[DenoiserFn, Any]:
+    """The labels of ``settings.classes`` as ``cond`` and the guided denoiser, for a model with
+    ``num_classes`` classes (0: unconditional, and then ``classes``/``guidance`` must be unset)."""
+    from diffusekit.sampling.guidance import ClassifierFreeGuidance, class_labels_for, null_class_labels
+
+    if num_classes == 0:
+        if settings.classes is not None or settings.guidance != 1.0:
+            raise ValueError("sample settings: classes and guidance need a class-conditional model "
+                             f"(num_classes > 0), got classes={settings.classes!r}, guidance={settings.guidance}")
+        return denoiser, cond
+    if cond is not None:
+        raise ValueError("generate: pass either cond or num_classes (which makes the class labels), not both")
+    labels = class_labels_for(len(settings.seeds), settings.classes, num_classes).to(device)
+    return ClassifierFreeGuidance(denoiser, settings.guidance, null_class_labels(num_classes)), {"class_labels": labels}
+
+
 def generate(denoiser: DenoiserFn, schedule: DiscreteSchedule, shape: Sequence[int], settings: SampleSettings,
              device: torch.device | str = "cpu", cond: Any = None, callback: Callback | None = None,
-             progress: bool = True, dtype: torch.dtype = torch.float32, stats: dict[str, Any] | None = None) -> Tensor:
+             progress: bool = True, dtype: torch.dtype = torch.float32, stats: dict[str, Any] | None = None,
+             num_classes: int = 0) -> Tensor:
     """Samples for ``settings.seeds`` in order, shape (len(seeds), *shape), on the CPU.
 
     Seeds are processed in batches of ``settings.batch_size``; sample i uses only seed i, so the
     batch size does not change any sample (up to the network's own batch invariance). ``cond``
-    holds per-seed tensors (or a dict of them) and is cut into the same batches. The caller chooses
-    the weights (``settings.use_ema`` is only recorded). ``stats``, if given, receives "nfe": the
-    number of batched network calls over all batches.
+    holds per-seed tensors (or a dict of them) and is cut into the same batches. For a
+    class-conditional model pass ``num_classes`` = K instead: sample i gets the label
+    ``settings.classes[i % len]`` (default: i % K) and the denoiser is guided with
+    ``settings.guidance`` (``sampling.guidance.ClassifierFreeGuidance``). The caller chooses the
+    weights (``settings.use_ema`` is only recorded). ``stats``, if given, receives "nfe": the number
+    of batched network calls over all batches (function evaluations; with guidance each call
+    evaluates the conditional and null halves together, so "rows_per_example" is 2), and
+    "labels", the class labels when ``num_classes`` > 0.
     """
     if settings.steps > schedule.T and settings.sampler in DISCRETE_SAMPLERS:
         raise ValueError(f"settings.steps must lie in 0..T = {schedule.T}, got {settings.steps}")
+    denoiser, cond = _class_conditioning(denoiser, settings, num_classes, cond, device)
     seeds, bs = settings.seeds, settings.batch_size
     out = []
     batches = range(0, len(seeds), bs)
@@ -253,14 +294,18 @@ def generate(denoiser: DenoiserFn, schedule: DiscreteSchedule, shape: Sequence[i
         out.append(x.cpu())
     if stats is not None:
         stats["nfe"] = counted.calls
+        stats["rows_per_example"] = getattr(denoiser, "rows_per_example", 1)
+        if num_classes > 0:
+            stats["labels"] = cond["class_labels"].cpu()
     return torch.cat(out)
 
 
 def write_samples(x: Tensor, seeds: Sequence[int], out_dir: Path | str, settings: SampleSettings,
-                  levels: int | None = None, extra: dict[str, Any] | None = None) -> Path:
+                  levels: int | None = None, extra: dict[str, Any] | None = None, nrow: int | None = None) -> Path:
     """Write the results of ``generate`` to ``out_dir`` (each file atomically):
 
-    - ``grid.png``: all samples (image grid, scatter for 2-D points, histograms otherwise);
+    - ``grid.png``: all samples (image grid with ``nrow`` per row, scatter for 2-D points, histograms
+      otherwise);
     - ``sample_<seed>.png`` per sample for images (quantized to ``levels`` if given);
     - ``samples.npz``: ``x`` (float32, data range) and ``seeds`` (int64);
     - ``settings.json``: the exact ``SampleSettings`` plus ``extra`` under key "extra".
@@ -274,7 +319,7 @@ def write_samples(x: Tensor, seeds: Sequence[int], out_dir: Path | str, settings
         raise ValueError(f"{x.shape[0]} samples but {len(seeds)} seeds")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_samples_figure(x, out / "grid.png", levels=levels)
+    save_samples_figure(x, out / "grid.png", levels=levels, nrow=nrow)
     if x.ndim == 4:
         for seed, img in zip(seeds, x):
             atomic_write_bytes(out / f"sample_{seed}.png", png_bytes(image_grid(img[None], pad=0, upscale=1,
