@@ -224,3 +224,43 @@ def test_folder_split_holds_out_a_fixed_tenth(tmp_path):
     for i in range(3):
         Image.new("L", (8, 8), i * 50).save(tmp_path / "few" / f"{i}.png")
     assert len(load_dataset(small, "train")) == len(load_dataset(small, "test")) == 3
+
+
+# -- colour photo patches ---------------------------------------------------------------------------
+def _found_in(patch: np.ndarray, region: np.ndarray) -> bool:
+    """Whether the (s, s, 3) uint8 patch is a sub-array of the region."""
+    s = patch.shape[0]
+    windows = np.lib.stride_tricks.sliding_window_view(region, (s, s, 3))[..., 0, :, :, :]
+    return bool((windows == patch).all(axis=(-3, -2, -1)).any())
+
+
+def test_photo_patches_are_seeded_8_bit_rgb_from_disjoint_columns():
+    pytest.importorskip("skimage")
+    from diffusekit.data.photos import PHOTOS, _region, load_photos, photo_arrays
+
+    train, test = load_photos("train", 16, 70, seed=3), load_photos("test", 16, 35, seed=4)
+    assert train.shape == test.shape == (3, 16, 16) and train.levels == 256 and train.labels is None
+    assert train.x.min() >= -1 and train.x.max() <= 1
+    v = (train.x + 1) / 2 * 255  # on the 8-bit grid
+    assert torch.allclose(v, v.round(), atol=1e-4)
+    assert torch.equal(load_photos("train", 16, 70, seed=3).x, train.x)
+    assert not torch.equal(load_photos("train", 16, 70, seed=5).x, train.x)
+    for photo in photo_arrays():  # the two regions split the columns of every photo
+        assert _region(photo, "train").shape[1] + _region(photo, "test").shape[1] == photo.shape[1]
+        assert _region(photo, "test").shape[1] >= 24
+    for split, data in (("train", train), ("test", test)):  # patch i comes from photo i mod 7, inside its split
+        for i in range(0, len(data), 5):
+            patch = ((data.x[i].permute(1, 2, 0) + 1) / 2 * 255).round().to(torch.uint8).numpy()
+            photo = photo_arrays()[i % len(PHOTOS)]
+            assert _found_in(patch, _region(photo, split)), (split, i)
+
+
+def test_photos_through_the_config_and_a_too_large_patch_is_named():
+    pytest.importorskip("skimage")
+    from diffusekit.config import DataConfig
+    from diffusekit.errors import DataError
+
+    data = load_dataset(DataConfig(name="photos", n_train=14, n_test=7), "test")
+    assert tuple(data.x.shape) == (7, 3, 16, 16) and data.name == "photos-test"
+    with pytest.raises(DataError, match="data.image_size = 40"):
+        load_dataset(DataConfig(name="photos", image_size=40, n_test=7), "test")

@@ -38,18 +38,18 @@ __all__ = [
 
 
 # the datasets ``diffusekit.data.load_dataset`` knows (kept equal to ``diffusekit.data.DATASETS`` by a test)
-DATASET_NAMES = ("digits", "mnist", "moons", "swiss_roll", "8gaussians", "checkerboard", "gmm", "folder")
+DATASET_NAMES = ("digits", "mnist", "photos", "moons", "swiss_roll", "8gaussians", "checkerboard", "gmm", "folder")
 
 
 # -- the sections ---------------------------------------------------------------------------------
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | mnist | moons | swiss_roll | 8gaussians | checkerboard | gmm | folder
+    name: str = "digits"  # digits | mnist | photos | moons | swiss_roll | 8gaussians | checkerboard | gmm | folder
     path: str = ""  # image folder root (data.name = "folder")
-    image_size: int = 0  # folder only; 0 means 32; a multiple of 4, >= 8
+    image_size: int = 0  # folder (0 means 32; a multiple of 4, >= 8) and photos (0 means 16)
     channels: int = 1  # folder only: 1 (gray) or 3 (RGB)
-    n_train: int = 20000  # toys and gmm only
-    n_test: int = 5000  # toys and gmm only
+    n_train: int = 20000  # toys, gmm and photos only
+    n_test: int = 5000  # toys, gmm and photos only
     seed: int = 0  # toys, gmm and the folder holdout; train uses seed, test seed + 1
 
 

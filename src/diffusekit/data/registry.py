@@ -1,6 +1,7 @@
 """``load_dataset``: the ``[data]`` config section -> an in-memory ``ArrayDataset``.
 
-Splits: digits and MNIST have fixed stratified splits; toys and the Gaussian-mixture oracle draw
+Splits: digits and MNIST have fixed stratified splits; photo patches (``data/photos.py``) come from
+disjoint column ranges of each photo (``n_train`` / ``n_test`` patches); toys and the Gaussian-mixture oracle draw
 ``n_train`` / ``n_test`` points with seeds derived from ``(data.seed, split)``, so the two splits
 are independent and every seed gives different data; an image folder holds out a fixed 10% for
 "test" (the same files for every seed) when it has at least 10 images, and otherwise uses all its
@@ -16,14 +17,16 @@ import torch
 
 from diffusekit.data.dataset import ArrayDataset
 from diffusekit.data.images import load_digits, load_image_folder, load_mnist
+from diffusekit.data.photos import load_photos
 from diffusekit.data.toys import TOYS, make_toy
 from diffusekit.errors import ConfigError
 
 __all__ = ["DATASETS", "GMM_DIM", "load_dataset", "split_seed", "folder_split"]
 
-DATASETS = ("digits", "mnist", *TOYS, "gmm", "folder")
+DATASETS = ("digits", "mnist", "photos", *TOYS, "gmm", "folder")
 GMM_DIM = 2  # dimension of the oracle mixture behind data.name = "gmm"
-DEFAULT_IMAGE_SIZE = 32  # data.image_size = 0 means this
+DEFAULT_IMAGE_SIZE = 32  # data.image_size = 0 means this for an image folder
+PHOTO_PATCH_SIZE = 16  # and this for the photo patches
 _SPLIT_ID = {"train": 0, "test": 1}
 
 
@@ -63,6 +66,8 @@ def load_dataset(cfg, split: Literal["train", "test"]) -> ArrayDataset:
     if name == "mnist":
         return load_mnist(split)
     n = cfg.n_train if split == "train" else cfg.n_test
+    if name == "photos":
+        return load_photos(split, cfg.image_size or PHOTO_PATCH_SIZE, n, split_seed(cfg.seed, split))
     if name in TOYS:
         x = make_toy(name, n, split_seed(cfg.seed, split))
         return ArrayDataset(x, None, levels=None, num_classes=0, name=f"{name}-{split}")
