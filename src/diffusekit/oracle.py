@@ -23,7 +23,7 @@ from torch import Tensor
 from diffusekit.parameterization import Prediction, from_eps_x0
 from diffusekit.schedules import alpha_sigma_from_logsnr
 
-__all__ = ["GaussianMixture", "default_mixture"]
+__all__ = ["GaussianMixture", "default_mixture", "linear_posterior"]
 
 F64 = torch.float64
 
@@ -140,6 +140,32 @@ class GaussianMixture:
         a = _per_example(alpha, n).reshape((n,) + (1,) * (x_t.ndim - 1)).to(x_t.dtype)
         s = _per_example(sigma, n).reshape((n,) + (1,) * (x_t.ndim - 1)).to(x_t.dtype)
         return from_eps_x0(kind, self.eps(x_t, alpha, sigma), self.x0_mean(x_t, alpha, sigma), a, s)
+
+
+def linear_posterior(mixture: GaussianMixture, M: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The exact posterior p(x | M x = y) of x ~ ``mixture``: (weights (K,), means (K, D), covs (K, D, D)).
+
+    Conditioning each jointly Gaussian component on the linear measurement M x = y (M: (m, D) of rank
+    m, y: (m,)) gives, with G_k = M S_k M^T and gain K_k = S_k M^T G_k^{-1},
+
+        mean_k = mu_k + K_k (y - M mu_k),    cov_k = S_k - K_k M S_k     (the Schur complement),
+
+    and the components are reweighted by the marginal likelihood of y under each:
+    w'_k proportional to w_k N(y; M mu_k, G_k). The covariances are singular (rank D - m: the measured
+    directions are fixed), so the result is three tensors, not a ``GaussianMixture``. Float64.
+    """
+    M = torch.as_tensor(M, dtype=F64)
+    y = torch.as_tensor(y, dtype=F64).reshape(-1)
+    if M.ndim != 2 or M.shape[1] != mixture.dim or y.shape[0] != M.shape[0]:
+        raise ValueError(f"M must be (m, {mixture.dim}) and y (m,), got {tuple(M.shape)} and {tuple(y.shape)}")
+    S, mu = mixture.covs, mixture.means
+    G = M @ S @ M.T  # (K, m, m)
+    gain = S @ M.T @ torch.linalg.inv(G)  # (K, D, m)
+    resid = y - mu @ M.T  # (K, m)
+    means = mu + torch.einsum("kdm,km->kd", gain, resid)
+    covs = S - gain @ M @ S
+    log_w = torch.log(mixture.weights) + torch.distributions.MultivariateNormal(mu @ M.T, G).log_prob(y)
+    return torch.softmax(log_w, 0), means, 0.5 * (covs + covs.transpose(1, 2))
 
 
 def default_mixture(dim: int = 2) -> GaussianMixture:
