@@ -97,6 +97,8 @@ def test_non_finite_floats_are_rejected_naming_the_key(override, key):
     ("sample.eta=1.5", "sample.eta"), ("sample.steps=-1", "sample.steps"), ("sample.steps=1001", "sample.steps"),
     ("model.channel_mult=[]", "model.channel_mult"), ("model.channel_mult=[1,0]", "model.channel_mult"),
     ("data.channels=2", "data.channels"), ("data.seed=-1", "data.seed"), ("train.log_every=0", "train.log_every"),
+    ("sample.guidance=-1", "sample.guidance"), ("sample.guidance=nan", "sample.guidance"),
+    ("sample.guidance=2", "sample.guidance"),  # guidance needs model.num_classes > 0
 ])
 def test_range_checks(override, key):
     assert _error(None, [override]).startswith(key)

@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variance", choices=["beta", "beta_tilde"], default=None, help="DDPM reverse variance")
     p.add_argument("--spacing", choices=["leading", "linspace", "trailing"], default=None, help="timestep grid spacing")
     p.add_argument("--clip-x0", type=float, default=None, metavar="C", help="clip predicted x0 to [-C, C]")
+    p.add_argument("--guidance", type=float, default=None, metavar="S",
+                   help="classifier-free guidance scale of a class-conditional run: eps_uncond + S (eps_cond - "
+                        "eps_uncond); 1 = the conditional model (default: the run's sample.guidance), 0 = unconditional")
+    p.add_argument("--classes", default=None, metavar="LIST",
+                   help="class labels of a class-conditional run, e.g. 3 or 0,1,2 or 0-4, repeated over the seeds "
+                        "(default: all classes in turn, sample i gets class i %% K)")
     _add_continuous_sampler_flags(p)
     ema = p.add_mutually_exclusive_group()
     ema.add_argument("--ema", dest="ema", action="store_true", default=True, help="use EMA weights (default)")
@@ -78,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-samples", type=int, default=None, help="samples for the quality score (default: split size, <= 1000)")
     p.add_argument("--sampler", choices=SAMPLER_CHOICES, default=None)
     p.add_argument("--steps", type=int, default=None, help="sampling steps for the quality score (0 = T)")
+    p.add_argument("--guidance", type=float, default=None, metavar="S",
+                   help="class-conditional runs: guidance scale of the quality samples, which cycle through the "
+                        "classes (default: the run's sample.guidance)")
     p.add_argument("--ode-examples", type=int, default=100,
                    help="examples of the split scored by nll_ode (the probability-flow ODE likelihood)")
     p.add_argument("--trace", choices=["hutchinson", "exact"], default="hutchinson",
@@ -182,10 +191,66 @@ def _sample_settings(args: argparse.Namespace, run):
         seeds = parse_seeds(args.seeds)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    guidance, classes = _conditioning_flags(args, sc, run.cfg.model.num_classes)
     return SampleSettings(sampler=sampler, steps=steps, eta=eta,
                           variance=args.variance or sc.variance, spacing=args.spacing or sc.spacing,
                           clip_x0=clip_x0, seeds=seeds, use_ema=args.ema, batch_size=args.batch_size,
-                          **_continuous_settings(args, sc))
+                          **_continuous_settings(args, sc), guidance=guidance, classes=classes)
+
+
+def parse_classes(text: str) -> list[int]:
+    """``--classes`` syntax: comma-separated labels and inclusive ranges, repeats allowed ("3", "0,1,2",
+    "0-4,7"); ValueError naming the flag otherwise."""
+    import re
+
+    classes: list[int] = []
+    for part in str(text).split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if m is None or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+            raise ValueError(f"--classes: cannot parse {part.strip()!r} in {text!r}; use e.g. 3 or 0,1,2 or 0-4")
+        lo, hi = int(m.group(1)), int(m.group(m.lastindex))
+        if hi - lo > 100_000:
+            raise ValueError(f"--classes: range {part.strip()!r} is longer than any model's label set")
+        classes.extend(range(lo, hi + 1))
+    return classes
+
+
+def _check_guidance(value: float, flag: str, num_classes: int, run: Path) -> None:
+    import math
+
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{flag} must be a finite number >= 0, got {value}")
+    if value != 1.0 and num_classes == 0:
+        raise ConfigError(f"{flag}: run {run} is unconditional (model.num_classes = 0); guidance needs a "
+                          "class-conditional run")
+
+
+def _check_classes(classes: list[int] | None, flag: str, num_classes: int, run: Path) -> None:
+    if classes is None:
+        return
+    if num_classes == 0:
+        raise ConfigError(f"{flag}: run {run} is unconditional (model.num_classes = 0) and takes no class labels")
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ConfigError(f"{flag}: class {bad[0]} is out of range for run {run} (model.num_classes = {num_classes}: "
+                          f"classes 0..{num_classes - 1})")
+
+
+def _conditioning_flags(args: argparse.Namespace, sc, num_classes: int) -> tuple[float, list[int] | None]:
+    """``--guidance`` (default: the run's sample.guidance) and ``--classes`` (default: every class in
+    turn, recorded explicitly so settings.json reproduces), checked against the run's model."""
+    guidance = sc.guidance if args.guidance is None else args.guidance
+    _check_guidance(guidance, "--guidance" if args.guidance is not None else "sample.guidance", num_classes, args.run)
+    classes = None
+    if args.classes is not None:
+        try:
+            classes = parse_classes(args.classes)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        _check_classes(classes, "--classes", num_classes, args.run)
+    elif num_classes > 0:
+        classes = list(range(num_classes))
+    return guidance, classes
 
 
 def _sample_latent(args: argparse.Namespace) -> int:
@@ -193,7 +258,7 @@ def _sample_latent(args: argparse.Namespace) -> int:
     from diffusekit.sampling.noise import parse_seeds
     from diffusekit.vae.evaluate import sample_latent_run
 
-    for flag in ("sampler", "steps", "eta", "variance", "spacing", "clip_x0") + CONTINUOUS_FLAGS:
+    for flag in ("sampler", "steps", "eta", "variance", "spacing", "clip_x0", "guidance", "classes") + CONTINUOUS_FLAGS:
         if getattr(args, flag, None) is not None:
             raise ConfigError(f"--{flag.replace('_', '-')} applies to diffusion runs only; {args.run} is a "
                               "latent-variable model (ancestral sampling, no steps)")
@@ -219,11 +284,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     settings = _sample_settings(args, run)
     if settings.use_ema != (True if args.settings else args.ema):
         run = load_run(args.run, use_ema=settings.use_ema)
+    num_classes = run.cfg.model.num_classes
+    if args.settings:  # a settings.json may come from another run: check it against this model
+        where = f"--settings {args.settings}"
+        _check_guidance(settings.guidance, f"{where}: guidance", num_classes, args.run)
+        _check_classes(settings.classes, f"{where}: classes", num_classes, args.run)
     out = args.out or args.run / f"samples-{settings.sampler}-{settings.steps or run.schedule.T}"
     t0 = time.time()
-    x = generate(run.denoiser, run.schedule, run.data_shape, settings, progress=not args.no_progress)
-    write_samples(x, settings.seeds, out, settings, run.levels,
-                  extra={"run": str(args.run), "checkpoint": str(run.checkpoint), "step": run.step})
+    x = generate(run.denoiser, run.schedule, run.data_shape, settings, progress=not args.no_progress,
+                 num_classes=num_classes)
+    period = len(settings.classes or range(num_classes))
+    write_samples(x, settings.seeds, out, settings, run.levels,  # conditional: one class per grid column
+                  extra={"run": str(args.run), "checkpoint": str(run.checkpoint), "step": run.step},
+                  nrow=period if 1 < period <= 16 else None)
     print(f"{len(settings.seeds)} samples in {time.time() - t0:.1f} s -> {out}")
     return 0
 
@@ -246,6 +319,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from diffusekit.vae.evaluate import evaluate_latent_run, is_latent_run
 
     if is_latent_run(args.run):  # VAE / MHVAE / autoencoder: ELBO and IWAE bounds, collapse, reconstruction
+        if args.guidance is not None:
+            raise ConfigError(f"--guidance applies to class-conditional diffusion runs; {args.run} is a latent-variable model")
         result = evaluate_latent_run(args.run, metrics=metrics, split=args.split, n_samples=args.n_samples,
                                      iwae_k=args.iwae_k, seed=args.seed, progress=not args.no_progress)
         print(json.dumps(result, indent=1) if args.json else format_table(result))
@@ -254,6 +329,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     result = evaluate_run(args.run, metrics=metrics, split=args.split, exact=args.exact, n_strata=args.strata, variance=args.variance,
                           n_samples=args.n_samples, sampler=args.sampler, steps=args.steps, seed=args.seed,
+                          guidance=args.guidance,
                           ode_examples=args.ode_examples, trace=args.trace, ode_rtol=args.ode_rtol,
                           ode_atol=args.ode_atol, progress=not args.no_progress)
     print(json.dumps(result, indent=1) if args.json else format_table(result))

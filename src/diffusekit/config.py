@@ -129,6 +129,7 @@ class SampleConfig:
     rtol: float = 1e-4  # rk45
     atol: float = 1e-4  # rk45
     order: int = 2  # unipc: 1-3 (the corrector adds one)
+    guidance: float = 1.0  # classifier-free guidance scale s (model.num_classes > 0): 1 = conditional, 0 = unconditional
 
 
 @dataclass
@@ -465,6 +466,9 @@ def _validate(cfg: Config) -> None:
     _check(not (s.clip_x0 and s.sampler not in ("ddpm", "ddim")), "sample.clip_x0",
            "false for the continuous-time samplers (clipping applies to ddpm and ddim)", s.clip_x0)
     _check(0.0 <= s.eta <= 1.0, "sample.eta", "in [0, 1]", s.eta)
+    _check(s.guidance >= 0.0, "sample.guidance", ">= 0 (1 = the conditional model, 0 = unconditional)", s.guidance)
+    _check(s.guidance == 1.0 or m.num_classes > 0, "sample.guidance",
+           "1.0 for an unconditional model (guidance needs model.num_classes > 0)", s.guidance)
     v = cfg.vae
     _check(v.latent_dim >= 1, "vae.latent_dim", ">= 1", v.latent_dim)
     _check(v.hierarchy >= 1, "vae.hierarchy", ">= 1", v.hierarchy)

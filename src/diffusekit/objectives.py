@@ -67,7 +67,7 @@ class DiffusionObjective:
         settings = SampleSettings(sampler="ddpm", steps=min(100, self.schedule.T), seeds=list(range(n)),
                                   batch_size=max(n, 1))
         return generate(self.denoiser(module).eval(), self.schedule, self.data_shape, settings, device=device,
-                        progress=False)
+                        progress=False, num_classes=self.cfg.model.num_classes)  # conditional: classes in turn
 
 
 FAMILIES: dict[str, Callable[[Any, tuple[int, ...]], Objective]] = {

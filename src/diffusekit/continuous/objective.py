@@ -109,7 +109,8 @@ class ContinuousObjective:
         schedule = module.schedule.discretize(self.cfg.diffusion.T)
         settings = SampleSettings(sampler="ddpm", steps=min(100, schedule.T), seeds=list(range(n)),
                                   batch_size=max(n, 1))
-        return generate(module.denoiser.eval(), schedule, self.data_shape, settings, device=device, progress=False)
+        return generate(module.denoiser.eval(), schedule, self.data_shape, settings, device=device, progress=False,
+                        num_classes=self.cfg.model.num_classes)
 
 
 def load_continuous(cfg, data_shape: tuple[int, ...], levels: int | None, state: dict[str, Tensor],

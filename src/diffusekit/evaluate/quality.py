@@ -84,7 +84,8 @@ def _class_entropy_bits(counts: Tensor) -> float:
 
 
 def image_quality(samples: Tensor, dataset_name: str, levels: int | None = None,
-                  cache_dir: str | Path | None = None, seed: int = 0, n_calibration: int = 8) -> dict[str, Any]:
+                  cache_dir: str | Path | None = None, seed: int = 0, n_calibration: int = 8,
+                  labels: Tensor | None = None) -> dict[str, Any]:
     """Quality of image samples (N, 1, H, W) in [-1, 1] for ``dataset_name`` ("digits" or "mnist").
 
     The samples are clamped to [-1, 1] (and rounded to ``levels`` values when given, like the
@@ -101,7 +102,10 @@ def image_quality(samples: Tensor, dataset_name: str, levels: int | None = None,
     - ``confidence``: mean max softmax probability of the samples (low for unrecognisable samples);
     - ``class_histogram`` (predicted-class counts) and ``class_entropy_bits`` (its entropy; log2(10)
       = 3.32 bits when all classes are equally frequent: low values mean mode collapse);
-    - ``classifier_test_accuracy`` (of the feature net on the test split) and ``n_samples``.
+    - ``classifier_test_accuracy`` (of the feature net on the test split) and ``n_samples``;
+    - with ``labels`` (N,), the classes a conditional model was asked for: ``class_accuracy``, the
+      fraction of samples the classifier assigns to their requested class (the quality measure of a
+      conditional model; compare it with ``classifier_test_accuracy`` on real data).
     """
     from diffusekit.evaluate.features import feature_dataset, load_feature_net
 
@@ -125,7 +129,13 @@ def image_quality(samples: Tensor, dataset_name: str, levels: int | None = None,
     fd_train_test = float(calibration.mean())
     probs = torch.softmax(logits.double(), dim=1)
     counts = torch.bincount(probs.argmax(1), minlength=net.config.num_classes)
-    return {"fd": fd, "fd_train_test": fd_train_test, "fd_train_test_std": float(calibration.std()),
+    extra = {}
+    if labels is not None:
+        labels = torch.as_tensor(labels).reshape(-1).cpu()
+        if labels.shape != (n,):
+            raise ValueError(f"labels must be ({n},), one per sample, got {tuple(labels.shape)}")
+        extra["class_accuracy"] = (probs.argmax(1) == labels).double().mean().item()
+    return {**extra,"fd": fd, "fd_train_test": fd_train_test, "fd_train_test_std": float(calibration.std()),
             "fd_ratio": fd / fd_train_test if fd_train_test > 0 else float("inf"),
             "n_train_for_calibration": n_train, "n_test": len(test),
             "confidence": probs.max(1).values.mean().item(),

@@ -6,8 +6,13 @@
   Gaussian). Needs discrete data (``levels``).
 - ``fd``: samples drawn with the run's sampler settings, scored by the project's own feature
   network (Fréchet distance calibrated by the real train/test distance, classifier confidence and
-  class histogram); for vector data, sliced Wasserstein and MMD to the held-out data (and the exact
-  NLL of the samples under the oracle for ``gmm`` data).
+  class histogram); for a class-conditional run the samples cycle through the classes at the run's
+  guidance scale (``sample.guidance``, or ``guidance``) and ``class_accuracy`` is the classifier's
+  accuracy on them against the requested labels; for vector data, sliced Wasserstein and MMD to the
+  held-out data (and the exact NLL of the samples under the oracle for ``gmm`` data).
+- For a class-conditional run ``bpd`` is the bound with the null label (-log p(x), comparable with
+  unconditional runs and the baselines) and, under ``conditional``, the bound on -log p(x | y) given
+  the split's labels, from the same t, noise and reverse variances.
 - ``nll_ode``: -log p(x) through the probability-flow ODE of the run's VP SDE (``likelihood_ode``),
   dequantized and in bits/dim for discrete data, on the first ``ode_examples`` of the split, with
   its standard error, the number of network calls and the time; beside the bound, which it should
@@ -18,6 +23,7 @@ The results go to ``<run>/eval/metrics.json`` and ``<run>/eval/report.md`` with 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -67,6 +73,13 @@ def _bound(run, test, exact: bool, n_strata: int, seed: int, progress: bool, var
         bound = vlb_estimate(run.denoiser, x, run.schedule, run.levels, n_strata=n_strata, seed=seed,
                              variance=table, progress=progress,
                              compare_variance="beta_tilde" if variance == "fitted" else None)
+    conditional = None
+    if run.cfg.model.num_classes > 0 and test.labels is not None:  # -log p(x | y): the same t, noise and variances
+        cond = {"class_labels": test.labels}
+        conditional = (vlb_exact(run.denoiser, x, run.schedule, run.levels, seed=seed, variance=table, cond=cond,
+                                 progress=progress) if exact else
+                       vlb_estimate(run.denoiser, x, run.schedule, run.levels, n_strata=n_strata, seed=seed,
+                                    variance=table, cond=cond, progress=progress))
     out = {"bits_per_dim": bound.bits_per_dim, "mode": "exact" if exact else f"stratified ({n_strata} strata x 2)",
            "variance": variance if variance != "fitted" else f"fitted on {len(pick)} train images",
            "stderr_bits_per_dim": bound.stderr_bits_per_dim, "levels": run.levels, "n_examples": x.shape[0],
@@ -74,6 +87,11 @@ def _bound(run, test, exact: bool, n_strata: int, seed: int, progress: bool, var
            "baselines": {"categorical_per_pixel": categorical_baseline(train.x, x, run.levels),
                          "gaussian_full_covariance": gaussian_baseline(train.x, x, run.levels)},
            "seconds": time.time() - t0, "fit_seconds": fit_seconds}
+    if conditional is not None:
+        out["conditional"] = {"bits_per_dim": conditional.bits_per_dim,
+                              "stderr_bits_per_dim": conditional.stderr_bits_per_dim,
+                              "what": "bound on -log p(x | y) given the split's labels (bits_per_dim above: the "
+                                      "null label, -log p(x))"}
     if bound.comparison is not None:  # the same draws with the variances the model was trained for
         fixed = bound.comparison
         out["bits_per_dim_beta_tilde"] = fixed.bits_per_dim
@@ -117,7 +135,9 @@ def _quality(run, test, settings, progress: bool) -> tuple[dict[str, Any], torch
 
     t0 = time.time()
     stats: dict[str, Any] = {}
-    x = generate(run.denoiser, run.schedule, run.data_shape, settings, progress=progress, stats=stats)
+    num_classes = run.cfg.model.num_classes
+    x = generate(run.denoiser, run.schedule, run.data_shape, settings, progress=progress, stats=stats,
+                 num_classes=num_classes)
     seconds = time.time() - t0
     if x.ndim == 4:
         from diffusekit.evaluate.quality import image_quality
@@ -125,7 +145,7 @@ def _quality(run, test, settings, progress: bool) -> tuple[dict[str, Any], torch
         name = run.cfg.data.name
         if name not in ("digits", "mnist"):
             return {"skipped": f"no feature network for data.name = {name!r}", "sampling_seconds": seconds}, x
-        out = image_quality(x, name, levels=run.levels)
+        out = image_quality(x, name, levels=run.levels, labels=stats.get("labels"))
     else:
         from diffusekit.evaluate.quality import vector_quality
 
@@ -135,6 +155,8 @@ def _quality(run, test, settings, progress: bool) -> tuple[dict[str, Any], torch
 
             oracle = default_mixture(x.shape[1])
         out = vector_quality(x, test.x, oracle=oracle)
+    if num_classes > 0:
+        out["guidance"] = settings.guidance
     out.update(sampling_seconds=seconds, seconds_per_sample=seconds / x.shape[0], sampler=settings.sampler,
                nfe=stats.get("nfe"),
                steps=settings.steps or run.schedule.T, n_samples=x.shape[0])
@@ -150,7 +172,8 @@ def _trajectory(run, out_dir: Path, seed: int) -> Path:
     n = 6 if len(run.data_shape) == 3 else 500
     settings = SampleSettings(sampler="ddpm", steps=steps, seeds=list(range(seed, seed + n)), batch_size=n)
     recorder = TrajectoryRecorder(every=max(1, steps // 8))
-    x = generate(run.denoiser, run.schedule, run.data_shape, settings, callback=recorder, progress=False)
+    x = generate(run.denoiser, run.schedule, run.data_shape, settings, callback=recorder, progress=False,
+                 num_classes=run.cfg.model.num_classes)
     recorder.final(x)
     out_dir.mkdir(parents=True, exist_ok=True)
     return save_trajectory_strip(recorder.frames("x"), out_dir / "trajectory.png",
@@ -161,8 +184,9 @@ def evaluate_run(run_dir: Path | str, *, metrics: Sequence[str] = ("bpd", "fd"),
                  n_strata: int = 50, n_samples: int | None = None, sampler: str | None = None,
                  steps: int | None = None, seed: int = 0, progress: bool = True,
                  variance: str = "fitted", ode_examples: int = 100, trace: str = "hutchinson",
-                 ode_rtol: float = 1e-5, ode_atol: float = 1e-5) -> dict[str, Any]:
-    """Evaluate a run folder; writes ``eval/metrics.json``, ``eval/report.md`` and pictures."""
+                 ode_rtol: float = 1e-5, ode_atol: float = 1e-5, guidance: float | None = None) -> dict[str, Any]:
+    """Evaluate a run folder; writes ``eval/metrics.json``, ``eval/report.md`` and pictures.
+    ``guidance`` (class-conditional runs) overrides the run's ``sample.guidance`` for the samples."""
     from diffusekit.data import load_dataset
     from diffusekit.models import load_run
     from diffusekit.sampling.run import SampleSettings
@@ -181,11 +205,18 @@ def evaluate_run(run_dir: Path | str, *, metrics: Sequence[str] = ("bpd", "fd"),
     run = load_run(run_dir, use_ema=True)
     test = load_dataset(run.cfg.data, split)
     sc = run.cfg.sample
+    guidance = sc.guidance if guidance is None else guidance
+    if not (math.isfinite(guidance) and guidance >= 0):
+        raise ConfigError(f"--guidance must be a finite number >= 0, got {guidance}")
+    if guidance != 1.0 and run.cfg.model.num_classes == 0:
+        raise ConfigError(f"--guidance: run {run_dir} is unconditional (model.num_classes = 0); guidance needs a "
+                          "class-conditional run")
     n = n_samples or min(len(test), 1000)
     settings = SampleSettings(sampler=sampler or sc.sampler, steps=sc.steps if steps is None else steps, eta=sc.eta,
                               variance=sc.variance, spacing=sc.spacing, seeds=list(range(seed, seed + n)),
                               batch_size=min(n, 500), grid=sc.grid, snr=sc.snr, corrector_steps=sc.corrector_steps,
-                              langevin_steps=sc.langevin_steps, step_size=sc.step_size, rtol=sc.rtol, atol=sc.atol)
+                              langevin_steps=sc.langevin_steps, step_size=sc.step_size, rtol=sc.rtol, atol=sc.atol,
+                              guidance=guidance)
     result: dict[str, Any] = {"run": str(run_dir), "step": run.step, "split": split, "data": run.cfg.data.name,
                               "seed": seed, "settings": {  # everything needed to repeat this evaluation
                                   "metrics": list(metrics), "exact": exact, "n_strata": n_strata,
@@ -222,6 +253,11 @@ def format_table(result: dict[str, Any]) -> str:
         if "bits_per_dim_beta_tilde" in b:
             rows.append(("  same bound, variances beta_tilde",
                          f"{b['bits_per_dim_beta_tilde']:.4f} ± {b['stderr_bits_per_dim_beta_tilde']:.3f}"))
+        if "conditional" in b:
+            c = b["conditional"]
+            rows.append(("  conditional bound -log p(x | y), bits/dim",
+                         f"{c['bits_per_dim']:.4f}" + (f" ± {c['stderr_bits_per_dim']:.3f}"
+                                                       if c["stderr_bits_per_dim"] else "")))
         rows += [("  prior term L_T", f"{b['prior_bits_per_dim']:.2e}"),
                  ("baseline: per-pixel categorical", f"{b['baselines']['categorical_per_pixel']:.4f}"),
                  ("baseline: full-covariance Gaussian", f"{b['baselines']['gaussian_full_covariance']:.4f}")]
@@ -243,8 +279,8 @@ def format_table(result: dict[str, Any]) -> str:
                   f"{o['bits_per_dim']:.4f} ± {o['stderr_bits_per_dim']:.3f}"),
                  ("  network calls / seconds", f"{o['nfe']} / {o['seconds']:.1f}")]
     q = result.get("quality", {})
-    for key in ("fd", "fd_train_test", "fd_ratio", "confidence", "class_entropy_bits", "class_histogram",
-                "classifier_test_accuracy", "sliced_wasserstein", "mmd",
+    for key in ("guidance", "fd", "fd_train_test", "fd_ratio", "class_accuracy", "confidence", "class_entropy_bits",
+                "class_histogram", "classifier_test_accuracy", "sliced_wasserstein", "mmd",
                 "oracle_nll", "oracle_entropy", "seconds_per_sample"):
         if key in q:
             rows.append((key, f"{q[key]:.4f}" if isinstance(q[key], float) else str(q[key])))
@@ -274,7 +310,10 @@ _GUIDE = """How to read the numbers:
   own classifier; fd_train_test is the same distance for real training images (as many as there are
   samples), so fd_ratio = fd / fd_train_test near 1 means the samples are as close to the test split as
   real data is. confidence is the classifier's mean top probability on the samples, class_entropy_bits
-  the entropy of their predicted classes (log2 10 = 3.32 when all ten are equally frequent)."""
+  the entropy of their predicted classes (log2 10 = 3.32 when all ten are equally frequent).
+- class_accuracy (class-conditional runs) is the classifier's accuracy on the samples against the labels
+  they were drawn for (cycling through the classes, at classifier-free guidance scale `guidance`); compare
+  it with the classifier's accuracy on real test images, classifier_test_accuracy."""
 
 
 def write_report(run, test, result: dict[str, Any], samples, out_dir: Path,
@@ -294,7 +333,9 @@ def write_report(run, test, result: dict[str, Any], samples, out_dir: Path,
     pics.update(extra_pictures or {})
     if samples is not None:
         ref = test.x if test.x.ndim == 2 else None
-        pics["samples"] = save_samples_figure(samples[:64], out_dir / "samples.png", levels=run.levels, reference=ref)
+        k = run.cfg.model.num_classes  # class-conditional samples cycle through the classes: one per column
+        pics["samples"] = save_samples_figure(samples[:64], out_dir / "samples.png", levels=run.levels, reference=ref,
+                                              nrow=k if 1 < k <= 16 else None)
     q = result.get("quality", {})
     if "class_histogram" in q and test.labels is not None:
         reference = torch.bincount(test.labels, minlength=len(q["class_histogram"])).tolist()

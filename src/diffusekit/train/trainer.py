@@ -433,7 +433,8 @@ class Trainer:
         path = path or self.run_dir / "samples" / f"step-{self.step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         reference = self.data.x[:2000] if self.data.x.ndim == 2 else None
-        save_samples_figure(x.cpu(), path, levels=self.data.levels, reference=reference)
+        k = self.cfg.model.num_classes  # a conditional preview cycles through the classes: one per column
+        save_samples_figure(x.cpu(), path, levels=self.data.levels, reference=reference, nrow=k if 1 < k <= 16 else None)
         self.plot_losses()
         return path
 
