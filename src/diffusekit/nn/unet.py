@@ -16,7 +16,8 @@ plus a 3x3 conv between levels; GroupNorm, SiLU and a zero-initialised output co
 Conditioning goes in through three arguments and the network stays one module (STYLE 11):
 ``class_labels`` (an embedding added to the time embedding; index ``num_classes`` is the null label
 of classifier-free guidance), ``context`` (token features read by cross-attention in every
-attention block) and ``residuals`` (ControlNet: added to the skips and the middle output).
+attention block; ``context_mask`` marks the real tokens of padded captions) and ``residuals``
+(ControlNet: added to the skips and the middle output).
 
 Speed (the step is dominated by 3x3 convolutions, so the wins come from doing fewer of them):
 upsampling runs as one stride-2 transposed conv that equals nearest-upsample + 3x3 conv exactly but
@@ -100,6 +101,8 @@ class AttentionBlock(nn.Module):
 
     The 1x1 convolutions of DDPM are written as Linear layers over the token axis (the same map).
     Output projections are zero-initialised, so each sub-block starts as the identity.
+    ``context_mask`` (B, L) bool, True = a real token, is a key-padding mask: the softmax runs over
+    the real tokens only, so padding a caption with more pad tokens leaves the output unchanged.
     """
 
     def __init__(
@@ -119,13 +122,15 @@ class AttentionBlock(nn.Module):
             self.kv_cross = nn.Linear(context_dim, 2 * channels)
             self.proj_cross = zero_init(nn.Linear(channels, channels))
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, proj: nn.Linear) -> Tensor:
-        """Attention on (B, heads, N, d) views -> projected (B, C, N) view."""
-        out = F.scaled_dot_product_attention(q, k, v)
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, proj: nn.Linear, key_mask: Tensor | None = None) -> Tensor:
+        """Attention on (B, heads, N, d) views -> projected (B, C, N) view; ``key_mask`` (B, L) bool
+        keeps the keys where it is True."""
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         b, _, n, _ = out.shape
         return proj(out.transpose(1, 2).reshape(b, n, -1)).transpose(1, 2)
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor:
         b, c, hgt, wid = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)
         q, k, v = _split_heads(self.qkv(tokens), 3, self.num_heads)
@@ -135,7 +140,18 @@ class AttentionBlock(nn.Module):
         tokens = self.norm_cross(x).flatten(2).transpose(1, 2)
         (q,) = _split_heads(self.q_cross(tokens), 1, self.num_heads)
         k, v = _split_heads(self.kv_cross(context), 2, self.num_heads)
-        return x + self._attend(q, k, v, self.proj_cross).view(b, c, hgt, wid)
+        return x + self._attend(q, k, v, self.proj_cross, context_mask).view(b, c, hgt, wid)
+
+
+def _check_context_mask(mask: Tensor, context: Tensor | None) -> None:
+    """A key-padding mask must be bool (B, L) like ``context``'s first two dims, one real token per row."""
+    if context is None:
+        raise ValueError("context_mask given without context")
+    if mask.dtype != torch.bool or tuple(mask.shape) != tuple(context.shape[:2]):
+        raise ValueError(f"context_mask must be a bool tensor of shape {tuple(context.shape[:2])} (True = real "
+                         f"token), got {mask.dtype} {tuple(mask.shape)}")
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError("context_mask has a row without any real token (True); attention would be undefined")
 
 
 class Downsample(nn.Conv2d):
@@ -179,9 +195,10 @@ class UNetLayer(nn.Module):
         super().__init__()
         self.res, self.attn = res, attn
 
-    def forward(self, h: Tensor, gain_shift: Tensor, context: Tensor | None) -> Tensor:
+    def forward(self, h: Tensor, gain_shift: Tensor, context: Tensor | None,
+                context_mask: Tensor | None = None) -> Tensor:
         h = self.res(h, gain_shift)
-        return h if self.attn is None else self.attn(h, context)
+        return h if self.attn is None else self.attn(h, context, context_mask)
 
 
 class UNet(nn.Module):
@@ -344,11 +361,14 @@ class UNet(nn.Module):
         class_labels: Tensor | None = None,
         context: Tensor | None = None,
         residuals: Sequence[Tensor] | None = None,
+        context_mask: Tensor | None = None,
     ) -> Tensor:
         """(B, C, H, W), (B,) logsnr -> (B, out_channels, H, W).
 
-        ``context`` (B, L, context_dim) needs ``context_dim``; ``residuals`` follow
-        ``residual_shapes`` and are added to the skips and the middle output (never mutated).
+        ``context`` (B, L, context_dim) needs ``context_dim``; ``context_mask`` (B, L) bool marks
+        its real tokens (True; padding False, never attended to; None: every token is real);
+        ``residuals`` follow ``residual_shapes`` and are added to the skips and the middle output
+        (never mutated).
         """
         self._check_input(x)
         batch = x.shape[0]
@@ -363,6 +383,8 @@ class UNet(nn.Module):
                     f"context must have shape ({batch}, L, {self.context_dim}), "
                     f"got {tuple(context.shape)}"
                 )
+        if context_mask is not None:
+            _check_context_mask(context_mask, context)
         if residuals is not None:
             self._check_residuals(x, residuals)
 
@@ -372,12 +394,12 @@ class UNet(nn.Module):
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:
-            h = block(h) if isinstance(block, Downsample) else block(h, next(gain_shift), context)
+            h = block(h) if isinstance(block, Downsample) else block(h, next(gain_shift), context, context_mask)
             skips.append(h)
 
         h = self.mid1(h, next(gain_shift))
         if self.mid_attn is not None:
-            h = self.mid_attn(h, context)
+            h = self.mid_attn(h, context, context_mask)
         h = self.mid2(h, next(gain_shift))
         if residuals is not None:  # ControlNet: a new list, the caller's is left untouched
             skips = [s + r for s, r in zip(skips, residuals)]
@@ -387,5 +409,5 @@ class UNet(nn.Module):
             if isinstance(block, Upsample):
                 h = block(h)
             else:
-                h = block(torch.cat([h, skips.pop()], dim=1), next(gain_shift), context)
+                h = block(torch.cat([h, skips.pop()], dim=1), next(gain_shift), context, context_mask)
         return self.conv_out(F.silu(self.norm_out(h), inplace=True))
