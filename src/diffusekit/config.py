@@ -1,7 +1,7 @@
 """Typed configuration: dataclasses with visible defaults, TOML files, dotted overrides.
 
-One ``Config`` holds seven sections (``[data]``, ``[model]``, ``[diffusion]``, ``[loss]``, ``[train]``,
-``[sample]``, ``[vae]``). A run's config is built in three layers, later ones winning:
+One ``Config`` holds eight sections (``[data]``, ``[model]``, ``[diffusion]``, ``[loss]``, ``[train]``,
+``[sample]``, ``[vae]``, ``[latent]``). A run's config is built in three layers, later ones winning:
 
     defaults (the dataclasses below)  <-  TOML file  <-  ``--set section.key=value`` overrides
 
@@ -32,7 +32,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 from diffusekit.errors import ConfigError
 
 __all__ = [
-    "DATASET_NAMES", "DataConfig", "ModelConfig", "DiffusionConfig", "LossConfig", "TrainConfig", "SampleConfig", "VAEConfig", "Config",
+    "DATASET_NAMES", "DataConfig", "ModelConfig", "DiffusionConfig", "LossConfig", "TrainConfig", "SampleConfig", "VAEConfig", "LatentConfig", "Config",
     "load_config", "config_from_dict", "config_to_dict", "save_config", "format_config", "parse_override",
 ]
 
@@ -55,7 +55,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    kind: Literal["unet", "mlp", "vae", "mhvae", "autoencoder"] = "unet"
+    kind: Literal["unet", "mlp", "vae", "mhvae", "autoencoder", "latent_unet"] = "unet"  # latent_unet: [latent]
     prediction: Literal["eps", "x0", "v", "score"] = "eps"
     base_channels: int = 32
     channel_mult: list[int] = field(default_factory=lambda: [1, 2])
@@ -147,6 +147,15 @@ class VAEConfig:
 
 
 @dataclass
+class LatentConfig:
+    """Text-to-image latent diffusion (model.kind = "latent_unet", diffusekit.latent): a U-Net with
+    cross-attention over MiniLM caption features denoises the latents of a trained autoencoder run;
+    captions come from the labels (model.num_classes = 10), train.class_dropout is the caption dropout."""
+
+    autoencoder_run: str = "runs/autoencoder_mnist"  # run folder of a model.kind = "autoencoder" run (the codec)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -155,6 +164,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
 
     def validate(self) -> "Config":
         """Range checks across the whole config; raises ``ConfigError`` naming the key. Returns self."""
@@ -475,3 +485,5 @@ def _validate(cfg: Config) -> None:
     _check(v.latent_channels >= 1, "vae.latent_channels", ">= 1", v.latent_channels)
     _check(v.kl_weight >= 0.0, "vae.kl_weight", ">= 0", v.kl_weight)
     _check(v.iwae_k >= 1, "vae.iwae_k", ">= 1", v.iwae_k)
+    _check(m.kind != "latent_unet" or bool(cfg.latent.autoencoder_run.strip()), "latent.autoencoder_run",
+           "the run folder of a trained autoencoder", cfg.latent.autoencoder_run)

@@ -13,7 +13,8 @@ The trainer (``diffusekit.train.trainer``) knows nothing about diffusion. It ask
   without touching the global RNG's meaning (the trainer saves and restores it around the call).
 
 Families register a builder for their ``model.kind`` with ``register_family``; the diffusion
-family (``unet``, ``mlp``) is built in.
+family (``unet``, ``mlp``) is built in; ``diffusekit.vae`` and ``diffusekit.latent`` (``latent_unet``:
+text-to-image latent diffusion) register theirs on import.
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ def build_objective(cfg, data_shape: tuple[int, ...]) -> Objective:
     kind = cfg.model.kind
     if kind in ("vae", "mhvae", "autoencoder"):
         import diffusekit.vae  # noqa: F401  (registers the latent-variable families)
+    if kind == "latent_unet":
+        import diffusekit.latent  # noqa: F401  (registers text-to-image latent diffusion)
     if kind in ("unet", "mlp") and cfg.loss.objective == "continuous":
         from diffusekit.continuous import ContinuousObjective  # VDM's ELBO / weighted L_w, maybe a learned schedule
 
