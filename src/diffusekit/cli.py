@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default=None, metavar="LIST",
                    help="class labels of a class-conditional run, e.g. 3 or 0,1,2 or 0-4, repeated over the seeds "
                         "(default: all classes in turn, sample i gets class i %% K)")
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="text-conditioned runs (model.kind = latent_unet): a caption, repeatable; sample i gets "
+                        "prompt i %% P (\"\" = unconditional)")
     _add_continuous_sampler_flags(p)
     ema = p.add_mutually_exclusive_group()
     ema.add_argument("--ema", dest="ema", action="store_true", default=True, help="use EMA weights (default)")
@@ -258,7 +261,8 @@ def _sample_latent(args: argparse.Namespace) -> int:
     from diffusekit.sampling.noise import parse_seeds
     from diffusekit.vae.evaluate import sample_latent_run
 
-    for flag in ("sampler", "steps", "eta", "variance", "spacing", "clip_x0", "guidance", "classes") + CONTINUOUS_FLAGS:
+    for flag in ("sampler", "steps", "eta", "variance", "spacing", "clip_x0", "guidance", "classes",
+                 "prompt") + CONTINUOUS_FLAGS:
         if getattr(args, flag, None) is not None:
             raise ConfigError(f"--{flag.replace('_', '-')} applies to diffusion runs only; {args.run} is a "
                               "latent-variable model (ancestral sampling, no steps)")
@@ -280,6 +284,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     if is_latent_run(args.run):
         return _sample_latent(args)
+    from diffusekit.latent.run import is_text_latent_run
+
+    if is_text_latent_run(args.run):  # text-to-image latent diffusion: diffusekit.latent.cli
+        from diffusekit.latent.cli import sample_command
+
+        return sample_command(args, _sample_settings)
+    if args.prompt is not None:
+        raise ConfigError(f"--prompt applies to text-conditioned runs (model.kind = 'latent_unet'); "
+                          f"{args.run} is not one")
     run = load_run(args.run, use_ema=True if args.settings else args.ema)
     settings = _sample_settings(args, run)
     if settings.use_ema != (True if args.settings else args.ema):
@@ -316,7 +329,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if not getattr(args, flag) > 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    from diffusekit.latent.run import is_text_latent_run
     from diffusekit.vae.evaluate import evaluate_latent_run, is_latent_run
+
+    if is_text_latent_run(args.run):  # prompt accuracy and fd of a text-to-image latent run
+        from diffusekit.latent.cli import evaluate_command
+
+        return evaluate_command(args)
 
     if is_latent_run(args.run):  # VAE / MHVAE / autoencoder: ELBO and IWAE bounds, collapse, reconstruction
         if args.guidance is not None:
