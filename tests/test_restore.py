@@ -196,7 +196,7 @@ STEPS, JUMP = 50, 5  # respaced steps of the linear T = 1000 schedule; jump leng
 # (DDNM gives the same numbers to 0.002 on superres and colorize.) Plain replacement gets the mean
 # wrong where y says much about the unseen pixels (inpainting a strongly correlated Gaussian), and
 # resampling removes about 60% of that error; on the full chain (1000 steps, U = 10, jump 1) RePaint
-# reaches 0.055 / 0.023 on the inpainting case (docs/restoration.md).
+# reaches 0.056 / 0.023 on the inpainting case (docs/restoration.md).
 GAUSSIAN_CASES = {  # operator, per-example shape, tolerances (mean, covariance) for U = 1 and U = 5
     "inpaint": (Inpaint(torch.tensor([[[True, False], [False, False]]])), (1, 2, 2), (0.50, 0.30), (0.22, 0.20)),
     "superres": (SuperResolution(2), (1, 2, 2), (0.08, 0.17), (0.04, 0.19)),

@@ -1,0 +1,361 @@
+"""Restoration runs: a trained unconditional image model, a degradation, inputs, and the files it leaves.
+
+``restore_run`` degrades each input x with the task's operator (``sampling/restore.py``), restores it
+once per seed with RePaint or the DDNM projection, and writes (each file atomically):
+
+- ``restore.png``: one row per input, degraded | restored (one tile per seed) | original; unknown
+  pixels of a mask are drawn red in the degraded tile;
+- ``restored.npz``: ``restored`` (K, S, C, H, W), ``original`` (K, C, H, W), ``measurement`` (y),
+  ``degraded`` (A+ y), ``known`` (masks), ``seeds``, ``noise_seeds`` (K, S), ``labels`` (-1 unknown),
+  ``inputs`` (names); float arrays are float32 in the data range [-1, 1];
+- ``settings.json``: the exact ``RestoreSettings`` (reproduce with ``RestoreSettings.from_json``)
+  plus the run, checkpoint and metrics under "extra"; ``metrics.json``: the numbers alone.
+
+Restored sample (k, s) draws all its noise from ``PerSampleNoise`` seeded by SeedSequence([s, k]),
+so it depends only on the seed and the input's position, never on the batch. Metrics: PSNR of the
+restored images (clamped to [-1, 1], peak-to-peak 2) against the originals over the unknown pixels
+(masks) or all pixels (super-resolution, colorization), averaged over samples, beside the same for
+A+ y (zero fill, nearest upsampling, gray); and for digits / MNIST inputs from the dataset, the
+accuracy of diffusekit's own classifier (``evaluate/features.py``) on restored, original and
+degraded images against the originals' labels.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from diffusekit.errors import ConfigError, DataError
+from diffusekit.sampling.grids import SPACINGS
+from diffusekit.sampling.noise import PerSampleNoise
+from diffusekit.sampling.restore import (Colorization, Inpaint, LinearDegradation, SuperResolution, sample_ddnm,
+                                         sample_repaint)
+
+__all__ = ["RestoreSettings", "TASKS", "METHODS", "MASKS", "make_masks", "read_mask", "load_inputs", "psnr",
+           "restore_run", "noise_seed"]
+
+TASKS: tuple[str, ...] = ("inpaint", "outpaint", "superres", "colorize")
+METHODS: tuple[str, ...] = ("repaint", "ddnm")
+MASKS: tuple[str, ...] = ("center", "border", "left", "right", "top", "bottom", "random")
+DEFAULT_MASK = {"inpaint": "center", "outpaint": "border"}
+
+
+@dataclass
+class RestoreSettings:
+    """Everything that determines a restoration besides the model.
+
+    ``mask`` names the region to generate: "center" (a centred square of half the side), "border"
+    (all but that square: outpainting), "left" / "right" / "top" / "bottom" (that half), "random"
+    (a ``fraction`` of the pixels, drawn per input from (``mask_seed``, input index)), or a PNG file
+    of the image size whose white pixels (>= 128) are generated; "" takes the task's default (inpaint:
+    center, outpaint: border). ``factor`` is the super-resolution factor. ``steps = 0`` runs the full
+    chain (T); ``resample`` (U) and ``jump`` (j) are RePaint's resampling (U = 1: none). Inputs are the
+    first ``n`` images of the run's ``split``, or the files ``images`` (any size: centre-cropped and
+    resized to the model's). ``batch_size`` does not change any sample.
+    """
+
+    task: Literal["inpaint", "outpaint", "superres", "colorize"] = "inpaint"
+    method: Literal["repaint", "ddnm"] = "repaint"
+    mask: str = ""
+    fraction: float = 0.5
+    mask_seed: int = 0
+    factor: int = 2
+    steps: int = 0
+    spacing: Literal["leading", "linspace", "trailing"] = "trailing"
+    resample: int = 1
+    jump: int = 10
+    variance: Literal["beta", "beta_tilde"] = "beta_tilde"
+    clip_x0: float | None = None
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    n: int = 8
+    images: list[str] = field(default_factory=list)
+    split: Literal["train", "test"] = "test"
+    use_ema: bool = True
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        self.seeds = [int(s) for s in self.seeds]
+        self.images = [str(p) for p in self.images]
+        if not self.mask and self.task in DEFAULT_MASK:
+            self.mask = DEFAULT_MASK[self.task]
+
+        def integer(v: Any, lo: int) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+        checks = [
+            (self.task in TASKS, "task", f"one of {TASKS}", self.task),
+            (self.method in METHODS, "method", f"one of {METHODS}", self.method),
+            (0.0 < self.fraction < 1.0, "fraction", "in (0, 1)", self.fraction),
+            (integer(self.mask_seed, 0), "mask_seed", "an integer >= 0", self.mask_seed),
+            (integer(self.factor, 2), "factor", "an integer >= 2", self.factor),
+            (integer(self.steps, 0), "steps", "an integer >= 0 (0 = T)", self.steps),
+            (self.spacing in SPACINGS, "spacing", f"one of {SPACINGS}", self.spacing),
+            (integer(self.resample, 1), "resample", "an integer >= 1", self.resample),
+            (integer(self.jump, 1), "jump", "an integer >= 1", self.jump),
+            (self.variance in ("beta", "beta_tilde"), "variance", "'beta' or 'beta_tilde'", self.variance),
+            (self.clip_x0 is None or self.clip_x0 > 0, "clip_x0", "positive or None", self.clip_x0),
+            (len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds) and min(self.seeds) >= 0, "seeds",
+             "non-empty, distinct and >= 0", self.seeds),
+            (integer(self.n, 1), "n", "an integer >= 1", self.n),
+            (self.split in ("train", "test"), "split", "'train' or 'test'", self.split),
+            (integer(self.batch_size, 1), "batch_size", "an integer >= 1", self.batch_size),
+        ]
+        for ok, name, want, got in checks:
+            if not ok:
+                raise ConfigError(f"--{name.replace('_', '-')} must be {want}, got {got!r}")
+
+    def to_json(self, extra: dict[str, Any] | None = None) -> str:
+        d = asdict(self)
+        if extra is not None:
+            d["extra"] = extra
+        return json.dumps(d, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RestoreSettings":
+        """Read settings written by ``to_json`` (a ``settings.json``); unknown keys are errors."""
+        d = json.loads(text)
+        if not isinstance(d, dict):
+            raise ValueError("restore settings must be a JSON object")
+        d.pop("extra", None)
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown restore settings keys {unknown}")
+        return cls(**d)
+
+
+# -- masks, inputs, seeds ----------------------------------------------------------------------
+def noise_seed(seed: int, index: int) -> int:
+    """The noise stream of restored sample (input ``index``, ``seed``): SeedSequence([seed, index])."""
+    a, b = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
+    return (int(a) << 31) ^ int(b)  # < 2**63
+
+
+def read_mask(path: str | Path, size: tuple[int, int]) -> Tensor:
+    """A mask image -> bool (H, W), True where the pixel is known (the file's dark pixels, < 128)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            gray = np.asarray(img.convert("L"))
+    except FileNotFoundError:
+        raise DataError(f"--mask {path}: file does not exist") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"--mask {path}: not a readable image ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+    if gray.shape != tuple(size):
+        raise DataError(f"--mask {path}: mask is {gray.shape[1]}x{gray.shape[0]} pixels but the model's images are "
+                        f"{size[1]}x{size[0]}")
+    return torch.from_numpy(gray < 128)
+
+
+def make_masks(spec: str, n: int, size: tuple[int, int], fraction: float = 0.5, mask_seed: int = 0) -> Tensor:
+    """Known-pixel masks (n, 1, H, W) for ``spec`` (see ``RestoreSettings``); True = known."""
+    H, W = size
+    if spec == "random":
+        out = torch.ones(n, H * W, dtype=torch.bool)
+        n_unknown = min(max(1, round(fraction * H * W)), H * W - 1)
+        for k in range(n):
+            g = torch.Generator().manual_seed(noise_seed(mask_seed, k))
+            out[k, torch.randperm(H * W, generator=g)[:n_unknown]] = False
+        return out.reshape(n, 1, H, W)
+    if spec in MASKS:
+        unknown = torch.zeros(H, W, dtype=torch.bool)
+        h, w = H // 2, W // 2
+        if spec in ("center", "border"):
+            unknown[(H - h) // 2:(H - h) // 2 + h, (W - w) // 2:(W - w) // 2 + w] = True
+            if spec == "border":
+                unknown = ~unknown
+        else:
+            rows = {"top": slice(0, h), "bottom": slice(H - h, H)}.get(spec, slice(None))
+            cols = {"left": slice(0, w), "right": slice(W - w, W)}.get(spec, slice(None))
+            unknown[rows, cols] = True
+        known = ~unknown
+    else:
+        known = read_mask(spec, size)
+    if known.all() or not known.any():
+        raise DataError(f"--mask {spec}: the mask marks {'no' if known.all() else 'every'} pixel as unknown")
+    return known.reshape(1, 1, H, W).expand(n, 1, H, W).clone()
+
+
+def load_inputs(run, settings: RestoreSettings) -> tuple[Tensor, Tensor, list[str]]:
+    """(originals (K, C, H, W) float32 in [-1, 1], labels (K,) with -1 where unknown, names)."""
+    C, H, W = run.data_shape
+    if settings.images:
+        from diffusekit.data.images import read_image
+
+        try:
+            arrays = [read_image(p, H, C) for p in settings.images]
+        except DataError as exc:
+            raise DataError(f"--images {exc}") from None
+        x = torch.from_numpy(np.stack(arrays).astype(np.float32) / 255.0 * 2.0 - 1.0)
+        return x, torch.full((len(arrays),), -1, dtype=torch.int64), list(settings.images)
+    from diffusekit.data.registry import load_dataset
+
+    data = load_dataset(run.cfg.data, settings.split)
+    if settings.n > len(data):
+        raise ConfigError(f"--n {settings.n} exceeds the {len(data)} images of the {settings.split} split")
+    labels = data.labels[:settings.n] if data.labels is not None else torch.full((settings.n,), -1, dtype=torch.int64)
+    return data.x[:settings.n].clone(), labels.clone(), [f"{settings.split}:{i}" for i in range(settings.n)]
+
+
+def check_task(run, settings: RestoreSettings, run_dir: Path | str) -> None:
+    """One-line ConfigErrors naming the flag, for a task the run's model cannot do."""
+    if len(run.data_shape) != 3:
+        raise ConfigError(f"--run {run_dir}: restoration needs an image model; this run's data has shape "
+                          f"{tuple(run.data_shape)}")
+    C, H, W = run.data_shape
+    if settings.task == "colorize" and C != 3:
+        raise ConfigError(f"--task colorize needs a colour (3-channel) model; {run_dir} has {C} channel"
+                          f"{'s' if C != 1 else ''}")
+    if settings.task == "superres" and (H % settings.factor or W % settings.factor):
+        raise ConfigError(f"--factor {settings.factor} does not divide the model's image size {H}x{W}")
+    T = run.schedule.T
+    if settings.steps > T:
+        raise ConfigError(f"--steps must lie in 0..{T} (0 = all steps), got {settings.steps}")
+    if settings.resample > 1 and settings.jump > (settings.steps or T):
+        raise ConfigError(f"--jump {settings.jump} exceeds the {settings.steps or T} sampling steps")
+
+
+def build_operator(settings: RestoreSettings, data_shape: Sequence[int], n_inputs: int
+                   ) -> tuple[LinearDegradation | None, Tensor | None]:
+    """(shared operator or None, per-input known masks or None) for the task."""
+    if settings.task == "superres":
+        return SuperResolution(settings.factor), None
+    if settings.task == "colorize":
+        return Colorization(data_shape[0]), None
+    return None, make_masks(settings.mask, n_inputs, tuple(data_shape[1:]), settings.fraction, settings.mask_seed)
+
+
+def psnr(x: Tensor, ref: Tensor, region: Tensor | None = None) -> Tensor:
+    """Per-image PSNR in dB of x against ref (data range [-1, 1], peak-to-peak 2) over ``region``
+    (bool, broadcast to x; None = all pixels); x is clamped to [-1, 1] first."""
+    err = (x.clamp(-1, 1) - ref).double().pow(2)
+    if region is None:
+        mse = err.flatten(1).mean(1)
+    else:
+        region = region.expand_as(err).flatten(1).double()
+        mse = (err.flatten(1) * region).sum(1) / region.sum(1)
+    return 10.0 * torch.log10(4.0 / mse.clamp_min(1e-20))
+
+
+# -- the run -----------------------------------------------------------------------------------
+def _restore_all(run, settings: RestoreSettings, x: Tensor, op, known, device, progress: bool,
+                 stats: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """Restored images (K, S, C, H, W) on the CPU and their noise seeds (K, S)."""
+    K, S = x.shape[0], len(settings.seeds)
+    pairs = [(k, s) for k in range(K) for s in settings.seeds]
+    seeds = torch.tensor([[noise_seed(s, k) for s in settings.seeds] for k in range(K)], dtype=torch.int64)
+    sampler = sample_repaint if settings.method == "repaint" else sample_ddnm
+    out: list[Tensor] = []
+    calls = 0
+    batches = range(0, len(pairs), settings.batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=f"{settings.method} batches", total=math.ceil(len(pairs) / settings.batch_size))
+    for lo in batches:
+        chunk = pairs[lo:lo + settings.batch_size]
+        index = torch.tensor([k for k, _ in chunk])
+        batch_op = Inpaint(known[index].to(device)) if known is not None else op
+        y = batch_op.A(x[index].to(device))
+        noise = PerSampleNoise([noise_seed(s, k) for k, s in chunk], x.shape[1:], device=device)
+
+        def count(_info: dict[str, Any]) -> None:
+            nonlocal calls
+            calls += 1
+
+        calls = 0
+        restored = sampler(run.denoiser, run.schedule, noise(), noise, batch_op, y, steps=settings.steps or None,
+                           spacing=settings.spacing, resample=settings.resample, jump=settings.jump,
+                           variance=settings.variance, clip_x0=settings.clip_x0, callback=count)
+        out.append(restored.cpu())
+    stats["nfe"] = calls  # network calls per sample (every batch walks the same path)
+    return torch.cat(out).reshape(K, S, *x.shape[1:]), seeds
+
+
+def _classifier_accuracy(run, restored: Tensor, x: Tensor, degraded: Tensor, labels: Tensor) -> dict[str, float]:
+    """Accuracy of the dataset's own classifier on restored / original / degraded images, if it has one."""
+    name = run.cfg.data.name
+    if name not in ("digits", "mnist") or (labels < 0).any():
+        return {}
+    from diffusekit.evaluate.features import evaluate_accuracy, load_feature_net
+
+    net = load_feature_net(name)
+    S = restored.shape[1]
+    return {"accuracy": evaluate_accuracy(net, restored.flatten(0, 1).clamp(-1, 1), labels.repeat_interleave(S)),
+            "accuracy_original": evaluate_accuracy(net, x, labels),
+            "accuracy_degraded": evaluate_accuracy(net, degraded.clamp(-1, 1), labels)}
+
+
+def _picture(degraded: Tensor, restored: Tensor, x: Tensor, known: Tensor | None, levels: int | None) -> bytes:
+    """Rows of degraded | restored (one per seed) | original; unknown mask pixels drawn red."""
+    from diffusekit.viz import image_grid, png_bytes
+
+    S = restored.shape[1]
+    rows = torch.cat([degraded[:, None], restored.clamp(-1, 1), x[:, None]], dim=1)  # (K, S + 2, C, H, W)
+    if known is not None:
+        rows = rows.expand(-1, -1, 3, -1, -1).clone() if rows.shape[2] == 1 else rows
+        red = torch.tensor([1.0, -0.8, -0.8]).reshape(3, 1, 1).expand_as(rows[:, 0])
+        rows[:, 0] = torch.where(known.expand_as(rows[:, 0]), rows[:, 0], red)
+    upscale = max(1, math.ceil(64 / rows.shape[-1]))  # tiles of at least 64 px
+    return png_bytes(image_grid(rows.flatten(0, 1), nrow=S + 2, upscale=upscale, levels=levels))
+
+
+def restore_run(run_dir: Path | str, settings: RestoreSettings, out_dir: Path | str,
+                device: str | torch.device = "cpu", progress: bool = True) -> dict[str, Any]:
+    """Restore the inputs of ``settings`` with the run's model; write the files; return the metrics."""
+    from diffusekit.models import load_run
+    from diffusekit.train.checkpoint import atomic_write_bytes, atomic_write_text
+    from diffusekit.vae.evaluate import is_latent_run
+
+    if is_latent_run(run_dir):
+        raise ConfigError(f"--run {run_dir}: restoration needs a diffusion model; this is a latent-variable model")
+    run = load_run(run_dir, use_ema=settings.use_ema, device=device)
+    check_task(run, settings, run_dir)
+    t0 = time.time()
+    x, labels, names = load_inputs(run, settings)
+    op, known = build_operator(settings, run.data_shape, x.shape[0])
+    full_op = Inpaint(known) if known is not None else op
+    y = full_op.A(x)
+    degraded = full_op.A_pinv(y)
+    stats: dict[str, Any] = {}
+    restored, seeds = _restore_all(run, settings, x, op, known, device, progress, stats)
+
+    S = restored.shape[1]
+    region = None if known is None else ~known
+    rep = lambda t: t.repeat_interleave(S, 0)  # noqa: E731 - per input -> per restored sample
+    per_sample_op = Inpaint(rep(known)) if known is not None else op
+    metrics: dict[str, Any] = {
+        "task": settings.task, "method": settings.method, "resample": settings.resample,
+        "n_inputs": x.shape[0], "n_samples": x.shape[0] * S, "nfe": stats["nfe"],
+        "psnr": psnr(restored.flatten(0, 1), rep(x), None if region is None else rep(region)).mean().item(),
+        "psnr_pinv": psnr(degraded, x, region).mean().item(),
+        "measurement_error": (per_sample_op.A(restored.flatten(0, 1)) - rep(y)).abs().max().item(),
+        **_classifier_accuracy(run, restored, x, degraded, labels),
+    }
+    metrics["seconds"] = round(time.time() - t0, 2)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "restore.png", _picture(degraded, restored, x, known, run.levels))
+    buf = io.BytesIO()
+    arrays = {"restored": restored, "original": x, "measurement": y, "degraded": degraded}
+    np.savez(buf, **{k: v.to(torch.float32).numpy() for k, v in arrays.items()},
+             known=(known if known is not None else torch.ones(0, dtype=torch.bool)).numpy(),
+             seeds=np.asarray(settings.seeds, dtype=np.int64), noise_seeds=seeds.numpy(), labels=labels.numpy(),
+             inputs=np.asarray(names))
+    atomic_write_bytes(out / "restored.npz", buf.getvalue())
+    extra = {"run": str(run_dir), "checkpoint": str(run.checkpoint), "step": run.step, "metrics": metrics}
+    atomic_write_text(out / "settings.json", settings.to_json(extra=extra) + "\n")
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+    return metrics
