@@ -70,8 +70,10 @@ def test_pinv_is_the_moore_penrose_inverse_of_the_dense_matrix(op, shape):
 
 def test_shapes_and_bad_input():
     x = torch.randn(2, 3, 8, 8)
-    assert SuperResolution(4).A(x).shape == (2, 3, 2, 2) and SuperResolution(4).A_pinv(torch.ones(2, 3, 2, 2)).shape == x.shape
-    assert Colorization(3).A(x).shape == (2, 1, 8, 8) and Colorization(3).A_pinv(torch.ones(2, 1, 8, 8)).shape == x.shape
+    assert SuperResolution(4).A(x).shape == (2, 3, 2, 2)
+    assert SuperResolution(4).A_pinv(torch.ones(2, 3, 2, 2)).shape == x.shape
+    assert Colorization(3).A(x).shape == (2, 1, 8, 8)
+    assert Colorization(3).A_pinv(torch.ones(2, 1, 8, 8)).shape == x.shape
     assert torch.equal(SuperResolution(2).A_pinv(torch.tensor([[[[1.0, 2.0]]]])),
                        torch.tensor([[[[1.0, 1.0, 2.0, 2.0], [1.0, 1.0, 2.0, 2.0]]]]))  # nearest upsampling
     with pytest.raises(ValueError, match="does not divide"):

@@ -35,8 +35,9 @@ def colour_run(tmp_path_factory):
     for i in range(4):
         Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(folder / f"c{i}.png")
     out = root / "run"
-    assert cli_main(["train", *TINY, "--set", "data.name=folder", "--set", f"data.path={folder}", "--set",
-                     "data.channels=3", "--set", "data.image_size=16", "--set", "model.attn_resolutions=[8]", "--out", str(out), "--no-progress"]) == 0
+    colour = ["--set", "data.name=folder", "--set", f"data.path={folder}", "--set", "data.channels=3", "--set",
+              "data.image_size=16", "--set", "model.attn_resolutions=[8]"]
+    assert cli_main(["train", *TINY, *colour, "--out", str(out), "--no-progress"]) == 0
     return out
 
 

@@ -37,7 +37,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--factor", type=int, default=None, help="superres: downsampling factor (default 2)")
     p.add_argument("--steps", type=int, default=0, help="sampling steps (0 = T, the full chain)")
     p.add_argument("--spacing", choices=["leading", "linspace", "trailing"], default="trailing")
-    p.add_argument("--resample", type=int, default=1, help="RePaint's U: denoise every segment U times (1 = no resampling)")
+    p.add_argument("--resample", type=int, default=1,
+                   help="RePaint's U: denoise every segment U times (1 = no resampling)")
     p.add_argument("--jump", type=int, default=10, help="RePaint's jump length j (steps re-noised per resampling)")
     p.add_argument("--variance", choices=["beta", "beta_tilde"], default="beta_tilde", help="reverse variance")
     p.add_argument("--clip-x0", type=float, default=None, metavar="C", help="clip predicted x0 to [-C, C]")

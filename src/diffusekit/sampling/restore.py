@@ -16,17 +16,20 @@ isotropic eps), so given A x_0 = y the measured component of x_t is exactly
 P x_t = alpha A+ y + sigma P eps. Both samplers use that:
 
 - ``sample_repaint``: RePaint (Lugmayr et al. 2022, "RePaint: Inpainting using Denoising Diffusion
-  Probabilistic Models", Algorithm 1): an ancestral DDPM step for the whole image, then the measured
-  component of x_{t-1} is replaced by a forward-noised measurement, x_{t-1} <- (I - P) x_{t-1} +
-  P (alpha_{t-1} A+ y + sigma_{t-1} z). The paper states it for masks; with A A^T = c I the same
-  replacement acts in the range of A^T. Its resampling (U times, jump length j) re-noises x by j
-  steps with q(x_{t+j} | x_t) and denoises again, INSIDE the reverse loop (PITFALLS 14), so the
-  generated part is harmonised with the measurement (the paper's Sec. 4.2).
+  Probabilistic Models"; its result: an unconditional DDPM inpaints, untrained, if the known pixels
+  of every x_{t-1} are drawn from the forward process). An ancestral DDPM step for the whole image,
+  then the measured component of x_{t-1} is replaced by a forward-noised measurement,
+  x_{t-1} <- (I - P) x_{t-1} + P (alpha_{t-1} A+ y + sigma_{t-1} z). The paper states it for masks;
+  with A A^T = c I the same replacement acts in the range of A^T. Its resampling (U times, jump
+  length j) re-noises x by j steps with q(x_{t+j} | x_t) and denoises again, INSIDE the reverse loop
+  (PITFALLS 14), so the generated part is harmonised with the measurement.
 - ``sample_ddnm``: the null-space projection of DDNM (Wang, Yu & Zhang 2023, "Zero-Shot Image
-  Restoration Using Denoising Diffusion Null-Space Model", eq. 13): the predicted clean image is made
-  consistent, x0 <- x0 + A+ (y - A x0) = (I - P) x0 + A+ y, then the posterior step
-  q(x_{t-1} | x_t, x0) (seed 000 "Algorithm 2 Sampling", x0 form) is taken; optionally with the same
-  resampling ("time travel" in the paper).
+  Restoration Using Denoising Diffusion Null-Space Model"; its result: keeping the range-space part
+  A+ y of the predicted x0 and the model's null-space part restores any linear degradation with a
+  known pseudo-inverse, untrained). The predicted clean image is made consistent,
+  x0 <- x0 + A+ (y - A x0) = (I - P) x0 + A+ y, then the posterior step q(x_{t-1} | x_t, x0)
+  (seed 000 "Algorithm 2 Sampling", x0 form) is taken; optionally with the same resampling ("time
+  travel" in the paper).
 
 Both end with ``op.consistent(x, y)``: at the last step (t = 1 -> 0, alpha_0 = 1, sigma_0 = 0) the
 measured component is already A+ y, and this final projection makes the measurement exact: for
@@ -83,7 +86,7 @@ class LinearDegradation:
         return x + self.project_range(x_measured - x)
 
     def consistent(self, x: Tensor, y: Tensor) -> Tensor:
-        """x + A+ (y - A x) = (I - P) x + A+ y, the closest point to x with A x = y (DDNM eq. 13)."""
+        """x + A+ (y - A x) = (I - P) x + A+ y, the closest point to x with A x = y (DDNM's projection)."""
         return self.merge(x, self.A_pinv(y))
 
 
@@ -169,7 +172,7 @@ class Colorization(LinearDegradation):
 
 # -- the resampling schedule -------------------------------------------------------------------
 def resample_path(steps: int, resample: int = 1, jump: int = 1) -> list[int]:
-    """The sequence of grid indices S, ..., 0 a restoration sampler visits (RePaint Sec. 4.2).
+    """The sequence of grid indices S, ..., 0 a restoration sampler visits (RePaint's resampling).
 
     Moves down by one are reverse steps; a move up by ``jump`` re-noises x with q(x_{i+j} | x_i).
     At each jump point k = 0, j, 2j, ... with k + j <= S the sampler jumps back ``resample - 1``
@@ -259,7 +262,7 @@ def sample_repaint(
     callback: Callback | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """RePaint (Lugmayr et al. 2022, Algorithm 1) for y = op.A(x), generalised from masks to A A^T = c I.
+    """RePaint (Lugmayr et al. 2022) for y = op.A(x), generalised from masks to A A^T = c I.
 
     Each reverse step i -> i-1 (on the table respaced to ``steps`` with ``spacing``, as in
     ``sample_ddpm``) draws the unconditional ancestral step x' = mu_q(x_i, x0_hat) + std_i z and
@@ -307,7 +310,7 @@ def sample_ddnm(
     callback: Callback | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """Null-space projection of the predicted x0 (DDNM, Wang et al. 2023, eq. 13), then the posterior step.
+    """Null-space projection of the predicted x0 (DDNM, Wang et al. 2023), then the posterior step.
 
     Each reverse step i -> i-1: x0_hat <- x0_hat + A+ (y - A x0_hat) (so A x0_hat = y; with
     ``clip_x0`` the clamp comes first), then x_{i-1} = mu_q(x_i, x0_hat) + std_i z as in

@@ -151,7 +151,8 @@ def read_mask(path: str | Path, size: tuple[int, int]) -> Tensor:
     except FileNotFoundError:
         raise DataError(f"--mask {path}: file does not exist") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"--mask {path}: not a readable image ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"--mask {path}: not a readable image ({first_line})") from None
     if gray.shape != tuple(size):
         raise DataError(f"--mask {path}: mask is {gray.shape[1]}x{gray.shape[0]} pixels but the model's images are "
                         f"{size[1]}x{size[0]}")
