@@ -82,7 +82,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     result["seconds"] = time.time() - t0
     path = write_evaluation(args.run, result)
     prompts = [caption(d, t) for t in DEFAULT_GRID_PROMPTS for d in range(10)]
-    grid = save_prompt_grid(run, prompts, 8, settings, path.with_suffix(".png"))
+    grid = save_prompt_grid(run, prompts, 6, settings, path.with_suffix(".png"))
     print(json.dumps(result, indent=1) if args.json else format_prompt_table(result))
     if not args.json:
         print(f"results: {path}\npicture (one row per prompt): {grid}")

@@ -3,13 +3,13 @@
 Rombach et al. (2022), "High-Resolution Image Synthesis with Latent Diffusion Models": a frozen
 autoencoder maps an image x to a latent z = E(x) (here the posterior mean of the KL autoencoder of
 ``configs/autoencoder_mnist.toml``: 28x28 -> 4x7x7), diffusion runs on z, and samples are decoded
-by D. Their sec. 4.3.2 rescales the latents by one factor so they have unit variance (the
+by D. They rescale KL-regularized latents by one factor so they have unit variance (the
 "scale factor" of Stable Diffusion); here it is measured on the train split when training starts
 (``latent_scale``) and kept as a buffer of the trained module, so every checkpoint carries it.
-Conditioning is their eq. 3: the U-Net's cross-attention reads the token features tau(y) of the
+Conditioning follows their sec. 3.3: the U-Net's cross-attention reads the token features tau(y) of the
 caption y (MiniLM, ``diffusekit.text``), and the loss is the usual per-example denoising loss,
 
-    L = E_{E(x), y, eps, t} || eps - eps_theta(z_t, t, tau(y)) ||^2      (eq. 3, any prediction kind)
+    L = E_{E(x), y, eps, t} || eps - eps_theta(z_t, t, tau(y)) ||^2      (any prediction kind)
 
 Captions come from the labels (``data.captions``): the trainer hands the objective the class label
 of each example (``model.num_classes = 10``), already replaced by the null label with probability
@@ -83,7 +83,7 @@ def load_codec(path: str | Path, data_shape: tuple[int, ...] | None = None, devi
 @torch.no_grad()
 def latent_scale(autoencoder: nn.Module, x: Tensor, batch_size: int = 500) -> float:
     """1 / std of the posterior means E[z | x] over all of ``x`` and every latent coordinate, so that
-    the scaled train latents have unit variance (Rombach et al. 2022, sec. 4.3.2)."""
+    the scaled train latents have unit variance (the rescaling of Rombach et al. 2022)."""
     total, total_sq, count = 0.0, 0.0, 0
     for lo in range(0, x.shape[0], batch_size):
         z = autoencoder.encode(x[lo:lo + batch_size]).double()
