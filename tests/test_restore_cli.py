@@ -175,6 +175,20 @@ def test_a_run_that_does_not_exist(capsys, tmp_path):
     _one_line_error(capsys, ["--run", tmp_path / "nope", "--task", "inpaint"], "nope")
 
 
+def test_parser_choices_match_the_library_and_building_it_imports_no_torch():
+    import subprocess
+    import sys
+
+    from diffusekit import cli_restore
+    from diffusekit.sampling import restore_run
+
+    assert (cli_restore.TASKS, cli_restore.METHODS, cli_restore.MASKS) == (restore_run.TASKS, restore_run.METHODS,
+                                                                           restore_run.MASKS)
+    code = ("import argparse, sys; from diffusekit import cli_restore; "
+            "cli_restore.add_parser(argparse.ArgumentParser().add_subparsers()); print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
 def test_masks_and_psnr():
     center = make_masks("center", 2, (8, 8))
     assert center.shape == (2, 1, 8, 8) and (~center).sum() == 2 * 16 and not center[0, 0, 2:6, 2:6].any()

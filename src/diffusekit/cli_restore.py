@@ -18,10 +18,14 @@ from diffusekit.errors import ConfigError, DiffusekitError
 __all__ = ["add_parser", "main", "run", "settings_from_args", "format_metrics"]
 
 
+# the choices of sampling.restore_run, repeated so that building the parser does not import torch
+TASKS = ("inpaint", "outpaint", "superres", "colorize")
+METHODS = ("repaint", "ddnm")
+MASKS = ("center", "border", "left", "right", "top", "bottom", "random")
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``restore`` subcommand to an argparse subparsers object; returns its parser."""
-    from diffusekit.sampling.restore_run import MASKS, METHODS, TASKS
-
     p = subparsers.add_parser("restore", help="inpaint, outpaint, super-resolve or colorize images with a trained "
                                               "unconditional run (RePaint or DDNM, no training)")
     p.add_argument("--run", type=Path, required=True, help="run folder written by `diffusekit train`")
