@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from diffusekit import cli_restore
 from diffusekit.errors import ConfigError, DiffusekitError
 
 __all__ = ["main", "build_parser"]
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None, help="config to use (default: configs/digits.toml if present)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     _add_common(p)
+    cli_restore.add_parser(sub)
     return parser
 
 
@@ -384,7 +386,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 DEMO_METRICS = ("bpd", "fd")
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "demo": cmd_demo,
+            "restore": cli_restore.main}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
