@@ -134,7 +134,8 @@ def evaluate_prompts(run: TextLatentRun, settings, n_samples: int = 200, encoder
     with the held-out paraphrases (sample i: digit i % 10, template (i // 10) % #templates; both sets
     use seeds 0..n-1, so they differ only by the wording of the prompt)."""
     from diffusekit.data.captions import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, caption
-    from diffusekit.evaluate.quality import image_quality
+    from diffusekit.evaluate.features import load_feature_net
+    from diffusekit.evaluate.quality import _snap_to_levels, image_quality
 
     if n_samples < 10:
         raise ValueError(f"n_samples must be >= 10 (one per digit), got {n_samples}")
@@ -147,10 +148,9 @@ def evaluate_prompts(run: TextLatentRun, settings, n_samples: int = 200, encoder
         prompts = [caption(int(d), templates[int(j)]) for d, j in zip(labels, which)]
         x = sample_prompts(run, prompts, base, encoder, device, progress)
         q = image_quality(x, run.cfg.data.name, levels=run.levels, labels=labels)
-        with torch.no_grad():
-            from diffusekit.evaluate.features import load_feature_net
-
-            predicted = load_feature_net(run.cfg.data.name).features_and_logits(x.clamp(-1, 1))[1].argmax(1)
+        with torch.no_grad():  # the same classifier on the same quantized images, per template
+            net = load_feature_net(run.cfg.data.name)
+            predicted = net.features_and_logits(_snap_to_levels(x, run.levels))[1].argmax(1)
         per_template = {templates[j]: (predicted[which == j] == labels[which == j]).double().mean().item()
                         for j in range(len(templates)) if bool((which == j).any())}
         out[name] = {"class_accuracy": q["class_accuracy"], "fd": q["fd"], "fd_ratio": q["fd_ratio"],
