@@ -344,6 +344,38 @@ def test_missing_or_incomplete_autoencoder_run_is_a_one_line_error(tmp_path, ae_
         moved.rename(ae_run)
 
 
+def test_a_retrained_autoencoder_is_refused_by_its_fingerprint(tmp_path, ae_run, text_run):
+    import copy
+
+    from diffusekit.errors import CheckpointError
+    from diffusekit.latent import load_codec
+    from diffusekit.latent.objective import codec_fingerprint
+    from diffusekit.latent.run import load_text_latent_run
+
+    module = load_codec(ae_run).module
+    print_ = codec_fingerprint(module)
+    assert print_.dtype == torch.float32 and torch.equal(print_, print_.round()) and print_.max() < 2 ** 16
+    twin = copy.deepcopy(module)
+    assert torch.equal(codec_fingerprint(twin), print_)
+    with torch.no_grad():  # one weight moved by one ulp changes it
+        w = next(twin.parameters()).view(-1)
+        w[0] = torch.nextafter(w[0], w[0] + 1)
+    assert not torch.equal(codec_fingerprint(twin), print_)
+    assert torch.equal(load_text_latent_run(text_run).denoiser.net.codec_fingerprint, print_)
+
+    other = _train(tmp_path / "ae-other", AE + ["train.seed=7"])  # retrained "in place": swap the folders
+    kept = ae_run.with_name("ae-kept")
+    ae_run.rename(kept)
+    other.rename(ae_run)
+    try:
+        with pytest.raises(CheckpointError, match="autoencoder's weights differ") as info:
+            load_text_latent_run(text_run)
+        assert "\n" not in str(info.value)
+    finally:
+        ae_run.rename(other)
+        kept.rename(ae_run)
+
+
 def test_config_and_prompt_errors(ae_run, text_run):
     from diffusekit.config import load_config
     from diffusekit.errors import ConfigError

@@ -20,6 +20,7 @@ The caption features of the fixed training set are computed once (``text.Caption
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -28,10 +29,11 @@ from torch import Tensor, nn
 
 from diffusekit.errors import CheckpointError, ConfigError
 
-__all__ = ["KIND", "LatentCodec", "LatentTextNet", "load_codec", "latent_scale", "build_latent_net",
-           "TextLatentObjective"]
+__all__ = ["KIND", "LatentCodec", "LatentTextNet", "load_codec", "latent_scale", "codec_fingerprint",
+           "build_latent_net", "TextLatentObjective"]
 
 KIND = "latent_unet"
+FINGERPRINT_WORDS = 8  # 16-bit words of the codec's SHA-256 kept in the trained module
 
 
 class LatentCodec:
@@ -95,16 +97,32 @@ def latent_scale(autoencoder: nn.Module, x: Tensor, batch_size: int = 500) -> fl
     return 1.0 / math.sqrt(var)
 
 
+def codec_fingerprint(autoencoder: nn.Module) -> Tensor:
+    """The first 128 bits of a SHA-256 over the autoencoder's state (names, dtypes, shapes, bytes), as
+    ``FINGERPRINT_WORDS`` 16-bit words in float32 (exact there, and unchanged by the trainer's float32
+    EMA, which copies buffers). Any change of the codec's weights changes it."""
+    digest = hashlib.sha256()
+    for name, value in sorted(autoencoder.state_dict().items()):
+        v = value.detach().cpu().contiguous()
+        digest.update(f"{name}|{v.dtype}|{tuple(v.shape)}|".encode())
+        digest.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    raw = digest.digest()[:2 * FINGERPRINT_WORDS]
+    return torch.tensor([int.from_bytes(raw[i:i + 2], "big") for i in range(0, len(raw), 2)], dtype=torch.float32)
+
+
 class LatentTextNet(nn.Module):
-    """The trained module: a cross-attention U-Net on scaled latents, plus the buffer ``latent_scale``
-    that it was trained with (saved in every checkpoint with the weights)."""
+    """The trained module: a cross-attention U-Net on scaled latents, plus the buffers ``latent_scale``
+    and ``codec_fingerprint`` (of the autoencoder it was trained with; both saved in every checkpoint
+    with the weights, so a run cannot silently decode with a retrained autoencoder)."""
 
     latent_scale: Tensor
+    codec_fingerprint: Tensor
 
     def __init__(self, unet: nn.Module, scale: float = 1.0):
         super().__init__()
         self.unet = unet
         self.register_buffer("latent_scale", torch.tensor(float(scale)))
+        self.register_buffer("codec_fingerprint", torch.zeros(FINGERPRINT_WORDS))
 
     def forward(self, x: Tensor, c_noise: Tensor, context: Tensor | None = None,
                 context_mask: Tensor | None = None) -> Tensor:
@@ -166,6 +184,7 @@ class TextLatentObjective:
             self.templates = TRAIN_TEMPLATES
             self.captions = CaptionFeatures(caption_grid(TRAIN_TEMPLATES) + [NULL_CAPTION])
         self.module.latent_scale.fill_(scale)
+        self.module.codec_fingerprint.copy_(codec_fingerprint(run.module))
         self.codec = LatentCodec(run.module, scale, str(cfg.latent.autoencoder_run))
         self.null_row = len(self.captions.captions) - 1
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from diffusekit.errors import CheckpointError, ConfigError
-from diffusekit.latent.objective import KIND, LatentCodec, build_latent_net, load_codec
+from diffusekit.latent.objective import KIND, LatentCodec, build_latent_net, codec_fingerprint, load_codec
 from diffusekit.parameterization import Denoiser
 from diffusekit.schedules import DiscreteSchedule
 
@@ -91,6 +91,9 @@ def load_text_latent_run(run_dir: Path | str, use_ema: bool = True, device: torc
     scale = float(net.latent_scale)
     if not scale > 0:
         raise CheckpointError(f"{source}: latent_scale is {scale}, not a positive number")
+    if not torch.equal(net.codec_fingerprint, codec_fingerprint(codec_run.module)):
+        raise CheckpointError(f"latent.autoencoder_run = {str(cfg.latent.autoencoder_run)!r}: the autoencoder's "
+                              f"weights differ from those {run_dir} was trained with (retrained or replaced?)")
     codec = LatentCodec(codec_run.module, scale, cfg.latent.autoencoder_run)
     denoiser = Denoiser(net, cfg.model.prediction).to(device).eval()
     return TextLatentRun(cfg, denoiser, build_schedule(cfg.diffusion), latent_shape, codec, data_shape, levels,
