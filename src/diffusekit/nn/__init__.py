@@ -4,8 +4,9 @@ The networks know nothing about noise semantics (STYLE 3); ``diffusekit.paramete
 their output as eps, x0, v or score.
 """
 
+from diffusekit.nn.controlnet import ControlledUNet, ControlNet
 from diffusekit.nn.embeddings import FourierEmbedding, SinusoidalEmbedding, make_time_embedding
 from diffusekit.nn.mlp import MLPDenoiser
 from diffusekit.nn.unet import UNet
 
-__all__ = ["UNet", "MLPDenoiser", "SinusoidalEmbedding", "FourierEmbedding", "make_time_embedding"]
+__all__ = ["UNet", "ControlNet", "ControlledUNet", "MLPDenoiser", "SinusoidalEmbedding", "FourierEmbedding", "make_time_embedding"]

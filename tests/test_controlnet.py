@@ -1,0 +1,169 @@
+"""ControlNet on a frozen U-Net: exact identity at initialisation, residual layout, what trains, errors.
+
+Tiny networks (8 base channels, 8x8 images) so the file runs in seconds on 2 CPU cores.
+"""
+
+import pytest
+import torch
+
+from diffusekit.nn import UNet
+from diffusekit.nn.controlnet import ControlledUNet, ControlNet
+
+TINY = dict(base_channels=8, norm_groups=4, image_size=8, channel_mult=(1, 2), attn_resolutions=(4,))
+
+
+def perturb(model: torch.nn.Module, std: float = 0.2, seed: int = 1) -> torch.nn.Module:
+    """Add noise to every parameter (a stand-in for trained weights: the base's zero-initialised
+    output conv would otherwise hide everything)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+def trained_base(**kwargs) -> UNet:
+    torch.manual_seed(0)
+    return perturb(UNet(**{**TINY, **kwargs}))
+
+
+def inputs(batch: int = 3, size: int = 8, seed: int = 2):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 1, size, size, generator=gen)
+    control = torch.rand(batch, 1, size, size, generator=gen)
+    return x, torch.linspace(-10.0, 10.0, batch), control
+
+
+def controlled(scale: float = 1.0, **kwargs) -> ControlledUNet:
+    base = trained_base(**kwargs)
+    torch.manual_seed(5)
+    return ControlledUNet(base, ControlNet(base), scale=scale)
+
+
+def test_initial_output_equals_the_base_exactly():
+    model = controlled()
+    x, logsnr, control = inputs()
+    with torch.no_grad():
+        expected = model.base(x, logsnr)
+        got = model(x, logsnr, control=control)
+    assert torch.equal(got, expected)
+    # not vacuous: the control net's features are nonzero, only the zero convs silence them
+    assert any(p.abs().sum() > 0 for p in model.controlnet.down.parameters())
+
+
+def test_class_conditional_base_initial_output_equal_too():
+    model = controlled(num_classes=3)
+    x, logsnr, control = inputs()
+    labels = torch.tensor([0, 2, 3])
+    with torch.no_grad():
+        assert torch.equal(model(x, logsnr, control=control, class_labels=labels),
+                           model.base(x, logsnr, class_labels=labels))
+
+
+@pytest.mark.parametrize("mult,size", [((1, 2), 8), ((1, 2, 2), 16)])
+def test_residuals_match_residual_shapes(mult, size):
+    base = trained_base(channel_mult=mult, attn_resolutions=())
+    net = ControlNet(base)
+    x, logsnr, control = inputs(batch=2, size=size)
+    residuals = net(x, logsnr, control)
+    assert [tuple(r.shape) for r in residuals] == base.residual_shapes(2, size)
+    assert all(torch.equal(r, torch.zeros_like(r)) for r in residuals)  # zero convs at init
+
+
+def test_copy_starts_from_the_base_weights_and_is_independent_and_trainable():
+    base = trained_base().requires_grad_(False)
+    net = ControlNet(base)
+    for name in ("conv_in", "down", "mid1", "mid2", "time_mlp"):
+        ours, theirs = getattr(net, name).state_dict(), getattr(base, name).state_dict()
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            assert torch.equal(ours[key], theirs[key])
+            assert ours[key].data_ptr() != theirs[key].data_ptr()
+    rows = net.emb_proj.out_features
+    assert rows < base.emb_proj.out_features
+    assert torch.equal(net.emb_proj.weight, base.emb_proj.weight[:rows])
+    assert all(p.requires_grad for p in net.parameters())
+
+
+def test_one_step_changes_only_the_controlnet():
+    model = controlled().train()
+    assert not model.base.training and model.controlnet.training
+    assert not any(p.requires_grad for p in model.base.parameters())
+    base_before = {k: v.clone() for k, v in model.base.state_dict().items()}
+    net_before = {k: v.clone() for k, v in model.controlnet.state_dict().items()}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)  # every parameter: frozen ones must not move
+    x, logsnr, control = inputs()
+    model(x, logsnr, control=control).square().mean().backward()
+    opt.step()
+    assert all(p.grad is None for p in model.base.parameters())
+    for k, v in model.base.state_dict().items():
+        assert torch.equal(v, base_before[k]), k
+    changed = [k for k, v in model.controlnet.state_dict().items() if not torch.equal(v, net_before[k])]
+    assert any(k.startswith("zero_convs.") for k in changed)
+    assert all(k.startswith("zero_convs.") for k in changed)  # everything upstream of a zero conv gets 0 grad
+
+
+def test_gradients_reach_the_zero_convs_at_initialisation():
+    model = controlled()
+    x, logsnr, control = inputs()
+    out = model(x, logsnr, control=control)
+    with torch.no_grad():
+        assert torch.equal(out, model.base(x, logsnr))
+    out.square().sum().backward()
+    for i, conv in enumerate(model.controlnet.zero_convs):
+        assert torch.equal(conv.weight, torch.zeros_like(conv.weight))
+        assert conv.weight.grad is not None and conv.weight.grad.abs().max() > 0, i
+        assert conv.bias.grad.abs().max() > 0, i
+    # and after the zero convs move, the control image changes the output
+    with torch.no_grad():
+        for conv in model.controlnet.zero_convs:
+            conv.weight.add_(0.1)
+        perturb(model.controlnet.hint, seed=7)
+        a = model(x, logsnr, control=control)
+        b = model(x, logsnr, control=1 - control)
+    assert not torch.allclose(a, b)
+
+
+def test_scale_zero_equals_the_base_and_scale_matters():
+    model = controlled(scale=0.0)
+    perturb(model.controlnet, seed=3)  # a "trained" ControlNet with nonzero residuals
+    x, logsnr, control = inputs()
+    with torch.no_grad():
+        assert torch.equal(model(x, logsnr, control=control), model.base(x, logsnr))
+        model.scale = 1.0
+        assert not torch.allclose(model(x, logsnr, control=control), model.base(x, logsnr))
+
+
+def test_caller_residuals_are_added_and_not_mutated():
+    model = controlled()
+    perturb(model.controlnet, seed=3)
+    x, logsnr, control = inputs()
+    gen = torch.Generator().manual_seed(9)
+    extra = [torch.randn(s, generator=gen) for s in model.residual_shapes(3)]
+    copies, ids = [r.clone() for r in extra], [id(r) for r in extra]
+    with torch.no_grad():
+        got = model(x, logsnr, control=control, residuals=extra)
+        mine = model.controlnet(x, logsnr, control)
+        expected = model.base(x, logsnr, residuals=[r + e for r, e in zip(mine, extra)])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert [id(r) for r in extra] == ids and len(extra) == len(copies)
+    assert all(torch.equal(a, b) for a, b in zip(extra, copies))
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 4, 4), (3, 2, 8, 8), (2, 1, 8, 8)])
+def test_control_of_the_wrong_shape_is_a_one_line_error(shape):
+    model = controlled()
+    x, logsnr, _ = inputs()
+    with pytest.raises(ValueError, match="control must have shape") as err:
+        model(x, logsnr, control=torch.zeros(shape))
+    assert "\n" not in str(err.value) and "(3, 1, 8, 8)" in str(err.value)
+
+
+def test_missing_control_and_foreign_base_are_errors():
+    model = controlled()
+    x, logsnr, _ = inputs()
+    with pytest.raises(ValueError, match="no control image"):
+        model(x, logsnr)
+    other = UNet(**{**TINY, "channel_mult": (1, 2, 2), "image_size": 8, "attn_resolutions": ()})
+    with pytest.raises(ValueError, match="another layout"):
+        ControlledUNet(other, model.controlnet)
