@@ -167,3 +167,106 @@ def test_missing_control_and_foreign_base_are_errors():
     other = UNet(**{**TINY, "channel_mult": (1, 2, 2), "image_size": 8, "attn_resolutions": ()})
     with pytest.raises(ValueError, match="another layout"):
         ControlledUNet(other, model.controlnet)
+
+
+# ------------------------------------------------------------------ the family (model.kind = "controlnet")
+def test_sobel_edges_of_a_step_and_of_a_constant():
+    from diffusekit.control import sobel_edges
+
+    x = torch.ones(1, 1, 8, 8)
+    x[..., :4] = -1.0  # a vertical step of height 2 between columns 3 and 4
+    expected = torch.zeros(1, 1, 8, 8)
+    expected[..., 3:5] = 2.0  # (1 + 2 + 1) * 2 / 4 on both sides of the step
+    assert torch.equal(sobel_edges(x), expected)
+    assert torch.equal(sobel_edges(x.transpose(2, 3)), expected.transpose(2, 3))
+    torch.testing.assert_close(sobel_edges(torch.full((2, 3, 8, 8), 0.7)), torch.zeros(2, 1, 8, 8),
+                               rtol=0, atol=1e-6)  # the channel mean of 0.7 rounds
+    with pytest.raises(ValueError, match="B, C, H, W"):
+        sobel_edges(torch.zeros(8, 8))
+
+
+def test_edge_correlation():
+    from diffusekit.control import edge_correlation
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand(4, 1, 8, 8, generator=gen)
+    torch.testing.assert_close(edge_correlation(a, 2 * a + 3), torch.ones(4, dtype=torch.float64))
+    torch.testing.assert_close(edge_correlation(a, -a), -torch.ones(4, dtype=torch.float64))
+    assert torch.equal(edge_correlation(a, torch.ones_like(a)), torch.zeros(4, dtype=torch.float64))
+    b = torch.rand(4, 1, 8, 8, generator=gen)
+    assert edge_correlation(a, b).abs().max() < 0.5
+
+
+TINY_BASE = ["data.name=digits", "model.base_channels=8", "model.channel_mult=[1,2]", "model.attn_resolutions=[4]",
+             "model.norm_groups=4", "diffusion.T=50", "train.batch_size=16", "train.warmup_steps=1",
+             "train.log_every=2", "train.sample_every=0", "train.checkpoint_every=2", "train.n_sample=4",
+             "train.steps=2"]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    from diffusekit.config import load_config
+    from diffusekit.train.trainer import train
+
+    folder = tmp_path_factory.mktemp("base") / "run"
+    train(load_config(None, TINY_BASE), folder, progress=False)
+    return folder
+
+
+def control_cfg(base_run, *extra):
+    from diffusekit.config import load_config
+
+    return load_config(None, ["data.name=digits", "model.kind=controlnet", f"controlnet.base_run={str(base_run)!r}",
+                              "train.batch_size=16", "train.warmup_steps=1", "train.log_every=2",
+                              "train.sample_every=0", "train.checkpoint_every=2", "train.n_sample=4",
+                              "train.steps=2", *extra])
+
+
+def test_family_loss_at_init_is_the_base_loss_and_only_controlnet_trains(base_run):
+    from diffusekit.models import load_run
+    from diffusekit.objectives import DiffusionObjective, build_objective
+
+    cfg = control_cfg(base_run)
+    objective = build_objective(cfg, (1, 8, 8))
+    module = objective.module
+    assert isinstance(module, ControlledUNet) and objective.schedule.T == 50  # the base run's schedule
+    assert not any(p.requires_grad for p in module.base.parameters())
+    assert all(p.requires_grad for p in module.controlnet.parameters())
+    base = load_run(base_run)
+    reference = DiffusionObjective(base.cfg, (1, 8, 8))
+    x0 = torch.rand(5, 1, 8, 8) * 2 - 1
+    ours = objective.loss(module, x0, None, torch.Generator().manual_seed(3))
+    theirs = reference.loss(base.denoiser.net, x0, None, torch.Generator().manual_seed(3))
+    assert ours.shape == (5,) and torch.equal(ours, theirs)
+
+
+def test_family_trains_and_loads_back(base_run, tmp_path):
+    from diffusekit.control import edge_agreement, load_control_run
+    from diffusekit.models import load_run
+    from diffusekit.train.trainer import train
+
+    train(control_cfg(base_run), tmp_path / "cn", progress=False)
+    objective, denoiser = load_control_run(tmp_path / "cn")
+    base = load_run(base_run)
+    for k, v in base.denoiser.net.state_dict().items():  # the frozen base came through training unchanged
+        assert torch.equal(objective.module.base.state_dict()[k], v), k
+    moved = [conv.weight.abs().max() > 0 for conv in objective.module.controlnet.zero_convs]
+    assert all(moved)
+    scores = edge_agreement(tmp_path / "cn", n=6, steps=3, batch_size=6)
+    assert set(scores) == {"n", "controlnet", "base", "chance"} and scores["n"] == 6
+    assert all(-1 <= scores[k] <= 1 for k in ("controlnet", "base", "chance"))
+
+
+def test_family_config_errors(base_run, tmp_path):
+    from diffusekit.errors import CheckpointError, ConfigError
+    from diffusekit.objectives import build_objective
+
+    with pytest.raises(ConfigError, match="controlnet.base_run"):
+        control_cfg(base_run, "controlnet.base_run=''")
+    with pytest.raises(ConfigError, match="controlnet.hint"):
+        control_cfg(base_run, "controlnet.hint='depth'")
+    with pytest.raises(CheckpointError, match="controlnet.base_run") as err:
+        build_objective(control_cfg(tmp_path / "missing"), (1, 8, 8))
+    assert "\n" not in str(err.value)
+    with pytest.raises(CheckpointError, match="shape"):
+        build_objective(control_cfg(base_run), (1, 16, 16))

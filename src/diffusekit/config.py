@@ -1,7 +1,7 @@
 """Typed configuration: dataclasses with visible defaults, TOML files, dotted overrides.
 
-One ``Config`` holds eight sections (``[data]``, ``[model]``, ``[diffusion]``, ``[loss]``, ``[train]``,
-``[sample]``, ``[vae]``, ``[latent]``). A run's config is built in three layers, later ones winning:
+One ``Config`` holds nine sections (``[data]``, ``[model]``, ``[diffusion]``, ``[loss]``, ``[train]``,
+``[sample]``, ``[vae]``, ``[latent]``, ``[controlnet]``). A run's config is built in three layers, later ones winning:
 
     defaults (the dataclasses below)  <-  TOML file  <-  ``--set section.key=value`` overrides
 
@@ -55,7 +55,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    kind: Literal["unet", "mlp", "vae", "mhvae", "autoencoder", "latent_unet"] = "unet"  # latent_unet: [latent]
+    kind: Literal["unet", "mlp", "vae", "mhvae", "autoencoder", "latent_unet", "controlnet"] = "unet"  # latent_unet: [latent]; controlnet: [controlnet]
     prediction: Literal["eps", "x0", "v", "score"] = "eps"
     base_channels: int = 32
     channel_mult: list[int] = field(default_factory=lambda: [1, 2])
@@ -156,6 +156,15 @@ class LatentConfig:
 
 
 @dataclass
+class ControlNetConfig:
+    """ControlNet (model.kind = "controlnet", diffusekit.control): a trainable copy of the encoder of
+    the frozen U-Net of ``base_run`` learns to steer it with a control image computed from each example."""
+
+    base_run: str = "runs/digits_class"  # run folder of a trained model.kind = "unet" run (kept frozen)
+    hint: Literal["edges"] = "edges"  # edges: Sobel gradient magnitude of the image
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -165,6 +174,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
+    controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
 
     def validate(self) -> "Config":
         """Range checks across the whole config; raises ``ConfigError`` naming the key. Returns self."""
@@ -487,3 +497,5 @@ def _validate(cfg: Config) -> None:
     _check(v.iwae_k >= 1, "vae.iwae_k", ">= 1", v.iwae_k)
     _check(m.kind != "latent_unet" or bool(cfg.latent.autoencoder_run.strip()), "latent.autoencoder_run",
            "the run folder of a trained autoencoder", cfg.latent.autoencoder_run)
+    _check(m.kind != "controlnet" or bool(cfg.controlnet.base_run.strip()), "controlnet.base_run",
+           "the run folder of a trained unet", cfg.controlnet.base_run)

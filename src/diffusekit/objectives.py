@@ -14,7 +14,7 @@ The trainer (``diffusekit.train.trainer``) knows nothing about diffusion. It ask
 
 Families register a builder for their ``model.kind`` with ``register_family``; the diffusion
 family (``unet``, ``mlp``) is built in; ``diffusekit.vae`` and ``diffusekit.latent`` (``latent_unet``:
-text-to-image latent diffusion) register theirs on import.
+text-to-image latent diffusion) and ``diffusekit.control`` (``controlnet``) register theirs on import.
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ def build_objective(cfg, data_shape: tuple[int, ...]) -> Objective:
         import diffusekit.vae  # noqa: F401  (registers the latent-variable families)
     if kind == "latent_unet":
         import diffusekit.latent  # noqa: F401  (registers text-to-image latent diffusion)
+    if kind == "controlnet":
+        import diffusekit.control  # noqa: F401  (registers ControlNet on a frozen unet run)
     if kind in ("unet", "mlp") and cfg.loss.objective == "continuous":
         from diffusekit.continuous import ContinuousObjective  # VDM's ELBO / weighted L_w, maybe a learned schedule
 
