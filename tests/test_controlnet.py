@@ -270,3 +270,29 @@ def test_family_config_errors(base_run, tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(CheckpointError, match="shape"):
         build_objective(control_cfg(base_run), (1, 16, 16))
+
+
+def test_cli_samples_and_evaluates_a_controlnet_run(base_run, tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    from diffusekit.cli import main
+    from diffusekit.config import save_config
+
+    cfg = tmp_path / "cn.toml"
+    save_config(control_cfg(base_run), cfg)
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "cn"), "--no-progress"]) == 0
+    out = tmp_path / "s"
+    assert main(["sample", "--run", str(tmp_path / "cn"), "--seeds", "0-3", "--sampler", "ddim", "--steps", "3",
+                 "--control-from", "train", "--out", str(out), "--no-progress"]) == 0
+    assert np.load(out / "samples.npz")["x"].shape == (4, 1, 8, 8)
+    assert json.loads((out / "settings.json").read_text())["extra"]["control_from"] == "train"
+    assert "mean correlation" in capsys.readouterr().out
+    assert main(["evaluate", "--run", str(tmp_path / "cn"), "--n-samples", "4", "--steps", "3", "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scores["n"] == 4 and -1 <= scores["controlnet"] <= 1
+    assert main(["sample", "--run", str(base_run), "--seeds", "0", "--control-from", "test", "--no-progress",
+                 "--out", str(tmp_path / "t")]) == 2  # --control-from on a run that is not a ControlNet
+    assert "--control-from applies to ControlNet runs" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()

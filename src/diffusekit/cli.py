@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
                    help="text-conditioned runs (model.kind = latent_unet): a caption, repeatable; sample i gets "
                         "prompt i %% P (\"\" = unconditional)")
+    p.add_argument("--control-from", default=None, metavar="SPLIT",
+                   help="ControlNet runs (model.kind = controlnet): sample i follows the hint of example seed i of "
+                        "this split (default: test)")
     _add_continuous_sampler_flags(p)
     ema = p.add_mutually_exclusive_group()
     ema.add_argument("--ema", dest="ema", action="store_true", default=True, help="use EMA weights (default)")
@@ -292,6 +295,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
         from diffusekit.latent.cli import sample_command
 
         return sample_command(args, _sample_settings)
+    from diffusekit.control import is_control_run
+
+    if is_control_run(args.run):  # ControlNet on a frozen unet: diffusekit.control
+        from diffusekit.control import sample_command as control_sample
+
+        return control_sample(args, _sample_settings)
+    if args.control_from is not None:
+        raise ConfigError(f"--control-from applies to ControlNet runs (model.kind = 'controlnet'); {args.run} is not one")
     if args.prompt is not None:
         raise ConfigError(f"--prompt applies to text-conditioned runs (model.kind = 'latent_unet'); "
                           f"{args.run} is not one")
@@ -338,6 +349,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from diffusekit.latent.cli import evaluate_command
 
         return evaluate_command(args)
+    from diffusekit.control import edge_agreement, is_control_run
+
+    if is_control_run(args.run):  # ControlNet: how well the samples' hints follow the requested ones
+        result = edge_agreement(args.run, n=args.n_samples or 200, sampler=args.sampler or "ddim",
+                                steps=100 if args.steps is None else args.steps)
+        print(json.dumps(result) if args.json else "  ".join(f"{k} {v:.4g}" for k, v in result.items()))
+        return 0
 
     if is_latent_run(args.run):  # VAE / MHVAE / autoencoder: ELBO and IWAE bounds, collapse, reconstruction
         if args.guidance is not None:
