@@ -159,6 +159,15 @@ def test_control_of_the_wrong_shape_is_a_one_line_error(shape):
     assert "\n" not in str(err.value) and "(3, 1, 8, 8)" in str(err.value)
 
 
+def test_bad_class_labels_are_one_line_errors_before_any_layer_runs():
+    x, logsnr, control = inputs()
+    with pytest.raises(ValueError, match="num_classes=0"):
+        controlled()(x, logsnr, control=control, class_labels=torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"shape \(3,\)") as err:
+        controlled(num_classes=3)(x, logsnr, control=control, class_labels=torch.zeros(3, 1, dtype=torch.long))
+    assert "\n" not in str(err.value)
+
+
 def test_missing_control_and_foreign_base_are_errors():
     model = controlled()
     x, logsnr, _ = inputs()

@@ -89,9 +89,15 @@ class ControlNet(nn.Module):
     def _embedding(self, c_noise: Tensor, class_labels: Tensor | None, batch: int) -> Tensor:
         emb = self.time_mlp(self.time_embed(noise_level_vector(c_noise, batch, "ControlNet")))
         if self.class_embed is None:
+            if class_labels is not None:
+                raise ValueError("class_labels given, but the base UNet was built with num_classes=0")
             return emb
         if class_labels is None:  # null label, as in the base
             class_labels = torch.full((batch,), self.num_classes, device=emb.device)
+        elif class_labels.shape != (batch,) or class_labels.is_floating_point():
+            raise ValueError(f"class_labels must be an integer tensor of shape ({batch},) with values in "
+                             f"0..{self.num_classes} ({self.num_classes} = null), got {class_labels.dtype} "
+                             f"{tuple(class_labels.shape)}")
         return emb + self.class_embed(class_labels)
 
     def forward(self, x: Tensor, c_noise: Tensor, control: Tensor, class_labels: Tensor | None = None,
