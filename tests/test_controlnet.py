@@ -3,6 +3,8 @@
 Tiny networks (8 base channels, 8x8 images) so the file runs in seconds on 2 CPU cores.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -264,6 +266,19 @@ def test_family_trains_and_loads_back(base_run, tmp_path):
     scores = edge_agreement(tmp_path / "cn", n=6, steps=3, batch_size=6)
     assert set(scores) == {"n", "controlnet", "base", "chance"} and scores["n"] == 6
     assert all(-1 <= scores[k] <= 1 for k in ("controlnet", "base", "chance"))
+
+    import json
+
+    from diffusekit.errors import CheckpointError
+    from diffusekit.train.checkpoint import latest_checkpoint
+
+    record_path = Path(f"{latest_checkpoint(tmp_path / 'cn')}.json")
+    record = json.loads(record_path.read_text())
+    del record["meta"]["config"]  # a record without its config is named, not a KeyError traceback
+    record_path.write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match=r"\.json: metadata lacks 'config'") as info:
+        load_control_run(tmp_path / "cn")
+    assert "\n" not in str(info.value)
 
 
 def test_family_config_errors(base_run, tmp_path):

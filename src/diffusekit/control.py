@@ -131,10 +131,16 @@ def load_control_run(run_dir: Path | str, use_ema: bool = True, device: str | to
     if ckpt is None:
         raise CheckpointError(f"{run_dir}: no complete checkpoint (is it a trained run folder?)")
     tensors, record = load_checkpoint(ckpt)
-    cfg = config_from_dict(record["meta"]["config"])
+    try:
+        cfg = config_from_dict(record["meta"]["config"])
+        data_shape = tuple(record["meta"]["data"]["shape"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{ckpt}.json: metadata lacks {exc}") from None
+    except ConfigError as exc:
+        raise CheckpointError(f"{ckpt}.json: recorded config is invalid ({exc})") from None
     if cfg.model.kind != KIND:
         raise CheckpointError(f"{run_dir} is a model.kind = {cfg.model.kind!r} run, not {KIND!r}")
-    objective = ControlObjective(cfg, tuple(record["meta"]["data"]["shape"]))
+    objective = ControlObjective(cfg, data_shape)
     prefix = "ema." if use_ema else "model."
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     load_module_state(objective.module, state, f"{ckpt}.safetensors", f"{prefix[:-1]} weights")
