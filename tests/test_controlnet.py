@@ -320,3 +320,37 @@ def test_cli_samples_and_evaluates_a_controlnet_run(base_run, tmp_path, capsys):
                  "--out", str(tmp_path / "t")]) == 2  # --control-from on a run that is not a ControlNet
     assert "--control-from applies to ControlNet runs" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+
+    # --control-scale 0 is the base model: the same samples, bit for bit, as sampling the base run
+    common = ["--seeds", "0-3", "--sampler", "ddim", "--steps", "3", "--no-progress"]
+    assert main(["sample", "--run", str(tmp_path / "cn"), *common, "--control-scale", "0", "--out",
+                 str(tmp_path / "c0")]) == 0
+    assert main(["sample", "--run", str(base_run), *common, "--out", str(tmp_path / "b")]) == 0
+    c0, b = (np.load(tmp_path / d / "samples.npz")["x"] for d in ("c0", "b"))
+    c1 = np.load(out / "samples.npz")["x"]
+    assert np.array_equal(c0, b) and not np.array_equal(c0, c1)
+    assert json.loads((tmp_path / "c0" / "settings.json").read_text())["extra"]["control_scale"] == 0.0
+
+    # hints from image files: two PNGs of test digits, sample i follows image i % 2
+    from PIL import Image
+
+    from diffusekit.data import load_dataset
+
+    digits = load_dataset(control_cfg(base_run).data, "test").x[:2]
+    pngs = []
+    for k, img in enumerate(digits):
+        pngs.append(tmp_path / f"hint{k}.png")
+        Image.fromarray(((img[0].numpy() + 1) / 2 * 255).round().astype(np.uint8)).save(pngs[-1])
+    capsys.readouterr()
+    assert main(["sample", "--run", str(tmp_path / "cn"), *common, "--control-images", *map(str, pngs),
+                 "--out", str(tmp_path / "img")]) == 0
+    assert "from 2 images" in capsys.readouterr().out
+    assert json.loads((tmp_path / "img" / "settings.json").read_text())["extra"]["control_from"] == list(map(str, pngs))
+    # bad flags: one line each, nothing written
+    for bad, says in ((["--control-scale", "nan"], "--control-scale must be a finite number"),
+                      (["--control-images", str(tmp_path / "nope.png")], "nope.png"),
+                      (["--control-images", str(pngs[0]), "--control-from", "test"], "alternatives")):
+        assert main(["sample", "--run", str(tmp_path / "cn"), *common, *bad, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, err
+        assert not (tmp_path / "bad").exists()

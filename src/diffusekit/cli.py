@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control-from", default=None, metavar="SPLIT",
                    help="ControlNet runs (model.kind = controlnet): sample i follows the hint of example seed i of "
                         "this split (default: test)")
+    p.add_argument("--control-images", nargs="+", type=Path, default=None, metavar="PNG",
+                   help="ControlNet runs: take the hints from these images instead (sample i follows image i %% n)")
+    p.add_argument("--control-scale", type=float, default=None, metavar="C",
+                   help="ControlNet runs: multiply the ControlNet residuals by C (default 1; 0 = the base model)")
     _add_continuous_sampler_flags(p)
     ema = p.add_mutually_exclusive_group()
     ema.add_argument("--ema", dest="ema", action="store_true", default=True, help="use EMA weights (default)")
@@ -301,8 +305,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         from diffusekit.control import sample_command as control_sample
 
         return control_sample(args, _sample_settings)
-    if args.control_from is not None:
-        raise ConfigError(f"--control-from applies to ControlNet runs (model.kind = 'controlnet'); {args.run} is not one")
+    for flag, value in (("--control-from", args.control_from), ("--control-images", args.control_images),
+                        ("--control-scale", args.control_scale)):
+        if value is not None:
+            raise ConfigError(f"{flag} applies to ControlNet runs (model.kind = 'controlnet'); {args.run} is not one")
     if args.prompt is not None:
         raise ConfigError(f"--prompt applies to text-conditioned runs (model.kind = 'latent_unet'); "
                           f"{args.run} is not one")

@@ -14,8 +14,10 @@ of given images; ``edge_agreement`` measures how well the samples' own edges fol
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -178,6 +180,18 @@ def is_control_run(run_dir: Path | str) -> bool:
     return run_model_kind(run_dir) == KIND
 
 
+def control_images(paths, data_shape: tuple[int, ...]) -> Tensor:
+    """Image files -> (n, C, H, W) in [-1, 1] at the run's size and channels, to take hints from; a bad
+    file is a one-line ``DataError`` naming it (``data.images.read_image``)."""
+    from diffusekit.data.images import read_image
+
+    c, h, w = data_shape
+    if h != w:
+        raise ConfigError(f"--control-images needs a run on square images, this one has {h}x{w}")
+    arrays = [read_image(p, h, c) for p in paths]
+    return torch.from_numpy(np.stack(arrays).astype(np.float32) / 255 * 2 - 1)
+
+
 def sample_command(args, make_settings) -> int:
     """``diffusekit sample`` for a ControlNet run: sample i asks for the hint of example seed_i (mod the
     split's size) of ``--control-from`` (default test); prints the mean edge correlation achieved."""
@@ -189,19 +203,31 @@ def sample_command(args, make_settings) -> int:
 
     objective, denoiser = load_control_run(args.run, use_ema=args.ema)
     settings = make_settings(args, SimpleNamespace(cfg=objective.cfg, schedule=objective.schedule))
-    split = args.control_from or "test"
-    try:
-        data = load_dataset(objective.cfg.data, split).x
-    except (ValueError, KeyError) as exc:
-        raise ConfigError(f"--control-from {split!r}: {exc}") from None
+    scale = 1.0 if args.control_scale is None else args.control_scale
+    if not (math.isfinite(scale) and scale >= 0):
+        raise ConfigError(f"--control-scale must be a finite number >= 0, got {scale}")
+    objective.module.scale = float(scale)
+    if args.control_images and args.control_from is not None:
+        raise ConfigError("--control-images and --control-from are alternatives; give one")
+    if args.control_images:
+        source = [str(p) for p in args.control_images]
+        data = control_images(args.control_images, objective.data_shape)
+    else:
+        source = args.control_from or "test"
+        try:
+            data = load_dataset(objective.cfg.data, source).x
+        except (ValueError, KeyError) as exc:
+            raise ConfigError(f"--control-from {source!r}: {exc}") from None
     wanted = objective.hint(data[torch.tensor(settings.seeds) % data.shape[0]])
     out = args.out or args.run / f"samples-{settings.sampler}-{settings.steps or objective.schedule.T}-control"
     t0 = time.time()
     x = generate(denoiser, objective.schedule, objective.data_shape, settings, progress=not args.no_progress,
                  cond={"control": wanted})
     write_samples(x, settings.seeds, out, settings,
-                  extra={"run": str(args.run), "control_from": split, "hint": objective.cfg.controlnet.hint})
+                  extra={"run": str(args.run), "control_from": source, "hint": objective.cfg.controlnet.hint,
+                         "control_scale": scale})
     corr = float(edge_correlation(objective.hint(x), wanted).mean())
+    where = source if isinstance(source, str) else f"{len(source)} images"
     print(f"{len(settings.seeds)} samples in {time.time() - t0:.1f} s -> {out}; mean correlation of their "
-          f"{objective.cfg.controlnet.hint} with the requested ones (from {split}): {corr:.3f}")
+          f"{objective.cfg.controlnet.hint} with the requested ones (from {where}): {corr:.3f}")
     return 0
