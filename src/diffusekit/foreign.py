@@ -1,0 +1,198 @@
+"""Foreign models as diffusekit denoisers: a diffusers ``UNet2DModel`` folder with a DDPM scheduler.
+
+``load_diffusers_folder(path)`` returns ``(denoiser, schedule)``: the ``DiscreteSchedule`` rebuilt
+in float64 from the scheduler config, and a ``Denoiser`` around the U-Net, so every sampler and the
+discrete bound run on the model unchanged (STYLE 3: the network knows nothing of noise semantics;
+an adapter maps our network input to the foreign one, as k-diffusion's ``external.py`` does).
+
+Time correspondence (schedules.py): diffusers' step k = 0..T-1 is our t = k + 1, so the U-Net's
+timestep k was trained on noise level logsnr[k + 1] of our table. ``DiffusersUNet`` receives
+c_noise = logsnr and feeds the U-Net the timestep whose logsnr it is:
+
+- on a grid point (logsnr equal to a table entry in the input's dtype) the integer k itself;
+- between grid points, k is interpolated linearly in logsnr between the two neighbouring steps (the
+  U-Net's sinusoidal embedding accepts fractional timesteps; k-diffusion interpolates the same way,
+  in log sigma);
+- outside the trained range (logsnr above that of k = 0 or below that of k = T-1) k is clamped to
+  0 or T-1: the network is asked about the nearest level it knows.
+
+Our discrete samplers (ddpm, ddim, respaced or not) and the discrete bound only ask on grid points;
+the continuous-time samplers ask between them.
+
+Weights are read only from ``diffusion_pytorch_model.safetensors``; a folder with only pickled
+``.bin`` weights is refused (nothing here unpickles files).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from diffusekit.errors import CheckpointError, ConfigError
+from diffusekit.parameterization import Denoiser
+from diffusekit.schedules import DiscreteSchedule, cosine_betas
+
+__all__ = ["load_diffusers_folder", "diffusers_schedule", "DiffusersUNet", "logsnr_to_timestep",
+           "PREDICTION_KINDS"]
+
+F64 = torch.float64
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+# diffusers' prediction_type -> our Prediction kind
+PREDICTION_KINDS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: cannot read JSON ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data
+
+
+def diffusers_betas(config: dict[str, Any], source: str = "scheduler config") -> Tensor:
+    """The T betas of a DDPM-style scheduler config, float64 (diffusers numbers them k = 0..T-1).
+
+    linear: beta_k = beta_start + k (beta_end - beta_start) / (T - 1) (Ho et al. 2020, sec. 4, at
+    any T, no rescaling); scaled_linear: sqrt(beta) linear between sqrt(beta_start) and
+    sqrt(beta_end) (latent diffusion); squaredcos_cap_v2: Nichol & Dhariwal 2021 eq. 17 with beta
+    capped at 0.999 (``schedules.cosine_betas``); ``trained_betas`` in the config wins over all three.
+    """
+    T = config.get("num_train_timesteps", 1000)
+    if not isinstance(T, int) or isinstance(T, bool) or T < 1:
+        raise ConfigError(f"{source}: num_train_timesteps must be a positive integer, got {T!r}")
+    if config.get("rescale_betas_zero_snr"):
+        raise ConfigError(f"{source}: rescale_betas_zero_snr = true (beta_T = 1, infinite noise) is not supported")
+    if config.get("trained_betas") is not None:
+        return torch.as_tensor(config["trained_betas"], dtype=F64).flatten()
+    name = config.get("beta_schedule", "linear")
+    start, end = float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02))
+    if name == "linear":
+        return torch.linspace(start, end, T, dtype=F64)
+    if name == "scaled_linear":
+        return torch.linspace(start**0.5, end**0.5, T, dtype=F64) ** 2
+    if name == "squaredcos_cap_v2":
+        return cosine_betas(T, s=0.008, max_beta=0.999)
+    raise ConfigError(f"{source}: unsupported beta_schedule {name!r}; supported: {', '.join(BETA_SCHEDULES)}")
+
+
+def diffusers_schedule(config: dict[str, Any], source: str = "scheduler config") -> DiscreteSchedule:
+    """The float64 ``DiscreteSchedule`` of a scheduler config (our t = diffusers' k + 1)."""
+    betas = diffusers_betas(config, source)
+    try:
+        return DiscreteSchedule.from_betas(betas)
+    except ValueError as e:
+        raise ConfigError(f"{source}: betas do not make a schedule ({e})") from None
+
+
+def logsnr_to_timestep(logsnr: Tensor, table: Tensor) -> Tensor:
+    """diffusers' (fractional) timestep k for each logsnr, given ``table[k]`` = logsnr of step k
+    (strictly decreasing, float64). Exact integers on grid points, linear in logsnr between them,
+    clamped to [0, T-1] outside."""
+    T = table.numel()
+    exact = logsnr.unsqueeze(-1) == table.to(logsnr.dtype)  # grid point in the caller's precision
+    lam = logsnr.to(F64).clamp(float(table[-1]), float(table[0]))
+    if T == 1:
+        return torch.zeros_like(lam)
+    ascending = table.flip(0)
+    hi = torch.searchsorted(ascending, lam).clamp(1, T - 1)
+    lo_val, hi_val = ascending[hi - 1], ascending[hi]
+    pos = (hi - 1).to(F64) + (lam - lo_val) / (hi_val - lo_val)
+    k = (T - 1) - pos
+    on_grid = exact.any(-1)
+    k_grid = (exact.to(torch.int64).argmax(-1)).to(F64)
+    return torch.where(on_grid, k_grid, k)
+
+
+class DiffusersUNet(nn.Module):
+    """A diffusers U-Net seen as our raw network (x, c_noise = logsnr) -> tensor shaped like x.
+
+    ``table`` holds logsnr of diffusers' steps k = 0..T-1 (our ``schedule.logsnr[1:]``). ``cond``
+    keywords (e.g. ``class_labels``) pass through to the U-Net. With a learned variance the U-Net
+    outputs 2C channels; only the first C (the mean prediction) are returned.
+    """
+
+    def __init__(self, unet: nn.Module, table: Tensor, learned_variance: bool = False):
+        super().__init__()
+        self.unet = unet
+        self.register_buffer("table", table.to(F64).clone(), persistent=False)
+        self.learned_variance = learned_variance
+
+    def forward(self, x: Tensor, c_noise: Tensor, **cond: Any) -> Tensor:
+        k = logsnr_to_timestep(c_noise.detach().cpu(), self.table.cpu())
+        out = self.unet(x, k.to(device=x.device, dtype=torch.float32), **cond).sample
+        if self.learned_variance:
+            out = out[:, : x.shape[1]]
+        if out.shape != x.shape:
+            raise ValueError(f"the U-Net returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
+        return out
+
+
+def _find(folder: Path, sub: str, name: str) -> Path | None:
+    for p in (folder / sub / name, folder / name):
+        if p.is_file():
+            return p
+    return None
+
+
+def _load_unet(model_dir: Path) -> nn.Module:
+    """UNet2DModel from config.json and the safetensors weights (strict), never from pickles."""
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file
+
+    config_path = model_dir / "config.json"
+    weights = model_dir / WEIGHTS
+    if not weights.is_file():
+        pickled = sorted(p.name for p in model_dir.glob("*.bin"))
+        if pickled:
+            raise CheckpointError(f"{model_dir / pickled[0]}: pickled .bin weights are refused; "
+                                  f"convert them to {WEIGHTS} with a trusted tool")
+        raise CheckpointError(f"{weights}: weights file not found")
+    config = _read_json(config_path) if config_path.is_file() else None
+    if config is None:
+        raise CheckpointError(f"{config_path}: U-Net config not found")
+    if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise ConfigError(f"{config_path}: _class_name {config['_class_name']!r} is not supported (UNet2DModel only)")
+    if config.get("time_embedding_type", "positional") != "positional":
+        raise ConfigError(f"{config_path}: time_embedding_type {config['time_embedding_type']!r} is not supported "
+                          "(positional only: the timestep must be a DDPM step)")
+    unet = UNet2DModel.from_config(config)
+    try:
+        state = load_file(str(weights))
+        unet.load_state_dict(state, strict=True)
+    except Exception as e:  # safetensors' and torch's errors are long; keep the first line
+        raise CheckpointError(f"{weights}: weights do not load into the U-Net "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    return unet.eval()
+
+
+def load_diffusers_folder(path: str | Path) -> tuple[Denoiser, DiscreteSchedule]:
+    """(denoiser, schedule) for a diffusers folder written by ``save_pretrained``.
+
+    Accepted layouts: a pipeline folder (``unet/`` and ``scheduler/`` subfolders) or one folder
+    holding ``config.json``, the safetensors weights and ``scheduler_config.json``. The scheduler's
+    ``prediction_type`` ("epsilon", "sample", "v_prediction") picks the Prediction kind.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: diffusers model folder not found")
+    sched_path = _find(folder, "scheduler", "scheduler_config.json")
+    if sched_path is None:
+        raise ConfigError(f"{folder}: no scheduler_config.json (looked in the folder and scheduler/)")
+    config = _read_json(sched_path)
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_KINDS:
+        raise ConfigError(f"{sched_path}: unsupported prediction_type {prediction!r}; "
+                          f"supported: {', '.join(PREDICTION_KINDS)}")
+    schedule = diffusers_schedule(config, str(sched_path))
+    model_dir = folder / "unet" if (folder / "unet").is_dir() else folder
+    unet = _load_unet(model_dir)
+    learned = str(config.get("variance_type", "fixed_small")).startswith("learned")
+    net = DiffusersUNet(unet, schedule.logsnr[1:], learned_variance=learned)
+    return Denoiser(net, PREDICTION_KINDS[prediction]).eval(), schedule
