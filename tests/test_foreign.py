@@ -207,3 +207,16 @@ def test_continuous_sampler_runs_through_the_wrapper(tmp_path):
     again = generate(denoiser, schedule, (1, 8, 8), SampleSettings(sampler="dpmpp_2m", steps=8, seeds=[2]),
                      progress=False)
     torch.testing.assert_close(again[0], x[2], rtol=1e-5, atol=1e-5)
+
+
+def test_learned_variance_uses_the_mean_half_of_the_output(tmp_path):
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=2, layers_per_block=1, block_out_channels=(8, 16),
+                       norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    unet.save_pretrained(tmp_path)
+    DDPMScheduler(num_train_timesteps=T, variance_type="learned_range").save_pretrained(tmp_path)
+    denoiser, schedule = load_diffusers_folder(tmp_path)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        torch.testing.assert_close(denoiser(x, schedule.logsnr[5]).eps, unet(x, 4).sample[:, :1], rtol=0, atol=1e-6)
