@@ -220,3 +220,31 @@ def test_learned_variance_uses_the_mean_half_of_the_output(tmp_path):
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         torch.testing.assert_close(denoiser(x, schedule.logsnr[5]).eps, unet(x, 4).sample[:, :1], rtol=0, atol=1e-6)
+
+
+def test_cli_samples_a_diffusers_folder_reproducibly(tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    from diffusekit.cli import main
+    from diffusekit.foreign import is_diffusers_folder
+
+    folder = tmp_path / "pipe"
+    save_folder(folder, pipeline=True)
+    assert is_diffusers_folder(folder) and not is_diffusers_folder(tmp_path)
+    common = ["sample", "--run", str(folder), "--seeds", "0-3", "--sampler", "ddim", "--steps", "5", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--batch-size", "1", "--out", str(tmp_path / "b")]) == 0
+    a, b = (np.load(tmp_path / d / "samples.npz")["x"] for d in ("a", "b"))
+    assert a.shape == (4, 1, 8, 8) and np.isfinite(a).all()
+    np.testing.assert_allclose(a, b, atol=1e-5)  # sample i depends only on seed i
+    settings = json.loads((tmp_path / "a" / "settings.json").read_text())
+    assert settings["sampler"] == "ddim" and settings["extra"]["diffusers_folder"] == str(folder)
+    assert main([*common, "--settings", str(tmp_path / "a" / "settings.json"), "--out", str(tmp_path / "c")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "c" / "samples.npz")["x"], a)
+    capsys.readouterr()
+    assert main([*common, "--classes", "3", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "--classes does not apply to a diffusers folder" in err and err.count("\n") == 1
+    assert not (tmp_path / "d").exists()

@@ -291,6 +291,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from diffusekit.sampling.run import generate, write_samples
     from diffusekit.vae.evaluate import is_latent_run
 
+    from diffusekit.foreign import is_diffusers_folder
+
+    if is_diffusers_folder(args.run):  # a diffusers UNet2DModel + scheduler folder: diffusekit.foreign
+        from diffusekit.foreign import sample_command as diffusers_sample
+
+        return diffusers_sample(args, _sample_settings)
     if is_latent_run(args.run):
         return _sample_latent(args)
     from diffusekit.latent.run import is_text_latent_run

@@ -36,7 +36,8 @@ from diffusekit.errors import CheckpointError, ConfigError
 from diffusekit.parameterization import Denoiser
 from diffusekit.schedules import DiscreteSchedule, cosine_betas
 
-__all__ = ["load_diffusers_folder", "diffusers_schedule", "DiffusersUNet", "logsnr_to_timestep",
+__all__ = ["load_diffusers_folder", "is_diffusers_folder", "data_shape", "sample_command", "diffusers_schedule",
+           "DiffusersUNet", "logsnr_to_timestep",
            "PREDICTION_KINDS"]
 
 F64 = torch.float64
@@ -143,7 +144,11 @@ def _find(folder: Path, sub: str, name: str) -> Path | None:
 
 def _load_unet(model_dir: Path) -> nn.Module:
     """UNet2DModel from config.json and the safetensors weights (strict), never from pickles."""
-    from diffusers import UNet2DModel
+    try:
+        from diffusers import UNet2DModel
+    except ImportError:
+        raise ConfigError(f"{model_dir}: loading a diffusers model needs the diffusers package "
+                          "(pip install diffusers)") from None
     from safetensors.torch import load_file
 
     config_path = model_dir / "config.json"
@@ -196,3 +201,48 @@ def load_diffusers_folder(path: str | Path) -> tuple[Denoiser, DiscreteSchedule]
     learned = str(config.get("variance_type", "fixed_small")).startswith("learned")
     net = DiffusersUNet(unet, schedule.logsnr[1:], learned_variance=learned)
     return Denoiser(net, PREDICTION_KINDS[prediction]).eval(), schedule
+
+
+def is_diffusers_folder(path: str | Path) -> bool:
+    """Whether ``path`` looks like a diffusers folder (a scheduler config beside a U-Net config), not a
+    diffusekit run folder (which has ``checkpoints/``)."""
+    folder = Path(path)
+    return (folder.is_dir() and not (folder / "checkpoints").is_dir()
+            and _find(folder, "scheduler", "scheduler_config.json") is not None
+            and _find(folder, "unet", "config.json") is not None)
+
+
+def data_shape(path: str | Path) -> tuple[int, int, int]:
+    """(C, H, W) of the images the folder's U-Net generates, from its config."""
+    folder = Path(path)
+    config_path = _find(folder, "unet", "config.json")
+    config = _read_json(config_path)
+    size = config.get("sample_size", 32)
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return int(config.get("in_channels", 3)), int(h), int(w)
+
+
+def sample_command(args, make_settings) -> int:
+    """``diffusekit sample --run FOLDER`` for a diffusers folder: our samplers with the flags' settings
+    (defaults of a fresh ``[sample]`` section); 8-bit images (256 levels)."""
+    import time
+    from types import SimpleNamespace
+
+    from diffusekit.config import Config
+    from diffusekit.sampling.run import generate, write_samples
+
+    for flag, value in (("--classes", args.classes), ("--prompt", args.prompt), ("--control-from", args.control_from),
+                        ("--control-images", args.control_images), ("--control-scale", args.control_scale)):
+        if value is not None:
+            raise ConfigError(f"{flag} does not apply to a diffusers folder ({args.run}: unconditional UNet2DModel)")
+    if args.guidance is not None and args.guidance != 1.0:
+        raise ConfigError(f"--guidance needs a class-conditional run; {args.run} is an unconditional diffusers model")
+    denoiser, schedule = load_diffusers_folder(args.run)
+    settings = make_settings(args, SimpleNamespace(cfg=Config(), schedule=schedule))
+    shape = data_shape(args.run)
+    out = args.out or Path(args.run) / f"samples-{settings.sampler}-{settings.steps or schedule.T}"
+    t0 = time.time()
+    x = generate(denoiser, schedule, shape, settings, progress=not args.no_progress)
+    write_samples(x, settings.seeds, out, settings, 256, extra={"diffusers_folder": str(args.run)})
+    print(f"{len(settings.seeds)} samples in {time.time() - t0:.1f} s -> {out}")
+    return 0
