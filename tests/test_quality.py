@@ -223,3 +223,28 @@ def test_fid_machinery_on_a_small_network():
 def test_mnist_feature_net_reaches_accuracy_target(tmp_path):
     net = train_feature_net("mnist", seed=0)
     assert net.test_accuracy >= 0.95
+
+
+def test_pixel_quality_is_calibrated_by_real_images():
+    from diffusekit.evaluate.quality import pixel_quality
+
+    g = torch.Generator().manual_seed(0)
+    # a structured image distribution: random mixtures of two fixed 3x6x6 patterns plus noise
+    patterns = torch.rand(2, 3, 6, 6, generator=g) * 2 - 1
+
+    def draw(n):
+        w = torch.rand(n, 1, 1, 1, generator=g)
+        return (w * patterns[0] + (1 - w) * patterns[1] + 0.1 * torch.randn(n, 3, 6, 6, generator=g)).clamp(-1, 1)
+
+    train, test = draw(400), draw(300)
+    real = pixel_quality(draw(200), test, train, levels=256)
+    noise = pixel_quality(torch.rand(200, 3, 6, 6, generator=g) * 2 - 1, test, train, levels=256)
+    assert real["feature_space"] == "pixels" and real["n_samples"] == 200
+    for key in ("sliced_wasserstein", "mmd"):  # the same calibration draw for both
+        assert real[f"{key}_train_test"] == noise[f"{key}_train_test"]
+    assert real["sliced_wasserstein_ratio"] < 1.5 and noise["sliced_wasserstein_ratio"] > 5, (real, noise)
+    floor = abs(real["mmd_train_test"])
+    assert abs(real["mmd"]) < 10 * floor + 1e-3 and noise["mmd"] > 20 * (floor + abs(real["mmd"])), (real, noise)
+    assert "mmd_ratio" not in real
+    with pytest.raises(ValueError, match="at least 200 train images"):
+        pixel_quality(draw(200), test, train[:50])
