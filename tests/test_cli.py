@@ -202,3 +202,31 @@ def test_evaluate_class_accuracy_at_the_guidance(capsys, monkeypatch, class_run,
     assert result["bpd"]["conditional"]["bits_per_dim"] > 0
     report = (class_run / "eval" / "report.md").read_text()
     assert "class_accuracy" in report and "conditional bound" in report
+
+
+def test_evaluate_fd_on_a_folder_run_reports_pixel_space_distances(capsys, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(20):  # 18 train, 2 test (the folder's fixed 10% holdout)
+        Image.fromarray((np.random.default_rng(i).random((8, 8, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    run = tmp_path / "run"
+    tiny = TINY[2:]  # all but data.name=digits
+    assert TINY[:2] == ["--set", "data.name=digits"]
+    code, _, err = run_cli(capsys, "train", *tiny, "--set", "data.name=folder", "--set", f"data.path={folder}",
+                           "--set", "data.image_size=8", "--set", "data.channels=3", "--out", run, "--no-progress")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "evaluate", "--run", run, "--metrics", "fd", "--n-samples", "6", "--steps", "3",
+                             "--json", "--no-progress")
+    assert code == 0, err
+    q = json.loads(out)["quality"]
+    assert q["feature_space"].startswith("pixels") and q["n_compared"] == 6 and q["sliced_wasserstein_ratio"] > 0
+    assert "sliced_wasserstein_ratio" in (run / "eval" / "report.md").read_text()
+    (folder / "19.png").unlink()  # 19 images: one test image, too few for the distances: said, not a traceback
+    for f in sorted(folder.iterdir())[:9]:
+        f.unlink()
+    code, out, err = run_cli(capsys, "evaluate", "--run", run, "--metrics", "fd", "--n-samples", "4", "--steps", "3",
+                             "--no-progress")
+    assert code == 0, err
+    assert "pixel-space distances need at least 2" in out

@@ -239,12 +239,14 @@ def test_pixel_quality_is_calibrated_by_real_images():
     train, test = draw(400), draw(300)
     real = pixel_quality(draw(200), test, train, levels=256)
     noise = pixel_quality(torch.rand(200, 3, 6, 6, generator=g) * 2 - 1, test, train, levels=256)
-    assert real["feature_space"] == "pixels" and real["n_samples"] == 200
+    assert real["feature_space"] == "pixels" and real["n_compared"] == 200
     for key in ("sliced_wasserstein", "mmd"):  # the same calibration draw for both
         assert real[f"{key}_train_test"] == noise[f"{key}_train_test"]
     assert real["sliced_wasserstein_ratio"] < 1.5 and noise["sliced_wasserstein_ratio"] > 5, (real, noise)
     floor = abs(real["mmd_train_test"])
     assert abs(real["mmd"]) < 10 * floor + 1e-3 and noise["mmd"] > 20 * (floor + abs(real["mmd"])), (real, noise)
     assert "mmd_ratio" not in real
-    with pytest.raises(ValueError, match="at least 200 train images"):
-        pixel_quality(draw(200), test, train[:50])
+    few = pixel_quality(draw(200), test, train[:50])  # a small folder: both sides use 50 images
+    assert few["n_compared"] == 50 and few["sliced_wasserstein_ratio"] < 2
+    with pytest.raises(ValueError, match="at least 2 samples, 2 train and 2 test images"):
+        pixel_quality(draw(200), test, train[:1])

@@ -246,20 +246,22 @@ def pixel_quality(samples: Tensor, test: Tensor, train: Tensor, levels: int | No
                   seed: int = 0) -> dict[str, Any]:
     """Quality of image samples where no feature network exists (e.g. photo patches): sliced W2 and
     MMD in pixel space to the test split, calibrated like the Fréchet distance by the same distances
-    from as many real train images (drawn with ``seed``) to the test split.
+    from as many real train images (drawn with ``seed``) to the test split; with fewer train images
+    than samples, only the first ``len(train)`` samples are compared (``n_compared``).
 
     ``sliced_wasserstein_ratio`` = samples' distance / real images' distance: near 1 when the samples
     are as close to the test images as real training images are. MMD gets no ratio: its unbiased
     estimate for real images scatters around 0, so ``mmd_train_test`` is the noise floor to read
     ``mmd`` against. Samples are quantized to ``levels`` as the data is.
     """
-    n = samples.shape[0]
-    if train.shape[0] < n:
-        raise ValueError(f"pixel_quality needs at least {n} train images for the calibration, got {train.shape[0]}")
+    n = min(samples.shape[0], train.shape[0])  # both sides of the comparison use n images
+    if n < 2 or test.shape[0] < 2:
+        raise ValueError(f"pixel_quality needs at least 2 samples, 2 train and 2 test images, got "
+                         f"{samples.shape[0]}, {train.shape[0]} and {test.shape[0]}")
     pick = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
-    x, ref = _on_grid(samples, levels).flatten(1), _on_grid(test, levels).flatten(1)
+    x, ref = _on_grid(samples[:n], levels).flatten(1), _on_grid(test, levels).flatten(1)
     real = _on_grid(train[pick], levels).flatten(1)
-    out: dict[str, Any] = {"feature_space": "pixels", "n_samples": n, "n_reference": ref.shape[0]}
+    out: dict[str, Any] = {"feature_space": "pixels", "n_compared": n, "n_reference": ref.shape[0]}
     for name, distance in (("sliced_wasserstein", sliced_wasserstein), ("mmd", mmd_rbf)):
         ours, calibration = distance(x, ref), distance(real, ref)
         out[name], out[f"{name}_train_test"] = ours, calibration

@@ -151,8 +151,12 @@ def _quality(run, test, settings, progress: bool) -> tuple[dict[str, Any], torch
             from diffusekit.data import load_dataset
             from diffusekit.evaluate.quality import pixel_quality
 
+            space = f"pixels (no feature network for data.name = {name!r})"
+            if test.x.shape[0] < 2:
+                return {"feature_space": space, "skipped": f"the {test.name} split has {test.x.shape[0]} image(s); "
+                        "pixel-space distances need at least 2", "sampling_seconds": seconds}, x
             out = pixel_quality(x, test.x, load_dataset(run.cfg.data, "train").x, levels=run.levels)
-            out["feature_space"] = f"pixels (no feature network for data.name = {name!r})"
+            out["feature_space"] = space
     else:
         from diffusekit.evaluate.quality import vector_quality
 
@@ -289,7 +293,7 @@ def format_table(result: dict[str, Any]) -> str:
     for key in ("guidance", "fd", "fd_train_test", "fd_ratio", "class_accuracy", "confidence", "class_entropy_bits",
                 "class_histogram", "classifier_test_accuracy", "feature_space", "sliced_wasserstein",
                 "sliced_wasserstein_train_test", "sliced_wasserstein_ratio", "mmd", "mmd_train_test",
-                "oracle_nll", "oracle_entropy", "seconds_per_sample"):
+                "oracle_nll", "oracle_entropy", "seconds_per_sample", "skipped"):
         if key in q:
             rows.append((key, f"{q[key]:.4f}" if isinstance(q[key], float) else str(q[key])))
     width = max(len(k) for k, _ in rows)
