@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     _add_common(p)
 
-    p = sub.add_parser("sample", help="draw samples from a trained run")
-    p.add_argument("--run", type=Path, required=True, help="run folder written by `diffusekit train`")
+    p = sub.add_parser("sample", help="draw samples from a trained run (or a diffusers UNet2DModel folder)")
+    p.add_argument("--run", type=Path, required=True,
+                   help="run folder written by `diffusekit train`, or a diffusers folder saved by save_pretrained")
     p.add_argument("--seeds", default="0-63", help="sample seeds, e.g. 0-63 or 1,5,9-12 (image i depends only on seed i)")
     p.add_argument("--sampler", choices=SAMPLER_CHOICES, default=None,
                    help="ddpm, ddim (discrete); euler, heun, rk45, dpmpp_2m, unipc (probability-flow ODE); "
