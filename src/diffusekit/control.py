@@ -125,27 +125,14 @@ register_family(KIND, ControlObjective)
 def load_control_run(run_dir: Path | str, use_ema: bool = True, device: str | torch.device = "cpu"):
     """(objective, denoiser) of a trained ControlNet run: the objective rebuilt from the recorded config
     (its base run must still exist), the weights from the newest checkpoint."""
-    from diffusekit.config import config_from_dict
-    from diffusekit.train.checkpoint import latest_checkpoint, load_checkpoint, load_module_state
+    from diffusekit.models import read_run_checkpoint
+    from diffusekit.train.checkpoint import load_module_state
 
-    run_dir = Path(run_dir)
-    ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
-    if ckpt is None:
-        raise CheckpointError(f"{run_dir}: no complete checkpoint (is it a trained run folder?)")
-    tensors, record = load_checkpoint(ckpt)
-    try:
-        cfg = config_from_dict(record["meta"]["config"])
-        data_shape = tuple(record["meta"]["data"]["shape"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{ckpt}.json: metadata lacks {exc}") from None
-    except ConfigError as exc:
-        raise CheckpointError(f"{ckpt}.json: recorded config is invalid ({exc})") from None
-    if cfg.model.kind != KIND:
-        raise CheckpointError(f"{run_dir} is a model.kind = {cfg.model.kind!r} run, not {KIND!r}")
-    objective = ControlObjective(cfg, data_shape)
-    prefix = "ema." if use_ema else "model."
-    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    load_module_state(objective.module, state, f"{ckpt}.safetensors", f"{prefix[:-1]} weights")
+    rc = read_run_checkpoint(run_dir)
+    if rc.cfg.model.kind != KIND:
+        raise CheckpointError(f"{run_dir} is a model.kind = {rc.cfg.model.kind!r} run, not {KIND!r}")
+    objective = ControlObjective(rc.cfg, rc.data_shape)
+    load_module_state(objective.module, *rc.weights(use_ema))
     objective.module.to(device).eval()
     return objective, objective.denoiser(objective.module)
 

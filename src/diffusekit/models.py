@@ -12,7 +12,8 @@ from diffusekit.errors import CheckpointError, ConfigError
 from diffusekit.parameterization import Denoiser
 from diffusekit.schedules import DiscreteSchedule, make_schedule
 
-__all__ = ["build_schedule", "build_network", "build_denoiser", "LoadedRun", "load_run"]
+__all__ = ["build_schedule", "build_network", "build_denoiser", "LoadedRun", "load_run", "RunCheckpoint",
+           "read_run_checkpoint"]
 
 
 def build_schedule(diffusion_cfg) -> DiscreteSchedule:
@@ -102,10 +103,32 @@ def _load_continuous_run(cfg, state, data_shape, levels, num_classes, step, ckpt
                      num_classes, step, ckpt, module.schedule)
 
 
-def load_run(run_dir: Path | str, use_ema: bool = True, device: str | torch.device = "cpu") -> LoadedRun:
-    """Load the newest complete checkpoint of a run folder for sampling or evaluation."""
-    from diffusekit.config import Config, config_from_dict
-    from diffusekit.train.checkpoint import check_state, latest_checkpoint, load_checkpoint, load_module_state
+@dataclass
+class RunCheckpoint:
+    """The newest complete checkpoint of a run folder, its record parsed (``read_run_checkpoint``)."""
+
+    path: Path  # checkpoint stem: path.json is the record, path.safetensors the tensors
+    tensors: dict[str, torch.Tensor]
+    cfg: object  # the recorded Config
+    data_shape: tuple[int, ...]
+    levels: int | None
+    num_classes: int
+    step: int
+
+    def weights(self, use_ema: bool = True) -> tuple[dict[str, torch.Tensor], str, str]:
+        """(state dict of the EMA or raw weights, the file they come from, what they are) for
+        ``check_state`` / ``load_module_state``."""
+        prefix = "ema." if use_ema else "model."
+        state = {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+        return state, f"{self.path}.safetensors", f"{prefix[:-1]} weights"
+
+
+def read_run_checkpoint(run_dir: Path | str) -> RunCheckpoint:
+    """Load and parse the newest complete checkpoint of ``run_dir``, for every model family; a missing
+    folder or checkpoint, or a record without its config or data description, is a one-line
+    ``CheckpointError`` naming the file."""
+    from diffusekit.config import config_from_dict
+    from diffusekit.train.checkpoint import latest_checkpoint, load_checkpoint
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -114,27 +137,34 @@ def load_run(run_dir: Path | str, use_ema: bool = True, device: str | torch.devi
     if ckpt is None:
         raise CheckpointError(f"{run_dir}: no complete checkpoint found in {run_dir / 'checkpoints'}")
     tensors, record = load_checkpoint(ckpt)
-    meta = record["meta"]
     try:
-        cfg: Config = config_from_dict(meta["config"])
+        meta = record["meta"]
+        cfg = config_from_dict(meta["config"])
         data_shape = tuple(meta["data"]["shape"])
         levels, num_classes = meta["data"]["levels"], meta["data"]["num_classes"]
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{ckpt}.json: metadata lacks {exc}") from None
     except ConfigError as exc:
         raise CheckpointError(f"{ckpt}.json: recorded config is invalid ({exc})") from None
-    prefix = "ema." if use_ema else "model."
-    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return RunCheckpoint(ckpt, tensors, cfg, data_shape, levels, num_classes, int(record["step"]))
+
+
+def load_run(run_dir: Path | str, use_ema: bool = True, device: str | torch.device = "cpu") -> LoadedRun:
+    """Load the newest complete checkpoint of a run folder for sampling or evaluation."""
+    from diffusekit.train.checkpoint import check_state, load_module_state
+
+    rc = read_run_checkpoint(run_dir)
+    cfg, data_shape, ckpt = rc.cfg, rc.data_shape, rc.path
+    state, source, what = rc.weights(use_ema)
     if cfg.loss.objective == "continuous" and cfg.model.kind in ("unet", "mlp"):
-        return _load_continuous_run(cfg, state, data_shape, levels, num_classes, int(record["step"]), ckpt, device)
+        return _load_continuous_run(cfg, state, data_shape, rc.levels, rc.num_classes, rc.step, ckpt, device)
     try:  # shapes are checked on a weightless ("meta") copy first: a hostile record allocates nothing
         with torch.device("meta"):
-            check_state(build_denoiser(cfg, data_shape).net.state_dict(), state, f"{ckpt}.safetensors",
-                        f"{prefix[:-1]} weights")
+            check_state(build_denoiser(cfg, data_shape).net.state_dict(), state, source, what)
         denoiser = build_denoiser(cfg, data_shape)
     except (ConfigError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{ckpt}.json: recorded model cannot be built ({exc})") from None
-    load_module_state(denoiser.net, state, f"{ckpt}.safetensors", f"{prefix[:-1]} weights")
+    load_module_state(denoiser.net, state, source, what)
     denoiser.to(device).eval()
-    return LoadedRun(cfg, denoiser, build_schedule(cfg.diffusion), data_shape, levels, num_classes,
-                     int(record["step"]), ckpt)
+    return LoadedRun(cfg, denoiser, build_schedule(cfg.diffusion), data_shape, rc.levels, rc.num_classes, rc.step,
+                     ckpt)

@@ -54,33 +54,17 @@ def is_text_latent_run(run_dir: Path | str) -> bool:
 def load_text_latent_run(run_dir: Path | str, use_ema: bool = True, device: torch.device | str = "cpu"
                          ) -> TextLatentRun:
     """The newest complete checkpoint of a ``latent_unet`` run and its autoencoder."""
-    from diffusekit.config import config_from_dict
-    from diffusekit.models import build_schedule
+    from diffusekit.models import build_schedule, read_run_checkpoint
     from diffusekit.text import CONTEXT_DIM
-    from diffusekit.train.checkpoint import check_state, latest_checkpoint, load_checkpoint, load_module_state
+    from diffusekit.train.checkpoint import check_state, load_module_state
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir}: run folder does not exist")
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise CheckpointError(f"{run_dir}: no complete checkpoint found in {run_dir / 'checkpoints'}")
-    tensors, record = load_checkpoint(ckpt)
-    try:
-        meta = record["meta"]
-        cfg = config_from_dict(meta["config"])
-        data_shape, levels = tuple(meta["data"]["shape"]), meta["data"]["levels"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{ckpt}.json: metadata lacks {exc}") from None
-    except ConfigError as exc:
-        raise CheckpointError(f"{ckpt}.json: recorded config is invalid ({exc})") from None
+    rc = read_run_checkpoint(run_dir)
+    cfg, data_shape, levels, ckpt = rc.cfg, rc.data_shape, rc.levels, rc.path
     if cfg.model.kind != KIND:
         raise CheckpointError(f"{ckpt}.json: model.kind = {cfg.model.kind!r}, not a {KIND!r} run")
     codec_run = load_codec(cfg.latent.autoencoder_run, data_shape, device)
     latent_shape = tuple(codec_run.module.latent_shape)
-    prefix = "ema." if use_ema else "model."
-    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    source, what = f"{ckpt}.safetensors", f"{prefix[:-1]} weights"
+    state, source, what = rc.weights(use_ema)
     try:
         with torch.device("meta"):  # shapes first, on a weightless copy
             check_state(build_latent_net(cfg.model, latent_shape, CONTEXT_DIM).state_dict(), state, source, what)
@@ -97,7 +81,7 @@ def load_text_latent_run(run_dir: Path | str, use_ema: bool = True, device: torc
     codec = LatentCodec(codec_run.module, scale, cfg.latent.autoencoder_run)
     denoiser = Denoiser(net, cfg.model.prediction).to(device).eval()
     return TextLatentRun(cfg, denoiser, build_schedule(cfg.diffusion), latent_shape, codec, data_shape, levels,
-                         int(record["step"]), ckpt)
+                         rc.step, ckpt)
 
 
 def sample_prompts(run: TextLatentRun, prompts: Sequence[str], settings, encoder=None,

@@ -45,18 +45,6 @@ class LatentRun:
     checkpoint: Path
 
 
-def _latest(run_dir: Path) -> tuple[dict[str, Tensor], dict[str, Any], Path]:
-    from diffusekit.train.checkpoint import latest_checkpoint, load_checkpoint
-
-    if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir}: run folder does not exist")
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise CheckpointError(f"{run_dir}: no complete checkpoint found in {run_dir / 'checkpoints'}")
-    tensors, record = load_checkpoint(ckpt)
-    return tensors, record, ckpt
-
-
 def run_model_kind(run_dir: Path | str) -> str | None:
     """``model.kind`` recorded in a run folder's newest checkpoint (its JSON record only), else in its
     config.toml; None when neither can be read (the regular loaders then report what is wrong)."""
@@ -81,25 +69,17 @@ def is_latent_run(run_dir: Path | str) -> bool:
 
 def load_latent_run(run_dir: Path | str, use_ema: bool = True, device: str | torch.device = "cpu") -> LatentRun:
     """Load the newest complete checkpoint of a VAE / MHVAE / autoencoder run."""
-    from diffusekit.config import config_from_dict
+    from diffusekit.models import read_run_checkpoint
 
-    run_dir = Path(run_dir)
-    tensors, record, ckpt = _latest(run_dir)
-    meta = record["meta"]
-    try:
-        cfg = config_from_dict(meta["config"])
-        data_shape, levels = tuple(meta["data"]["shape"]), meta["data"]["levels"]
-    except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"{ckpt}.json: metadata lacks {exc}") from None
-    module = build_latent_model(cfg, data_shape)
-    prefix = "ema." if use_ema else "model."
-    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    rc = read_run_checkpoint(run_dir)
+    module = build_latent_model(rc.cfg, rc.data_shape)
+    state = rc.weights(use_ema)[0]
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"{ckpt}.safetensors: weights do not fit the configured model ({first})") from None
-    return LatentRun(cfg, module.to(device).eval(), data_shape, levels, int(record["step"]), ckpt)
+        raise CheckpointError(f"{rc.path}.safetensors: weights do not fit the configured model ({first})") from None
+    return LatentRun(rc.cfg, module.to(device).eval(), rc.data_shape, rc.levels, rc.step, rc.path)
 
 
 # -- the bound --------------------------------------------------------------------------------------
