@@ -26,7 +26,7 @@ import io
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -37,6 +37,7 @@ from torch import Tensor
 from diffusekit.errors import ConfigError, DataError
 from diffusekit.sampling.grids import SPACINGS
 from diffusekit.sampling.noise import PerSampleNoise
+from diffusekit.sampling.run import settings_from_json, settings_to_json
 from diffusekit.sampling.restore import (Colorization, Inpaint, LinearDegradation, SuperResolution, sample_ddnm,
                                          sample_repaint)
 
@@ -114,22 +115,12 @@ class RestoreSettings:
                 raise ConfigError(f"--{name.replace('_', '-')} must be {want}, got {got!r}")
 
     def to_json(self, extra: dict[str, Any] | None = None) -> str:
-        d = asdict(self)
-        if extra is not None:
-            d["extra"] = extra
-        return json.dumps(d, indent=1)
+        return settings_to_json(self, extra)
 
     @classmethod
     def from_json(cls, text: str) -> "RestoreSettings":
         """Read settings written by ``to_json`` (a ``settings.json``); unknown keys are errors."""
-        d = json.loads(text)
-        if not isinstance(d, dict):
-            raise ValueError("restore settings must be a JSON object")
-        d.pop("extra", None)
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown restore settings keys {unknown}")
-        return cls(**d)
+        return settings_from_json(cls, text, "restore")
 
 
 # -- masks, inputs, seeds ----------------------------------------------------------------------

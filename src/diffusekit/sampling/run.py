@@ -37,6 +37,27 @@ DEFAULT_GRID = {"euler": "karras", "heun": "karras", "dpmpp_2m": "logsnr", "unip
                 "pc": "time"}
 
 
+def settings_to_json(settings: Any, extra: dict[str, Any] | None = None) -> str:
+    """A settings dataclass as indented JSON, with ``extra`` (not a setting) under key "extra"."""
+    d = asdict(settings)
+    if extra is not None:
+        d["extra"] = extra
+    return json.dumps(d, indent=1)
+
+
+def settings_from_json(cls: type, text: str, what: str) -> Any:
+    """``cls(**settings)`` from JSON written by ``settings_to_json`` ("extra" ignored); a non-object
+    or an unknown key is a ValueError naming ``what`` settings."""
+    d = json.loads(text)
+    if not isinstance(d, dict):
+        raise ValueError(f"{what} settings must be a JSON object")
+    d.pop("extra", None)
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {what} settings keys {unknown}")
+    return cls(**d)
+
+
 @dataclass
 class SampleSettings:
     """Everything that determines a set of samples besides the model and its schedule.
@@ -124,23 +145,12 @@ class SampleSettings:
 
     def to_json(self, extra: dict[str, Any] | None = None) -> str:
         """JSON of the settings; ``extra`` (run folder, checkpoint step...) goes under key "extra"."""
-        d = self.to_dict()
-        if extra is not None:
-            d["extra"] = extra
-        return json.dumps(d, indent=1)
+        return settings_to_json(self, extra)
 
     @classmethod
     def from_json(cls, text: str) -> "SampleSettings":
         """Read settings written by ``to_json`` (or a ``settings.json``); unknown keys are errors."""
-        d = json.loads(text)
-        if not isinstance(d, dict):
-            raise ValueError("sample settings must be a JSON object")
-        d.pop("extra", None)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown sample settings keys {unknown}")
-        return cls(**d)
+        return settings_from_json(cls, text, "sample")
 
 
 class TrajectoryRecorder:
