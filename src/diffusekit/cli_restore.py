@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from diffusekit.errors import ConfigError, DiffusekitError
+from diffusekit.errors import ConfigError
 
 __all__ = ["add_parser", "main", "run", "settings_from_args", "format_metrics"]
 
@@ -131,32 +131,16 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    """A bad flag is one line naming it (as cli.py's parser)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def run(argv: Sequence[str] | None = None) -> int:
-    """``diffusekit restore ARGS`` on its own (``python -m diffusekit.cli_restore ARGS``)."""
-    parser = _Parser(prog="diffusekit")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    add_parser(sub)
+    """``diffusekit restore ARGS`` through the main command line (``python -m diffusekit.cli_restore ARGS``);
+    a bad flag returns 2 after its one-line message instead of raising SystemExit."""
+    from diffusekit.cli import main as cli_main
+
+    args = [str(a) for a in (argv if argv is not None else sys.argv[1:])]
     try:
-        args = parser.parse_args(["restore", *(str(a) for a in (argv if argv is not None else sys.argv[1:]))])
-    except SystemExit as exc:  # a bad flag (one line already printed) or --help
+        return cli_main(["restore", *args])
+    except SystemExit as exc:  # argparse: a bad flag (one line already printed) or --help
         return int(exc.code or 0)
-    try:
-        return main(args)
-    except DiffusekitError as exc:
-        if args.debug:
-            raise
-        print(f"diffusekit restore: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("diffusekit restore: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":
