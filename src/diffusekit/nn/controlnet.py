@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusekit.nn.embeddings import noise_level_vector
-from diffusekit.nn.unet import Downsample, UNet, zero_init
+from diffusekit.nn.unet import Downsample, UNet, encoder_path, zero_init
 
 __all__ = ["ControlNet", "ControlledUNet", "HintEncoder"]
 
@@ -106,16 +106,8 @@ class ControlNet(nn.Module):
         self._check_control(x, control)
         emb = self._embedding(c_noise, class_labels, x.shape[0])
         gain_shift = iter(self.emb_proj(F.silu(emb)).split(self.emb_split, dim=1))
-        h = self.conv_in(x) + self.hint(control)
-        features = [h]
-        for block in self.down:
-            h = block(h) if isinstance(block, Downsample) else block(h, next(gain_shift), context, context_mask)
-            features.append(h)
-        h = self.mid1(h, next(gain_shift))
-        if self.mid_attn is not None:
-            h = self.mid_attn(h, context, context_mask)
-        features.append(self.mid2(h, next(gain_shift)))
-        return [conv(f) for conv, f in zip(self.zero_convs, features)]
+        skips, middle = encoder_path(self, self.conv_in(x) + self.hint(control), gain_shift, context, context_mask)
+        return [conv(f) for conv, f in zip(self.zero_convs, skips + [middle])]
 
 
 class ControlledUNet(nn.Module):

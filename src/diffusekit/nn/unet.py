@@ -201,6 +201,21 @@ class UNetLayer(nn.Module):
         return h if self.attn is None else self.attn(h, context, context_mask)
 
 
+def encoder_path(net: nn.Module, h: Tensor, gain_shift, context: Tensor | None,
+                 context_mask: Tensor | None) -> tuple[list[Tensor], Tensor]:
+    """The down path and middle of ``net`` (a ``UNet``, or the ``ControlNet`` copy of one) from the
+    input features ``h``: (the skip features, ``h`` first and one per down block; the middle output).
+    ``gain_shift`` yields each residual block's (gain, shift) in order and is advanced past them."""
+    skips = [h]
+    for block in net.down:
+        h = block(h) if isinstance(block, Downsample) else block(h, next(gain_shift), context, context_mask)
+        skips.append(h)
+    h = net.mid1(h, next(gain_shift))
+    if net.mid_attn is not None:
+        h = net.mid_attn(h, context, context_mask)
+    return skips, net.mid2(h, next(gain_shift))
+
+
 class UNet(nn.Module):
     """DDPM U-Net mapping (x, c_noise = logsnr) to a tensor shaped like x (see module docstring).
 
@@ -391,16 +406,7 @@ class UNet(nn.Module):
         emb = self._embedding(c_noise, class_labels, batch)
         gain_shift = iter(self.emb_proj(F.silu(emb)).split(self._emb_split, dim=1))
 
-        h = self.conv_in(x)
-        skips = [h]
-        for block in self.down:
-            h = block(h) if isinstance(block, Downsample) else block(h, next(gain_shift), context, context_mask)
-            skips.append(h)
-
-        h = self.mid1(h, next(gain_shift))
-        if self.mid_attn is not None:
-            h = self.mid_attn(h, context, context_mask)
-        h = self.mid2(h, next(gain_shift))
+        skips, h = encoder_path(self, self.conv_in(x), gain_shift, context, context_mask)
         if residuals is not None:  # ControlNet: a new list, the caller's is left untouched
             skips = [s + r for s, r in zip(skips, residuals)]
             h = h + residuals[-1]
