@@ -12,7 +12,7 @@ from torch import nn
 
 from diffusekit.config import load_config
 from diffusekit.continuous import (ContinuousDiffusion, CosineLogSNR, LinearLogSNR, MonotoneLogSNR, continuous_bound,
-                                   diffusion_loss, eps_sq_error, importance_weighted_loss, log_kg_weight, prior_kl,
+                                   diffusion_term, eps_sq_error, importance_weighted_loss, log_kg_weight, prior_kl_at,
                                    reconstruction_nll, sample_times)
 from diffusekit.continuous.elbo import MONOTONE_WEIGHTINGS
 from diffusekit.errors import ConfigError
@@ -116,12 +116,12 @@ def test_elbo_of_the_exact_denoiser_bounds_and_matches_the_gaussian_nll():
     noise = torch.randn((4000,) + x.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
     mc_recon = torch.stack([reconstruction_nll(x, hi, e, None) for e in noise[:200]]).mean()
     assert abs(mc_recon - recon) < 0.05
-    bound = prior_kl(x, lo) + recon + diffusion_by_quadrature(x, lo, hi)
+    bound = prior_kl_at(x, lo) + recon + diffusion_by_quadrature(x, lo, hi)
     nll = -orc.log_prob(x)
     gap = bound - nll
     assert gap.abs().max() < 5e-4 and 0 < gap.mean() < 1e-4
     # the same in expectation over the data, exactly: E (x - M)^2 = S^2, differential entropy of N(M, S^2)
-    mean_bound = prior_kl(torch.full((1, dim), M, dtype=F64), lo) + 0.5 * dim * math.exp(lo) * S**2 / (1 + math.exp(lo))
+    mean_bound = prior_kl_at(torch.full((1, dim), M, dtype=F64), lo) + 0.5 * dim * math.exp(lo) * S**2 / (1 + math.exp(lo))
     mean_bound = mean_bound + recon + diffusion_by_quadrature(torch.full((1, dim), M + S, dtype=F64), lo, hi)
     entropy = 0.5 * dim * math.log(2 * math.pi * math.e * S**2)
     assert 0 < mean_bound.item() - entropy < 1e-4
@@ -141,7 +141,7 @@ def test_monte_carlo_bound_is_unbiased_and_schedule_invariant():
 
 def test_schedule_invariance_is_exact_for_fixed_noise():
     """For fixed (x, eps) the integrand depends on t only through lambda, so the t-integral of
-    diffusion_loss is the same for every schedule with these end points (quadrature in t vs in lambda)."""
+    diffusion_term is the same for every schedule with these end points (quadrature in t vs in lambda)."""
     orc = default_mixture(2)
     x = orc.sample(64, torch.Generator().manual_seed(6))
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=F64)
@@ -151,7 +151,7 @@ def test_schedule_invariance_is_exact_for_fixed_noise():
     for sched in (LinearLogSNR(-6.0, 6.0), CosineLogSNR(-6.0, 6.0), random_monotone(8, -6.0, 6.0)):
         lam, dlam = sched(ts)
         lam, dlam = lam.detach(), dlam.detach()
-        in_t = sum(wt[i] * diffusion_loss(orc.denoiser, x, lam[i], dlam[i], noise) for i in range(len(ts)))
+        in_t = sum(wt[i] * diffusion_term(orc.denoiser, x, lam[i], dlam[i], noise) for i in range(len(ts)))
         torch.testing.assert_close(in_t, in_lambda, rtol=2e-4, atol=1e-6)
 
 
@@ -161,7 +161,7 @@ def test_discrete_bound_converges_to_the_continuous_one():
     orc = gaussian(1)
     x = orc.sample(1000, torch.Generator().manual_seed(9))
     lo, hi = -10.0, 10.0
-    cont = (prior_kl(x, lo) + diffusion_by_quadrature(x, lo, hi)).mean().item()
+    cont = (prior_kl_at(x, lo) + diffusion_by_quadrature(x, lo, hi)).mean().item()
     sched = LinearLogSNR(lo, hi)
     totals = {}
     for T in (200, 400):
@@ -245,7 +245,7 @@ def test_elbo_tail_bounds_the_nll_of_noise_perturbed_gaussian_data():
     lo = -12.0
     for lam in (-2.0, 1.0, 4.0):
         x_mean = torch.full((1, dim), M + S, dtype=F64)  # (x - M)^2 = S^2: the exact mean over the data
-        tail = (prior_kl(x_mean, lo) + diffusion_by_quadrature(x_mean, lo, lam)).item()
+        tail = (prior_kl_at(x_mean, lo) + diffusion_by_quadrature(x_mean, lo, lam)).item()
         a, s = math.sqrt(1 / (1 + math.exp(-lam))), math.sqrt(1 / (1 + math.exp(lam)))
         z = a * x + s * torch.randn(x.shape, generator=torch.Generator().manual_seed(17), dtype=F64)
         nll_noisy = -orc.log_prob(z, a, s).mean().item() - dim * 0.5 * math.log(2 * math.pi * math.e * s**2)
@@ -267,7 +267,7 @@ def test_importance_sampled_and_time_forms_estimate_the_same_weighted_loss():
     imp = importance_weighted_loss(orc.denoiser, x, lam_u, torch.full_like(lam_u, -math.log(hi - lo)), noise,
                                    "sigmoid", sigmoid_bias=1.0)
     lam_t, dlam_t = CosineLogSNR(lo, hi)(sample_times(x.shape[0], g))
-    tform = diffusion_loss(orc.denoiser, x, lam_t, dlam_t, noise, "sigmoid", sigmoid_bias=1.0)
+    tform = diffusion_term(orc.denoiser, x, lam_t, dlam_t, noise, "sigmoid", sigmoid_bias=1.0)
     for est in (imp, tform):
         assert abs(est.mean().item() - exact) < 4 * est.std().item() / math.sqrt(len(est))
 
@@ -386,7 +386,7 @@ def test_elbo_objective_loss_is_the_bound_in_bits_per_dim():
     sched = CosineLogSNR(-8.0, 8.0)
     module = ContinuousDiffusion(ScaledOracleNet(), sched, levels=17)
     lam, dlam = sched(t)
-    nats = prior_kl(x, -8.0) + reconstruction_nll(x, 8.0, noise, 17) + diffusion_loss(module.denoiser, x, lam, dlam,
+    nats = prior_kl_at(x, -8.0) + reconstruction_nll(x, 8.0, noise, 17) + diffusion_term(module.denoiser, x, lam, dlam,
                                                                                      noise)
     torch.testing.assert_close(module(x, t, noise).detach(), nats.detach() / (2 * math.log(2)))
 
@@ -421,7 +421,7 @@ def test_weighted_objective_module_returns_the_weighted_loss_alone():
     sched = CosineLogSNR(-8.0, 8.0)
     module = ContinuousDiffusion(ScaledOracleNet(), sched, levels=17, weighting="sigmoid", sigmoid_bias=1.5)
     lam, dlam = sched(t)
-    expected = diffusion_loss(module.denoiser, x, lam, dlam, noise, "sigmoid", sigmoid_bias=1.5) / (2 * math.log(2))
+    expected = diffusion_term(module.denoiser, x, lam, dlam, noise, "sigmoid", sigmoid_bias=1.5) / (2 * math.log(2))
     torch.testing.assert_close(module(x, t, noise).detach(), expected.detach())
     elbo = ContinuousDiffusion(module.net, sched, levels=17)(x, t, noise).detach()
     assert torch.all(module(x, t, noise).detach() < elbo)  # sigmoid weights < 1 and no prior/decoder terms

@@ -12,7 +12,7 @@ from diffusekit.oracle import GaussianMixture, default_mixture
 from diffusekit.sampling.dpm_solver import sample_dpmpp_2m
 from diffusekit.sampling.noise import PerSampleNoise
 from diffusekit.sampling.ode import dopri5, inverse_logsnr, sample_euler, sample_heun, sample_rk45, time_grid
-from diffusekit.sampling.sde import sample_annealed_langevin, sample_euler_maruyama, sample_pc
+from diffusekit.sampling.stochastic import sample_annealed_langevin, sample_euler_maruyama, sample_pc
 from diffusekit.schedules import CosineSchedule, LinearVPSchedule, make_schedule
 from diffusekit.sde import VESDE, SubVPSDE, VPSDE, predict, vp_from_schedule
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Callable, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,7 @@ __all__ = [
     "PredictionKind",
     "Prediction",
     "DenoiserFn",
+    "Callback",
     "Denoiser",
     "append_dims",
     "eps_to_x0",
@@ -144,6 +145,11 @@ class DenoiserFn(Protocol):
     """The one calling convention every sampler and likelihood uses."""
 
     def __call__(self, x_t: Tensor, logsnr: Tensor, cond: Any = None) -> Prediction: ...
+
+
+# What every sampler calls once per network evaluation with a dict of its state: "i" (step index),
+# "t" (time), "x" (the current state) and "x0" (the model's prediction of clean data), and more per sampler.
+Callback = Callable[[dict[str, Any]], None]
 
 
 class Denoiser(nn.Module):

@@ -4,7 +4,7 @@ For data x, latents z_t = alpha_t x + sigma_t eps with log-SNR lambda(t) falling
 (t = 0) to lambda_min (t = 1), the negative ELBO is (Kingma et al. 2021, "Variational Diffusion Models": the VLB and its T -> infinity limit; seed 001
 "What is the ELBO for continuous-time diffusion models?", l.1221-1233):
 
-    -log p(x) <= KL(q(z_1|x) || N(0, I))                               prior        (``prior_kl``)
+    -log p(x) <= KL(q(z_1|x) || N(0, I))                               prior        (``prior_kl_at``)
                + E_{q(z_0|x)} [-log p(x|z_0)]                          reconstruction (``reconstruction_nll``)
                + 1/2 E_{t~U(0,1), eps} [-lambda'(t) ||eps - eps_hat(z_t; lambda(t))||^2]   diffusion L_inf
 
@@ -45,8 +45,8 @@ from diffusekit.likelihood import nats_to_bits_per_dim, sum_flat
 from diffusekit.parameterization import append_dims, from_eps_x0
 from diffusekit.schedules import alpha_sigma_from_logsnr
 
-__all__ = ["KG_WEIGHTINGS", "MONOTONE_WEIGHTINGS", "sample_times", "diffuse", "prior_kl", "reconstruction_nll",
-           "eps_sq_error", "log_kg_weight", "importance_weighted_loss", "diffusion_loss", "ContinuousBound",
+__all__ = ["KG_WEIGHTINGS", "MONOTONE_WEIGHTINGS", "sample_times", "diffuse", "prior_kl_at", "reconstruction_nll",
+           "eps_sq_error", "log_kg_weight", "importance_weighted_loss", "diffusion_term", "ContinuousBound",
            "continuous_bound"]
 
 F64 = torch.float64
@@ -83,7 +83,7 @@ def diffuse(x0: Tensor, logsnr: Tensor, noise: Tensor) -> Tensor:
 
 
 # -- the three terms of the bound (nats per example) ------------------------------------------------
-def prior_kl(x0: Tensor, logsnr_min: float) -> Tensor:
+def prior_kl_at(x0: Tensor, logsnr_min: float) -> Tensor:
     """KL(q(z_1|x) || N(0, I)) = sum 1/2 (alpha_1^2 x^2 + sigma_1^2 - 1 - log sigma_1^2), float64 (N,)."""
     x = x0.to(F64)
     lam = torch.tensor(float(logsnr_min), dtype=F64)
@@ -156,7 +156,7 @@ def importance_weighted_loss(denoiser, x0: Tensor, logsnr: Tensor, log_density: 
     return 0.5 * torch.exp(log_factor).to(err) * err
 
 
-def diffusion_loss(denoiser, x0: Tensor, logsnr: Tensor, dlogsnr_dt: Tensor, noise: Tensor,
+def diffusion_term(denoiser, x0: Tensor, logsnr: Tensor, dlogsnr_dt: Tensor, noise: Tensor,
                    weighting: str = "elbo", cond: dict | None = None, **weight_kw: float) -> Tensor:
     """The diffusion term 1/2 w(lambda) (-lambda'(t)) ||eps - eps_hat(z_t; lambda(t))||^2 per example (nats),
     an unbiased estimate of L_inf (w = 1, VDM's continuous-time loss) or of L_w for t ~ U(0, 1).
@@ -227,11 +227,11 @@ def continuous_bound(denoiser, schedule, x0: Tensor, levels: int | None, *, n_dr
             sl = slice(i, i + batch_size)
             c = {k: v[sl] for k, v in cond.items()} if cond else None
             x, e = x0[sl], noise[sl].to(x0.device)
-            diff[sl, j] = diffusion_loss(denoiser, x, lam[sl].to(x.device), dlam[sl].to(x.device), e,
+            diff[sl, j] = diffusion_term(denoiser, x, lam[sl].to(x.device), dlam[sl].to(x.device), e,
                                          cond=c).double().cpu()
         recon += reconstruction_nll(x0.cpu(), schedule.logsnr_max, noise, levels) / n_draws
     stderr = math.sqrt((diff.var(1) / n_draws).sum().item()) / n
-    return ContinuousBound(prior_kl(x0.cpu(), schedule.logsnr_min), recon, diff.mean(1), dims, levels, stderr)
+    return ContinuousBound(prior_kl_at(x0.cpu(), schedule.logsnr_min), recon, diff.mean(1), dims, levels, stderr)
 
 
 def _schedule_device(schedule) -> torch.device:

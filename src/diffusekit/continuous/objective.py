@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffusekit.continuous.elbo import diffusion_loss, prior_kl, reconstruction_nll, sample_times
+from diffusekit.continuous.elbo import diffusion_term, prior_kl_at, reconstruction_nll, sample_times
 from diffusekit.continuous.logsnr import CosineLogSNR, LinearLogSNR, LogSNRSchedule, MonotoneLogSNR
 from diffusekit.errors import CheckpointError, ConfigError
 from diffusekit.parameterization import Denoiser
@@ -53,7 +53,7 @@ class ContinuousDiffusion(nn.Module):
         lam, dlam = self.schedule(t)
         dims = x0[0].numel()
         to_bits = 1.0 / (dims * math.log(2.0))
-        diff = diffusion_loss(self.denoiser, x0, lam, dlam, noise, self.weighting, cond, **self.weight_kw) * to_bits
+        diff = diffusion_term(self.denoiser, x0, lam, dlam, noise, self.weighting, cond, **self.weight_kw) * to_bits
         if lam.requires_grad:  # a learned schedule: its parameters get d mean(L^2), not d mean(L)
             scale = 2.0 * diff.detach().to(torch.float64)
             lam.register_hook(lambda g: g * scale.to(g))
@@ -61,7 +61,7 @@ class ContinuousDiffusion(nn.Module):
         if self.weighting != "elbo":
             return diff
         with torch.no_grad():  # no parameter enters these two terms (fixed end points, fixed decoder)
-            const = prior_kl(x0, self.schedule.logsnr_min) + reconstruction_nll(x0, self.schedule.logsnr_max,
+            const = prior_kl_at(x0, self.schedule.logsnr_min) + reconstruction_nll(x0, self.schedule.logsnr_max,
                                                                                 noise, self.levels)
         return diff + (const * to_bits).to(diff)
 

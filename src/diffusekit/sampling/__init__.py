@@ -21,7 +21,7 @@ from diffusekit.sampling.dpm_solver import sample_dpmpp_2m
 from diffusekit.sampling.unipc import sample_unipc
 from diffusekit.sampling.ode import sample_euler, sample_heun, sample_rk45, time_grid
 from diffusekit.sampling.run import SampleSettings, TrajectoryRecorder, generate, write_samples
-from diffusekit.sampling.sde import sample_annealed_langevin, sample_euler_maruyama, sample_pc
+from diffusekit.sampling.stochastic import sample_annealed_langevin, sample_euler_maruyama, sample_pc
 
 __all__ = [
     "sample_euler",

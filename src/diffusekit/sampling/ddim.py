@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffusekit.parameterization import DenoiserFn
-from diffusekit.sampling.ddpm import Callback, NoiseFn, _check_common, predict_x0_eps, step_iterator
+from diffusekit.parameterization import Callback, DenoiserFn
+from diffusekit.sampling.ddpm import NoiseFn, _check_common, predict_x0_eps, step_iterator
 from diffusekit.sampling.grids import Spacing, sampling_schedule
 from diffusekit.schedules import DiscreteSchedule
 

@@ -28,13 +28,12 @@ from typing import Any, Callable, Literal
 import torch
 from torch import Tensor
 
-from diffusekit.parameterization import DenoiserFn
+from diffusekit.parameterization import Callback, DenoiserFn
 from diffusekit.sampling.grids import Spacing, sampling_schedule
 from diffusekit.schedules import DiscreteSchedule
 
-__all__ = ["sample_ddpm", "predict_x0_eps", "step_iterator", "Callback", "NoiseFn"]
+__all__ = ["sample_ddpm", "predict_x0_eps", "step_iterator", "NoiseFn"]
 
-Callback = Callable[[dict[str, Any]], None]
 NoiseFn = Callable[[], Tensor]
 Variance = Literal["beta", "beta_tilde"]
 

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffusekit.parameterization import DenoiserFn
-from diffusekit.sampling.ode import Callback, Grid, _check, _start, grid_sigmas, time_grid, ve_denoise
+from diffusekit.parameterization import Callback, DenoiserFn
+from diffusekit.sampling.ode import Grid, _check, _start, grid_sigmas, time_grid, ve_denoise
 from diffusekit.sde import SDE
 
 __all__ = ["sample_dpmpp_2m"]

@@ -38,7 +38,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch import Tensor
 
-from diffusekit.parameterization import DenoiserFn, append_dims
+from diffusekit.parameterization import Callback, DenoiserFn, append_dims
 from diffusekit.sde import SDE
 
 __all__ = ["Grid", "GRIDS", "time_grid", "inverse_logsnr", "ve_denoise", "sample_euler", "sample_heun",
@@ -133,8 +133,6 @@ def _check(x_T: Tensor) -> None:
     if not torch.is_floating_point(x_T):
         raise TypeError(f"x_T must be a floating-point tensor, got {x_T.dtype}")
 
-
-Callback = Callable[[dict[str, Any]], None]
 
 
 # --------------------------------------------------------------------------------------------

@@ -51,8 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffusekit.parameterization import DenoiserFn
-from diffusekit.sampling.ddpm import Callback, NoiseFn, Variance, _check_common, predict_x0_eps
+from diffusekit.parameterization import Callback, DenoiserFn
+from diffusekit.sampling.ddpm import NoiseFn, Variance, _check_common, predict_x0_eps
 from diffusekit.sampling.grids import Spacing, sampling_schedule
 from diffusekit.schedules import DiscreteSchedule
 

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffusekit.parameterization import DenoiserFn
+from diffusekit.parameterization import Callback, DenoiserFn
 from diffusekit.sampling.ddim import sample_ddim
-from diffusekit.sampling.ddpm import Callback, sample_ddpm
+from diffusekit.sampling.ddpm import sample_ddpm
 from diffusekit.sampling.grids import SPACINGS
 from diffusekit.sampling.noise import PerSampleNoise
 from diffusekit.schedules import DiscreteSchedule
@@ -189,7 +189,7 @@ class TrajectoryRecorder:
 def _run_continuous(denoiser: DenoiserFn, schedule: DiscreteSchedule, noise: PerSampleNoise,
                     settings: SampleSettings, cond: Any, callback: Callback | None) -> Tensor:
     """The continuous-time samplers on the VP SDE of ``schedule`` (x_T ~ N(0, I), the VP prior)."""
-    from diffusekit.sampling import dpm_solver, ode, sde as sde_samplers, unipc
+    from diffusekit.sampling import dpm_solver, ode, stochastic, unipc
     from diffusekit.sde import vp_from_schedule
 
     sde = vp_from_schedule(schedule)
@@ -206,11 +206,11 @@ def _run_continuous(denoiser: DenoiserFn, schedule: DiscreteSchedule, noise: Per
     if name == "unipc":
         return unipc.sample_unipc(denoiser, sde, x_T, steps=steps, order=settings.order, grid=grid, **common)
     if name == "sde":
-        return sde_samplers.sample_euler_maruyama(denoiser, sde, x_T, noise, steps=steps, grid=grid, **common)
+        return stochastic.sample_euler_maruyama(denoiser, sde, x_T, noise, steps=steps, grid=grid, **common)
     if name == "pc":
-        return sde_samplers.sample_pc(denoiser, sde, x_T, noise, steps=steps, snr=settings.snr,
+        return stochastic.sample_pc(denoiser, sde, x_T, noise, steps=steps, snr=settings.snr,
                                       corrector_steps=settings.corrector_steps, grid=grid, **common)
-    return sde_samplers.sample_annealed_langevin(denoiser, sde, x_T, noise, levels=steps,
+    return stochastic.sample_annealed_langevin(denoiser, sde, x_T, noise, levels=steps,
                                                  steps_each=settings.langevin_steps, step_size=settings.step_size,
                                                  **common)
 

@@ -55,8 +55,8 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import Tensor
 
-from diffusekit.parameterization import DenoiserFn
-from diffusekit.sampling.ode import Callback, Grid, _check, _start, grid_sigmas, time_grid, ve_denoise
+from diffusekit.parameterization import Callback, DenoiserFn
+from diffusekit.sampling.ode import Grid, _check, _start, grid_sigmas, time_grid, ve_denoise
 from diffusekit.sde import SDE
 
 __all__ = ["sample_unipc", "phi", "unipc_coefficients", "Coefficients", "COEFFICIENTS"]

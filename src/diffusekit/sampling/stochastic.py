@@ -23,8 +23,8 @@ from typing import Any, Callable, Literal
 import torch
 from torch import Tensor
 
-from diffusekit.parameterization import DenoiserFn
-from diffusekit.sampling.ode import Callback, Grid, _check, grid_sigmas, time_grid, ve_denoise
+from diffusekit.parameterization import Callback, DenoiserFn
+from diffusekit.sampling.ode import Grid, _check, grid_sigmas, time_grid, ve_denoise
 from diffusekit.sde import SDE, predict
 
 __all__ = ["sample_euler_maruyama", "sample_pc", "sample_annealed_langevin", "langevin_step"]
