@@ -355,3 +355,27 @@ def test_cli_samples_with_new_samplers_and_evaluates_nll_ode(capsys, tmp_path):
     code, _, err = run_cli(capsys, "evaluate", "--run", run, "--metrics", "nll_ode", "--ode-examples", "0",
                            "--no-progress")
     assert_one_line_error(code, err, "--ode-examples")
+
+
+def test_samplers_take_the_grid_as_an_argument():
+    """Every grid-walking sampler gives the same samples for ``times = time_grid(...)`` as for the named
+    grid, and refuses a grid that is not strictly decreasing inside (0, t_max]."""
+    from diffusekit.sampling.unipc import sample_unipc
+
+    mix, sde = default_mixture(2), vp_from_schedule(make_schedule("cosine", 100))
+    for fn, grid in ((sample_euler, "karras"), (sample_heun, "logsnr"), (sample_dpmpp_2m, "time"),
+                     (sample_unipc, "logsnr_trailing")):
+        x_T = PerSampleNoise(range(8), (2,), dtype=torch.float64)()
+        named = fn(mix.denoiser, sde, x_T, steps=6, grid=grid)
+        given = fn(mix.denoiser, sde, x_T, time_grid(sde, 6, grid))
+        assert torch.equal(named, given), fn.__name__
+        with pytest.raises(ValueError, match="strictly decreasing"):
+            fn(mix.denoiser, sde, x_T, torch.tensor([0.5, 0.7]))
+        with pytest.raises(ValueError, match="either times or steps"):
+            fn(mix.denoiser, sde, x_T)
+    for fn in (sample_euler_maruyama, sample_pc):
+        noise = PerSampleNoise(range(8), (2,), dtype=torch.float64)
+        a = fn(mix.denoiser, sde, noise(), noise, steps=5, grid="time")
+        noise = PerSampleNoise(range(8), (2,), dtype=torch.float64)
+        b = fn(mix.denoiser, sde, noise(), noise, time_grid(sde, 5, "time"))
+        assert torch.equal(a, b), fn.__name__

@@ -29,20 +29,22 @@ import torch
 from torch import Tensor
 
 from diffusekit.parameterization import Callback, DenoiserFn
-from diffusekit.sampling.ode import Grid, _check, _start, grid_sigmas, time_grid, ve_denoise
+from diffusekit.sampling.ode import Grid, _check, _start, grid_sigmas, resolve_times, ve_denoise
 from diffusekit.sde import SDE
 
 __all__ = ["sample_dpmpp_2m"]
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, *, steps: int, grid: Grid = "logsnr",
+def sample_dpmpp_2m(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, times: Tensor | None = None, *,
+                    steps: int | None = None, grid: Grid = "logsnr",
                     cond: Any = None, denoise_final: bool = True, callback: Callback | None = None) -> Tensor:
     """DPM-Solver++(2M) from the prior draw ``x_T`` of ``sde`` at t_max to clean data, ``steps``
     network calls on ``time_grid(sde, steps, grid)``; with ``denoise_final`` False the last step is
     skipped and x at t_min returned (x = a(t_min) y)."""
     _check(x_T)
-    times = time_grid(sde, steps, grid)
+    times = resolve_times(sde, times, steps, grid)
+    steps = len(times)
     sig = grid_sigmas(sde, times)
     y = _start(sde, x_T, times)
     last = steps if denoise_final else steps - 1

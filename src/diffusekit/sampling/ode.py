@@ -41,7 +41,7 @@ from torch import Tensor
 from diffusekit.parameterization import Callback, DenoiserFn, append_dims
 from diffusekit.sde import SDE
 
-__all__ = ["Grid", "GRIDS", "time_grid", "inverse_logsnr", "ve_denoise", "sample_euler", "sample_heun",
+__all__ = ["Grid", "GRIDS", "time_grid", "resolve_times", "inverse_logsnr", "ve_denoise", "sample_euler", "sample_heun",
            "sample_rk45", "dopri5", "ODEStats"]
 
 F64 = torch.float64
@@ -102,6 +102,22 @@ def time_grid(sde: SDE, steps: int, grid: Grid = "logsnr", *, t_min: float | Non
     return t
 
 
+def resolve_times(sde: SDE, times: Tensor | None, steps: int | None, grid: Grid) -> Tensor:
+    """The times a sampler walks: ``times`` as given (checked: 1-D, strictly decreasing, inside
+    (0, sde.t_max]; float64), or else the named ``grid`` of ``steps`` times (``time_grid``). Samplers
+    take either, as k-diffusion's take their ``sigmas``."""
+    if times is None:
+        if steps is None:
+            raise ValueError("give the sampler either times or steps (with a grid name)")
+        return time_grid(sde, steps, grid)
+    t = torch.as_tensor(times, dtype=F64).flatten().cpu()
+    if t.numel() < 1 or not bool(torch.isfinite(t).all()) or bool((t[1:] >= t[:-1]).any()):
+        raise ValueError("times must be a non-empty, finite, strictly decreasing sequence")
+    if not (0 < float(t[-1]) and float(t[0]) <= sde.t_max):
+        raise ValueError(f"times must lie in (0, {sde.t_max}], got {float(t[-1])} .. {float(t[0])}")
+    return t
+
+
 def grid_sigmas(sde: SDE, times: Tensor) -> list[float]:
     """sigma_i = s / a at each grid time, plus the final 0 (clean data)."""
     lam = sde.logsnr(times)
@@ -139,7 +155,8 @@ def _check(x_T: Tensor) -> None:
 # Fixed-step solvers
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def sample_euler(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, *, steps: int, grid: Grid = "karras",
+def sample_euler(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, times: Tensor | None = None, *,
+                 steps: int | None = None, grid: Grid = "karras",
                  cond: Any = None, denoise_final: bool = True, callback: Callback | None = None) -> Tensor:
     """Euler's method on the probability-flow ODE in (y, sigma) (Karras et al. 2022, Algorithm 1 with
     their VE variables; the same map as DDIM with eta = 0): y_{i+1} = y_i + (sigma_{i+1} - sigma_i)
@@ -147,7 +164,8 @@ def sample_euler(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, *, steps: int, gri
     t_max. With ``denoise_final`` False the last step (to sigma = 0) is skipped and x at t_min
     returned (x = a(t_min) y)."""
     _check(x_T)
-    times = time_grid(sde, steps, grid)
+    times = resolve_times(sde, times, steps, grid)
+    steps = len(times)
     sig = grid_sigmas(sde, times)
     y = _start(sde, x_T, times)
     last = steps if denoise_final else steps - 1
@@ -160,13 +178,15 @@ def sample_euler(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, *, steps: int, gri
 
 
 @torch.no_grad()
-def sample_heun(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, *, steps: int, grid: Grid = "karras",
+def sample_heun(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, times: Tensor | None = None, *,
+                steps: int | None = None, grid: Grid = "karras",
                 cond: Any = None, denoise_final: bool = True, callback: Callback | None = None) -> Tensor:
     """Heun's 2nd-order method on the probability-flow ODE in (y, sigma) (Karras et al. 2022,
     Algorithm 2, deterministic): an Euler predictor, then the trapezoidal correction with the slope at
     the new point; the last step to sigma = 0 is a plain Euler step. 2 steps - 1 network calls."""
     _check(x_T)
-    times = time_grid(sde, steps, grid)
+    times = resolve_times(sde, times, steps, grid)
+    steps = len(times)
     sig = grid_sigmas(sde, times)
     y = _start(sde, x_T, times)
     last = steps if denoise_final else steps - 1

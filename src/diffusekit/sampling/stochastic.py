@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from diffusekit.parameterization import Callback, DenoiserFn
-from diffusekit.sampling.ode import Grid, _check, grid_sigmas, time_grid, ve_denoise
+from diffusekit.sampling.ode import Grid, _check, grid_sigmas, resolve_times, time_grid, ve_denoise
 from diffusekit.sde import SDE, predict
 
 __all__ = ["sample_euler_maruyama", "sample_pc", "sample_annealed_langevin", "langevin_step"]
@@ -62,12 +62,13 @@ def _em_step(sde: SDE, x: Tensor, t: float, dt: float, score: Tensor, z: Tensor)
 
 
 @torch.no_grad()
-def sample_euler_maruyama(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, noise: NoiseFn, *, steps: int,
-                          grid: Grid = "time", cond: Any = None, callback: Callback | None = None) -> Tensor:
+def sample_euler_maruyama(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, noise: NoiseFn, times: Tensor | None = None,
+                          *, steps: int | None = None, grid: Grid = "time", cond: Any = None, callback: Callback | None = None) -> Tensor:
     """Euler-Maruyama on the reverse SDE from the prior draw ``x_T`` at t_max: ``steps`` network
-    calls, steps - 1 noisy steps on ``time_grid(sde, steps, grid)`` and the denoising step."""
+    calls, steps - 1 noisy steps on ``times`` (or ``time_grid(sde, steps, grid)``) and the denoising step."""
     _check(x_T)
-    times = time_grid(sde, steps, grid).tolist()
+    times = resolve_times(sde, times, steps, grid).tolist()
+    steps = len(times)
     x = x_T
     for i, t in enumerate(times):
         pred = predict(denoiser, sde, x, t, cond)
@@ -78,7 +79,8 @@ def sample_euler_maruyama(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, noise: No
 
 
 @torch.no_grad()
-def sample_pc(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, noise: NoiseFn, *, steps: int, snr: float = 0.16,
+def sample_pc(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, noise: NoiseFn, times: Tensor | None = None, *,
+              steps: int | None = None, snr: float = 0.16,
               corrector_steps: int = 1, step_rule: Literal["norm", "fixed"] = "fixed", grid: Grid = "time",
               cond: Any = None, callback: Callback | None = None) -> Tensor:
     """Predictor-corrector sampling (Song et al. 2021, Algorithm 1 with a Langevin corrector):
@@ -94,7 +96,8 @@ def sample_pc(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, noise: NoiseFn, *, st
         raise ValueError(f"corrector_steps must be an integer >= 0, got {corrector_steps!r}")
     if step_rule not in ("norm", "fixed"):
         raise ValueError(f"step_rule must be 'norm' or 'fixed', got {step_rule!r}")
-    times = time_grid(sde, steps, grid).tolist()
+    times = resolve_times(sde, times, steps, grid).tolist()
+    steps = len(times)
     x = x_T
     for i, t in enumerate(times):
         std = float(sde.std(t)) if step_rule == "fixed" else None

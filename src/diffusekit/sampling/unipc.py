@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 
 from diffusekit.parameterization import Callback, DenoiserFn
-from diffusekit.sampling.ode import Grid, _check, _start, grid_sigmas, time_grid, ve_denoise
+from diffusekit.sampling.ode import Grid, _check, _start, grid_sigmas, resolve_times, ve_denoise
 from diffusekit.sde import SDE
 
 __all__ = ["sample_unipc", "phi", "unipc_coefficients", "Coefficients", "COEFFICIENTS"]
@@ -111,21 +111,23 @@ def _update(y_b: Tensor, m_b: Tensor, ratio: float, h: float, points: list[tuple
 
 
 @torch.no_grad()
-def sample_unipc(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, *, steps: int, order: int = 2,
+def sample_unipc(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, times: Tensor | None = None, *,
+                 steps: int | None = None, order: int = 2,
                  coefficients: Coefficients = "solve", corrector: bool = True, grid: Grid = "logsnr_trailing",
                  cond: Any = None,
                  denoise_final: bool = True, callback: Callback | None = None) -> Tensor:
     """UniPC (UniP-``order`` predictor, UniC corrector; data prediction; ``coefficients`` as in
     ``unipc_coefficients``) from the
     prior draw ``x_T`` of ``sde`` at t_max to clean data, ``steps`` network calls on
-    ``time_grid(sde, steps, grid)``. With ``denoise_final`` False the last step is skipped and x at the
+    ``times`` (or ``time_grid(sde, steps, grid)``). With ``denoise_final`` False the last step is skipped and x at the
     last grid time returned (x = a(t) y, corrected when ``corrector``)."""
     _check(x_T)
     if not isinstance(order, int) or isinstance(order, bool) or not 1 <= order <= MAX_ORDER:
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
     if coefficients not in COEFFICIENTS:
         raise ValueError(f"unknown UniPC coefficients {coefficients!r}; choose one of {COEFFICIENTS}")
-    times = time_grid(sde, steps, grid)
+    times = resolve_times(sde, times, steps, grid)
+    steps = len(times)
     sig = grid_sigmas(sde, times)
     lams = [-math.log(s) for s in sig[:-1]]  # half log-SNR l = -log s at each grid time
     y = _start(sde, x_T, times)
