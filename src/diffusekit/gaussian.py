@@ -1,7 +1,8 @@
 """The Gaussian pieces of the forward process and of the bound, one small function per equation.
 
 Indices ``t`` are int64 tensors of shape (B,) in 1..T (the notes' t; t = 0 is clean data). Tables
-come from a float64 ``DiscreteSchedule`` and are cast to x's dtype at use.
+come from a float64 ``DiscreteSchedule`` and are cast to x's dtype at use. The slides cited are those of
+Vidal, "Deep Generative Models" (Fall 2025) and Gao, "VAEs and Diffusion Models" (Stanford CS231n).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def extract(table: Tensor, t: Tensor, like: Tensor) -> Tensor:
     return append_dims(table[t].to(dtype=like.dtype, device=like.device), like.ndim)
 
 
-# -- forward process (seed 000 "The Forward Process of Diffusion Model") ------------------------
+# -- forward process (Vidal, "Deep Generative Models", slides "The Forward Process of Diffusion Model") --
 def forward_step_mean_var(x_prev: Tensor, t: Tensor, schedule: DiscreteSchedule) -> tuple[Tensor, Tensor]:
     """q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, beta_t I): returns (mean, variance)."""
     beta = extract(schedule.betas, t, x_prev)
@@ -61,7 +62,8 @@ def q_sample(x0: Tensor, t: Tensor, schedule: DiscreteSchedule, noise: Tensor) -
     return mean + std * noise
 
 
-# -- posterior q(x_{t-1} | x_t, x_0) (seed 000 "ELBO for Diffusion Model: Score Matching Term") --
+# -- posterior q(x_{t-1} | x_t, x_0) (Vidal, "Deep Generative Models", slide "ELBO for Diffusion Model:
+# Score Matching Term", with the square root on alpha_bar_{t-1} that the slide drops; docs/math.md) --
 def posterior_mean_variance(
     x0: Tensor, x_t: Tensor, t: Tensor, schedule: DiscreteSchedule
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -74,7 +76,8 @@ def posterior_mean_variance(
 
 
 def posterior_mean_from_eps(x_t: Tensor, eps: Tensor, t: Tensor, schedule: DiscreteSchedule) -> Tensor:
-    """The eps form of mu_q (seed 000 "Reparameterization as an Alternative Form for ELBO"):
+    """The eps form of mu_q (Vidal, "Deep Generative Models", slide "Reparameterization as an Alternative
+    Form for ELBO"):
     mu_q = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t)."""
     beta = extract(schedule.betas, t, x_t)
     return (x_t - beta / extract(schedule.sigma, t, x_t) * eps) / (1 - beta).sqrt()
@@ -83,7 +86,7 @@ def posterior_mean_from_eps(x_t: Tensor, eps: Tensor, t: Tensor, schedule: Discr
 # -- divergences and likelihoods ------------------------------------------------------------
 def gaussian_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) per element, in nats (diagonal Gaussians;
-    seed 000 "ELBO for Diffusion Model: Matching the Mean")."""
+    Vidal, "Deep Generative Models", slide "ELBO for Diffusion Model: Matching the Mean")."""
     return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1.0)
 
 
@@ -125,6 +128,7 @@ def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tens
 
 
 def tweedie_x0(x_t: Tensor, score: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-    """Tweedie's formula (seed 001 "Tweedie's formula"): E[x_0 | x_t] = (x_t + sigma^2 score) / alpha
+    """Tweedie's formula (Gao, "VAEs and Diffusion Models" (Stanford CS231n), slides "Tweedie's formula"
+    and the "Variational Diffusion Models" slides that apply it): E[x_0 | x_t] = (x_t + sigma^2 score) / alpha
     for x_t = alpha x_0 + sigma eps, where score = grad log q_t(x_t)."""
     return (x_t + sigma**2 * score) / alpha

@@ -1,7 +1,9 @@
 """Likelihood bookkeeping: nats internally, bits/dim only at the reporting boundary.
 
-The discrete variational bound of seed 000 ("Decomposition of the ELBO for a MHVAE"; seed 003's
-L_T + sum L_{t-1} + L_0):
+The discrete variational bound of Vidal, "Deep Generative Models" (Fall 2025), slides "Decomposition of
+the ELBO for a MHVAE" (reconstruction, prior matching and score matching terms), in the notation
+L_T + sum L_{t-1} + L_0 of Zhu, "Generative Model Zoo (part III)" (CMU 16-726), slide "Learning
+Denoising Model: Variational upper bound":
 
     -log p(x_0) <= KL(q(x_T|x_0) || N(0, I))                                   L_T (prior matching)
                  + sum_{t=2}^T E_q KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t))   L_{t-1}
@@ -15,9 +17,15 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from diffusekit.gaussian import (discretized_gaussian_log_likelihood, extract, gaussian_kl, posterior_mean_variance,
-                                 q_sample)
+from diffusekit.gaussian import (
+    discretized_gaussian_log_likelihood,
+    extract,
+    gaussian_kl,
+    posterior_mean_variance,
+    q_sample,
+)
 from diffusekit.schedules import DiscreteSchedule
 
 __all__ = ["prior_kl", "nats_to_bits_per_dim", "mean_flat", "sum_flat", "decoder_log_variance", "vlb_term",
@@ -55,9 +63,10 @@ def nats_to_bits_per_dim(nats: Tensor | float, dims: int) -> Tensor | float:
 # The discrete variational bound, term by term
 # --------------------------------------------------------------------------------------------
 def decoder_log_variance(schedule: DiscreteSchedule, variance: str | Tensor = "beta_tilde") -> Tensor:
-    """log sigma_t^2 of p_theta(x_{t-1} | x_t) for t = 0..T: beta_tilde_t or beta_t (seed 000,
-    Algorithm 2's sigma_t). At t = 1 (the decoder p(x_0 | x_1)) both use beta_tilde_2, because
-    beta_tilde_1 = 0 (improved-diffusion's choice). A tensor of T + 1 log-variances (e.g. from
+    """log sigma_t^2 of p_theta(x_{t-1} | x_t) for t = 0..T: beta_tilde_t or beta_t (the sigma_t of
+    "Algorithm 2 Sampling" in Vidal, "Deep Generative Models"; both choices are in Ho et al. 2020,
+    sec. 3.2). At t = 1 (the decoder p(x_0 | x_1)) both use beta_tilde_2, because beta_tilde_1 = 0
+    (improved-diffusion's choice). A tensor of T + 1 log-variances (e.g. from
     ``fit_reverse_log_variances``) is returned as it is."""
     if isinstance(variance, Tensor):
         if variance.shape != (schedule.T + 1,):
@@ -116,8 +125,6 @@ def fit_reverse_log_variances(denoiser, x0: Tensor, schedule: DiscreteSchedule, 
     the best of a log-spaced grid (refined once) is taken. Noise is seeded per (seed, t), as in
     ``vlb_exact``: the fit does not depend on batching.
     """
-    from tqdm.auto import tqdm
-
     n = x0.shape[0]
     table = schedule.posterior_log_variance_clipped.clone()
     excess = torch.zeros(schedule.T + 1, dtype=torch.float64)
@@ -165,7 +172,9 @@ class BoundResult:
     prior: Tensor  # (N,)
     terms: Tensor  # (N, T) for the exact bound; (N,) diffusion+reconstruction estimate otherwise
     dims: int
-    stderr_nats: float = 0.0  # standard error of the mean total (estimates only)
+    # standard error of the mean total: over examples for ``vlb_exact`` (std(total) / sqrt(N)); from the
+    # draws of t and noise for ``vlb_estimate``
+    stderr_nats: float = 0.0
     comparison: "BoundResult | None" = None  # the same draws under ``compare_variance`` (estimates only)
 
     @property
@@ -189,9 +198,13 @@ class BoundResult:
 def vlb_exact(denoiser, x0: Tensor, schedule: DiscreteSchedule, levels: int, *, seed: int = 0,
               batch_size: int = 256, variance: str | Tensor = "beta_tilde", cond: dict | None = None,
               progress: bool = False) -> BoundResult:
-    """Every term of the bound for every example (T network calls per example)."""
-    from tqdm.auto import tqdm
+    """Every term of the bound for every example (T network calls per example).
 
+    No t is sampled, but each term L_{t-1} is still evaluated at one draw x_t ~ q(x_t | x_0) per
+    example, so the per-example total is a one-sample Monte-Carlo estimate of that example's bound.
+    ``stderr_nats`` is the standard error of the mean total over the N examples,
+    std(total) / sqrt(N) (sample standard deviation; 0 for a single example, which has no spread):
+    it covers both that noise and the spread of the bound across the data."""
     n, dims = x0.shape[0], x0[0].numel()
     terms = torch.zeros(n, schedule.T, dtype=torch.float64)
     for t in tqdm(range(1, schedule.T + 1), desc="bound", disable=not progress, unit="t"):
@@ -201,7 +214,10 @@ def vlb_exact(denoiser, x0: Tensor, schedule: DiscreteSchedule, levels: int, *, 
             c = {k: v[sl] for k, v in cond.items()} if cond else None
             terms[sl, t - 1] = vlb_term(denoiser, x0[sl], torch.tensor(t), schedule, noise[sl].to(x0.device),
                                         levels, variance, c).double().cpu()
-    return BoundResult(prior_kl(x0.cpu(), schedule), terms, dims)
+    result = BoundResult(prior_kl(x0.cpu(), schedule), terms, dims)
+    if n > 1:
+        result.stderr_nats = result.total.std().item() / math.sqrt(n)
+    return result
 
 
 def stratum_edges(T: int, n: int) -> Tensor:
@@ -229,8 +245,6 @@ def vlb_estimate(denoiser, x0: Tensor, schedule: DiscreteSchedule, levels: int, 
 
     ``compare_variance``: the same estimate (same t and noise, no extra network calls) under a
     second choice of reverse variances, returned as the result's ``comparison``."""
-    from tqdm.auto import tqdm
-
     n, dims, T = x0.shape[0], x0[0].numel(), schedule.T
     if not 1 <= n_strata <= T:
         raise ValueError(f"n_strata must lie in 1..{T}, got {n_strata}")

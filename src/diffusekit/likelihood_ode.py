@@ -13,7 +13,8 @@ backward passes per evaluation, for small D) or Hutchinson's estimate z^T (dv/dy
 per example held fixed along the trajectory (Grathwohl et al. 2019, FFJORD), Rademacher or Gaussian,
 drawn from a generator seeded by (seed, example index): unbiased, E[z^T J z] = tr J.
 
-The density is that of the model at t_min (the truncation of PITFALLS 7); with the exact score it is
+The density is that of the model at t_min, the SDE's explicit truncation (``sde.SDE.t_min``; the NLL
+depends on it, so it is stated rather than hidden); with the exact score it is
 the data density convolved with N(0, s(t_min)^2) noise. For data on ``levels`` values in [-1, 1] (bin
 width Delta = 2 / (levels - 1)) the discrete probability of a bin is bounded with uniform
 dequantization, u = x + Delta (U - 1/2): -log P(x) <= -E_U log p(u) - D log Delta (Theis et al. 2016;
@@ -30,6 +31,7 @@ from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from diffusekit.likelihood import nats_to_bits_per_dim
 from diffusekit.parameterization import DenoiserFn
@@ -149,8 +151,6 @@ def ode_nll(denoiser: DenoiserFn, sde: SDE, x: Tensor, levels: int | None = None
     in its bin and the bin width is accounted for: nll = -log p(u) - D log(2 / (levels - 1)).
     Example i's dequantization noise and probe come from seeds derived from (seed, i) only, so the
     result does not depend on ``batch_size``."""
-    from tqdm.auto import tqdm
-
     if levels is not None and (not isinstance(levels, int) or levels < 2):
         raise ValueError(f"levels must be an integer >= 2, got {levels!r}")
     n, dims = x.shape[0], x[0].numel()

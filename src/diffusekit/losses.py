@@ -9,21 +9,35 @@ v or score) and the error converted with the exact factor c_kind(lambda), so
 where c_kind is the ratio ||eps - eps_hat||^2 / ||raw - target||^2:
   eps: 1,   x0: SNR,   v: alpha^2 = SNR / (1 + SNR),   score: sigma^2 = 1 / (1 + SNR).
 Both factors are computed in log space from lambda = log SNR, so they stay finite at both ends of
-every schedule (PITFALLS 4).
+every schedule: a schedule forced to zero terminal SNR makes eps-prediction undefined at T and SNR
+weights divide by zero there (Lin et al. 2024, sec. 3.2), and the log form keeps every weight finite.
 
 Weightings (in eps-MSE units; "x0-MSE" = eps-MSE / SNR):
-  simple         L_simple of Ho et al. (seed 000 Algorithm 1): w = 1
+  simple         L_simple of Ho et al. (Vidal, "Deep Generative Models" (Fall 2025), "Algorithm 1
+                 Training"): w = 1
   snr            x0-MSE weighted by SNR (Hang et al. 2023, eq. 8) -- identical to simple, kept
                  under its own name because papers state it so
   x0             plain x0-MSE: w = 1 / SNR
   v              plain v-MSE: w = 1 + 1 / SNR
   min_snr        x0-MSE weighted by min(SNR, gamma): w = min(SNR, gamma) / SNR
   truncated_snr  x0-MSE weighted by max(SNR, 1) (Salimans & Ho 2022): w = max(SNR, 1) / SNR
-  elbo           the true-ELBO weight of seed 000 "Progressive Denoising or Direct Reconstruction?"
-                 and seed 003 (the lambda_t of Ho et al., eq. 12):
-                 L_{t-1} = beta_t^2 / (2 sigma_p^2 alpha_t (1 - alpha_bar_t)) ||eps - eps_hat||^2,
-                 scaled by T so that the mean over uniform t estimates sum_t L_{t-1} per dimension
-                 (nats/dim). sigma_p^2 is the clipped beta_tilde (beta_tilde_2 at t = 1).
+  elbo           the true-ELBO weight of Vidal, slide "Progressive Denoising or Direct Reconstruction?",
+                 and of Zhu, "Generative Model Zoo (part III)" (CMU 16-726), slides "Parameterizing the
+                 Denoising Model" / "Training Objective Weighting" (the lambda_t of Ho et al., eq. 12):
+                     w_t = T beta_t^2 / (2 sigma_p^2 alpha_t (1 - alpha_bar_t)),
+                 sigma_p^2 the clipped beta_tilde (beta_tilde_t for t >= 2, beta_tilde_2 at t = 1).
+                 What it estimates, exactly: E_{t ~ U{1..T}, eps} of the loss is, in nats per dimension,
+                     (1/D) [ sum_{t=2}^T L_{t-1}  +  ||x_0 - x0_hat(x_1, 1)||^2 / (2 beta_tilde_2) ],
+                 where L_{t-1} = E KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) with variance beta_tilde_t is
+                 exactly the term of ``likelihood.vlb_term`` (the KL of equal-variance Gaussians is the
+                 weighted mean error alone). The t = 1 term is not L_0: it is a Gaussian stand-in, the
+                 negative log-density of x_0 under N(x0_hat, beta_tilde_2 I) without its constant
+                 (D/2) log(2 pi beta_tilde_2), in place of the discretized decoder's -log p(x_0|x_1) (the
+                 mean of q(x_0|x_1, x_0) is x_0 itself, so the same weight formula gives this). The prior
+                 term L_T has no parameters and is left out. So the loss is the negative bound minus L_T,
+                 with L_0 replaced by that stand-in; it is not a number to compare with the reported bound
+                 (``likelihood.vlb_exact`` / ``vlb_estimate``), only a training objective whose
+                 parameter-dependent part matches it for t >= 2.
 """
 
 from __future__ import annotations
@@ -102,7 +116,8 @@ def sample_timesteps(batch: int, T: int, generator: torch.Generator,
 
 def diffusion_loss(denoiser: Denoiser, x0: Tensor, t: Tensor, schedule: DiscreteSchedule, noise: Tensor,
                    weighting: str = "simple", *, cond: dict | None = None, gamma: float = 5.0) -> Tensor:
-    """The weighted denoising loss per example, shape (B,) (seed 000 Algorithm 1 for "simple")."""
+    """The weighted denoising loss per example, shape (B,) (Vidal, "Deep Generative Models", "Algorithm 1
+    Training" for "simple")."""
     logsnr = schedule.logsnr[t.cpu()].to(x0.device)
     x_t = q_sample(x0, t.cpu(), schedule, noise)
     raw = denoiser.raw(x_t, logsnr, cond)
@@ -110,5 +125,7 @@ def diffusion_loss(denoiser: Denoiser, x0: Tensor, t: Tensor, schedule: Discrete
     target = from_eps_x0(denoiser.kind, noise, x0, alpha, sigma)
     log_factor = log_weight(weighting, logsnr.double(), gamma=gamma, schedule=schedule, t=t) + \
         log_kind_factor(denoiser.kind, logsnr.double())
-    acc = torch.promote_types(x0.dtype, torch.float32)  # reductions in fp32 at least (PITFALLS 13)
+    # the weight and the mean-squared error are reduced in fp32 at least: under fp16/bf16 autocast the
+    # network may run in half precision, but the loss reduction stays in float32
+    acc = torch.promote_types(x0.dtype, torch.float32)
     return torch.exp(log_factor).to(acc) * mean_flat((raw.to(acc) - target.to(acc)) ** 2)

@@ -1,11 +1,13 @@
 """eps <-> x0 <-> v <-> score conversions, and the one denoiser calling convention.
 
-All conversions are for x_t = alpha x0 + sigma eps (seed 000 "The Forward Process of Diffusion
-Model"; seed 001 "Three Equivalent Interpretations"). ``alpha`` and ``sigma`` broadcast against x.
+All conversions are for x_t = alpha x0 + sigma eps (Vidal, "Deep Generative Models" (Fall 2025), slides
+"The Forward Process of Diffusion Model"; Gao, "VAEs and Diffusion Models" (Stanford CS231n), slides
+"Three Equivalent Interpretations"). ``alpha`` and ``sigma`` broadcast against x.
 
 - x0 from eps:     x0 = (x_t - sigma eps) / alpha
 - eps from x0:     eps = (x_t - alpha x0) / sigma
-- score from eps:  grad log q_t(x_t) = -eps / sigma           (Tweedie; seed 001)
+- score from eps:  grad log q_t(x_t) = -eps / sigma           (Tweedie; Gao, "VAEs and Diffusion Models",
+                   slide "Denoising Score Matching: Epsilon-prediction parametrization")
 - v (Salimans & Ho 2022):  v = alpha eps - sigma x0, so for any alpha, sigma
       x0  = (alpha x_t - sigma v) / (alpha^2 + sigma^2)
       eps = (sigma x_t + alpha v) / (alpha^2 + sigma^2)

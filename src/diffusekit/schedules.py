@@ -5,13 +5,21 @@ alpha_t = sqrt(alpha_bar_t) and sigma_t = sqrt(1 - alpha_bar_t) (variance preser
 log signal-to-noise ratio is logsnr = log(alpha_t^2 / sigma_t^2).
 
 Discrete tables are indexed by the notes' time t = 0..T: index 0 is clean data (beta_0 = 0,
-alpha_bar_0 = 1) and t = 1..T are the noising steps of seed 000 ("The Forward Process of Diffusion
-Model"). diffusers numbers the same steps k = t - 1 = 0..T-1.
+alpha_bar_0 = 1) and t = 1..T are the noising steps of Vidal, "Deep Generative Models" (Fall 2025),
+slides "The Forward Process of Diffusion Model". diffusers numbers the same steps k = t - 1 = 0..T-1.
 
-A continuous schedule maps t in [0, 1] to log(alpha_bar(t)); everything else (logsnr, alpha, sigma)
-is derived from it. ``InterpolatedSchedule`` is the continuous view of any discrete table: log
+Time convention of the continuous schedules here (score-SDE time, Song et al. 2021): t in [0, 1],
+t = 0 is clean data (alpha_bar(0) = 1, lambda = +inf) and t = 1 the noisiest point; ``discretize(T)``
+puts step k = 0..T at t = k / T. A continuous schedule maps t to log(alpha_bar(t)); everything else
+(logsnr, alpha, sigma) is derived from it. These drive the SDEs (``sde.py``), the ODE/SDE samplers and
+the discrete tables. ``InterpolatedSchedule`` is the continuous view of any discrete table: log
 alpha_bar is linear between grid points t = k / T (a piecewise-constant beta(t) of a VP SDE), so it
 agrees with the table exactly at every grid point.
+
+The other continuous family, ``continuous.logsnr.LogSNRSchedule``, uses VDM time instead (Kingma et
+al. 2021): t = 0 is the least noisy latent z_0 at a finite logsnr_max, clean data is separate, and
+its ``discretize(T)`` puts step k = 1..T at t = (k - 1) / (T - 1). Both are right for what they model,
+and trained runs depend on both discretizations (docs/math.md, "Two continuous time conventions").
 """
 
 from __future__ import annotations
@@ -62,15 +70,28 @@ def alpha_sigma_from_logsnr(logsnr: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # --------------------------------------------------------------------------------------------
-# Discrete beta tables (seed 000 "Implementation (DDPM)", seed 003 "linear vs cosine schedules")
+# Discrete beta tables (Vidal, "Deep Generative Models", slides "Implementation (DDPM)"; Zhu, CMU 16-726
+# "Generative Model Zoo (part III)", slides "Implementation Considerations: Noise Schedule")
 # --------------------------------------------------------------------------------------------
 def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
     """DDPM's linear schedule, beta from 1e-4 to 0.02 at T = 1000 (Ho et al. 2020, sec. 4).
 
-    The end points are defined for T = 1000. For other T the per-step log-retention is rescaled,
-    log(1 - beta'_t) = (1000 / T) log(1 - beta(t / T)), so that alpha_bar at every time t / T stays
-    about the same (the total log alpha_bar_T is preserved exactly) and every beta' stays in (0, 1)
-    even for small T; at T = 1000 the table is exactly DDPM's (PITFALLS 5).
+    The end points are defined for T = 1000, and a schedule defined for one T must be rescaled when T
+    changes (DDPM's betas used as they are at T = 10 would leave alpha_bar_T at about 0.9). For other T, beta is first
+    spread linearly over T points, b_t = linspace(beta_start, beta_end, T)[t - 1], and the per-step
+    log-retention is rescaled, log(1 - beta'_t) = (1000 / T) log(1 - b_t), so every beta' stays in
+    (0, 1) even for small T; at T = 1000 the table is exactly DDPM's.
+
+    What is kept, measured against the T = 1000 table (log alpha_bar_1000 = -10.1177): the total
+    log alpha_bar_T only approximately, because log(1 - b) is not linear in b and the mean of log(1 - b)
+    over T linearly spaced points depends on T. |Relative error| of log alpha_bar_T: 3.3e-3 at T = 2,
+    8.3e-4 at T = 5, 3.7e-4 at T = 10, 3.0e-5 at T = 100, 3.3e-6 at T = 500, 1.7e-6 at T = 2000
+    (alpha_bar_T itself is off by the same absolute amount in the exponent, e.g. a factor 0.9963 at
+    T = 10). T = 1 is degenerate: its single beta is beta_start, so log alpha_bar_1 = -0.1. In between,
+    alpha_bar(k / T) is matched only loosely at small k: step 1 carries beta_start, the value DDPM gives
+    its first step, rather than the mean of the first 1000 / T steps, so at T = 10 log alpha_bar at
+    t = 0.1 is -0.010 against -0.109; alpha = sqrt(alpha_bar) on the grid differs from the T = 1000
+    table's by at most 0.077 at T = 10, 0.0062 at T = 100 and 0.0003 at T = 2000.
     """
     _check_T(T)
     base = torch.linspace(beta_start, beta_end, T, dtype=F64)
@@ -156,12 +177,14 @@ class DiscreteSchedule:
 
     @cached_property
     def alphas(self) -> Tensor:
-        """alpha_t = 1 - beta_t (per-step signal retention; seed 000)."""
+        """alpha_t = 1 - beta_t (per-step signal retention; Vidal, "Deep Generative Models", slides
+        "Implementation (DDPM)")."""
         return 1.0 - self.betas
 
     @cached_property
     def alpha_bar(self) -> Tensor:
-        """alpha_bar_t = prod_{s=1}^t alpha_s (seed 002 writes alpha_t for this)."""
+        """alpha_bar_t = prod_{s=1}^t alpha_s (Manwani, "Diffusion Models" (IIIT Hyderabad), writes
+        alpha_t for this and 1 - beta_t for the per-step alpha_t)."""
         return torch.exp(self.log_alpha_bar)
 
     @cached_property
@@ -188,7 +211,8 @@ class DiscreteSchedule:
     def snr(self) -> Tensor:
         return self.alpha_bar / self.one_minus_alpha_bar
 
-    # -- posterior q(x_{t-1} | x_t, x_0) (seed 000 "ELBO for Diffusion Model: Score Matching Term")
+    # -- posterior q(x_{t-1} | x_t, x_0) (Vidal, "Deep Generative Models", slide "ELBO for Diffusion
+    # Model: Score Matching Term"; that slide drops the square root on alpha_bar_{t-1}, docs/math.md)
     @cached_property
     def posterior_variance(self) -> Tensor:
         """beta_tilde_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t); 0 at t = 1 (and t = 0)."""
@@ -309,7 +333,9 @@ class InterpolatedSchedule(_ContinuousMixin):
     """Continuous view of a discrete table: log alpha_bar linear between t = k / T.
 
     This is the VP SDE whose beta(t) is constant on each interval; it reproduces the discrete
-    alpha_bar, logsnr, alpha and sigma exactly at the grid points (PITFALLS 7).
+    alpha_bar, logsnr, alpha and sigma exactly at the grid points, so a continuous-time wrapper of a
+    discrete model (an SDE sampler or the PF-ODE likelihood of a DDPM) sees the same noise levels the
+    discrete model was trained on at t = k / T.
     """
 
     def __init__(self, schedule: DiscreteSchedule):
@@ -340,7 +366,8 @@ def respace(schedule: DiscreteSchedule, timesteps: Sequence[int] | Tensor) -> Di
     """Keep only the steps ``timesteps`` (values in 1..T) and recompute beta from alpha_bar.
 
     beta'_i = 1 - alpha_bar[t_i] / alpha_bar[t_{i-1}] with t_0 = 0 (improved-diffusion's
-    ``respace.py``; PITFALLS 2). The result is indexed 0..S and remembers the original steps in
+    ``respace.py``; the same bug, keeping the original betas on a respaced grid, was fixed in diffusers
+    PR #3006). The result is indexed 0..S and remembers the original steps in
     ``timesteps``. Respacing with all of 1..T returns the original tables exactly.
     """
     steps = torch.as_tensor(timesteps, dtype=torch.int64).flatten().unique(sorted=True)

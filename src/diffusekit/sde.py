@@ -8,8 +8,10 @@ Every SDE here is linear, dx = f(t) x dt + g(t) dw, so its marginal given the da
 and everything a sampler needs follows from (a, s): the log-SNR lambda(t) = log(a^2 / s^2), the
 score, the reverse SDE and the probability-flow ODE.
 
-- ``VPSDE``: dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw (seed 001 "Forward Diffusion SDE", l.1129;
-  seed 004 "Diffusion by SDE"), built from any continuous schedule of ``schedules.py`` with
+- ``VPSDE``: dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw (Gao, "VAEs and Diffusion Models" (Stanford
+  CS231n), slide "Forward Diffusion Process as Stochastic Differential Equation"; Bereyhi, "Deep
+  Generative Models", Chapter 6 (Toronto), slides "Diffusion by SDE"), built from any continuous
+  schedule of ``schedules.py`` (its time convention: t = 0 is clean data) with
   beta(t) = -d/dt log alpha_bar(t) (exact, by autograd through the schedule, float64). Then
   a = sqrt(alpha_bar), s = sqrt(1 - alpha_bar): the project's own alpha_t, sigma_t, and for
   ``InterpolatedSchedule`` of a discrete table the marginals equal the table at every t = k / T.
@@ -19,17 +21,19 @@ score, the reverse SDE and the probability-flow ODE.
   a = 1 and, started at the data, s(t)^2 = sigma(t)^2 - sigma_min^2 (Song et al. treat the data as
   already perturbed at sigma_min and write s = sigma(t); here the marginal is exact).
 
-Reverse SDE (Anderson 1982; seed 001 l.1145): dx = [f - g^2 grad log q_t] dt + g dw_bar, run from
+Reverse SDE (Anderson 1982; Gao, slide "The Generative Reverse Stochastic Differential Equation"):
+dx = [f - g^2 grad log q_t] dt + g dw_bar, run from
 t = 1 to 0. Probability-flow ODE (Song et al. 2021, eq. 13): dx/dt = f - 1/2 g^2 grad log q_t.
 
 One denoiser for every SDE: the project's networks are VP denoisers fed log-SNR. Dividing x_t by
 c = sqrt(a^2 + s^2) gives x_t / c = (a/c) x_0 + (s/c) eps, a VP point with the same log-SNR and the
 same eps, so ``predict`` queries the denoiser there and returns eps, x0 and the score -eps / s of
-this SDE's own x_t (Tweedie; seed 001 "Three Equivalent Interpretations").
+this SDE's own x_t (Tweedie; Gao, slides "Three Equivalent Interpretations").
 
-Truncation: time runs over [t_min, 1] (PITFALLS 7). ``t_min`` is explicit on every SDE: 1e-3 for
-analytic schedules, 1 / T for the continuous view of a T-step table (the least noisy level a model
-trained on that table has seen).
+Truncation: time runs over [t_min, 1], and t_min changes what is computed (the reference code of Song
+et al. 2021 stops at 1e-3 to sample but at 1e-5 to compute likelihoods, and the NLL differs between the
+two), so ``t_min`` is explicit on every SDE: 1e-3 for analytic schedules, 1 / T for the continuous view
+of a T-step table (the least noisy level a model trained on that table has seen).
 """
 
 from __future__ import annotations
@@ -105,7 +109,8 @@ class SDE:
         return _like(self.drift_coef(_t64(t)), x) * x
 
     def reverse_drift(self, x: Tensor, t: Tensor | float, score: Tensor) -> Tensor:
-        """f - g^2 score: the drift of the reverse-time SDE (seed 001 l.1145), in forward time."""
+        """f - g^2 score: the drift of the reverse-time SDE (Gao, "VAEs and Diffusion Models", slide "The
+        Generative Reverse Stochastic Differential Equation"), in forward time."""
         return self.drift(x, t) - _like(self.diffusion_sq(_t64(t)), x) * score
 
     def probability_flow_drift(self, x: Tensor, t: Tensor | float, score: Tensor) -> Tensor:

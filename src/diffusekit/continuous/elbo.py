@@ -1,8 +1,10 @@
 """The continuous-time ELBO of Variational Diffusion Models and the weighted objectives of Kingma & Gao.
 
 For data x, latents z_t = alpha_t x + sigma_t eps with log-SNR lambda(t) falling from lambda_max
-(t = 0) to lambda_min (t = 1), the negative ELBO is (Kingma et al. 2021, "Variational Diffusion Models": the VLB and its T -> infinity limit; seed 001
-"What is the ELBO for continuous-time diffusion models?", l.1221-1233):
+(t = 0) to lambda_min (t = 1) (VDM time, ``continuous.logsnr``: t = 0 is the least noisy latent z_0, not
+the data), the negative ELBO is (Kingma et al. 2021, "Variational Diffusion Models", sec. 4-5: the VLB
+and its T -> infinity limit; Gao, "VAEs and Diffusion Models" (Stanford CS231n), slide "What is the
+ELBO for continuous-time diffusion models?"):
 
     -log p(x) <= KL(q(z_1|x) || N(0, I))                               prior        (``prior_kl_at``)
                + E_{q(z_0|x)} [-log p(x|z_0)]                          reconstruction (``reconstruction_nll``)
@@ -22,12 +24,14 @@ it rather than VDM's categorical decoder because it needs no extra machinery and
 points used here (e^{-lambda_max/2} well below the bin half-width 1 / (levels - 1)), the reconstruction
 term is a vanishing fraction of the bound either way.
 
-Weighted objectives (Kingma & Gao 2023; seed 001 "Weighted diffusion objectives", l.1241-1255):
+Weighted objectives (Kingma & Gao 2023; Gao, slide "Weighted diffusion objectives"):
 
     L_w = 1/2 E_{t~U(0,1)} [w(lambda_t) (-lambda'(t)) ||eps - eps_hat||^2]
         = 1/2 E_{lambda~p} [w(lambda) / p(lambda) ||eps - eps_hat||^2]          (importance form)
 
 where sampling t uniformly through a schedule is the importance density p(lambda) = 1 / |lambda'(t)|.
+The weightings named after discrete losses (x0, v, min_snr, truncated_snr) are those losses trained
+with t ~ U(0, 1) under the cosine schedule, written as w(lambda) (``log_kg_weight``; docs/continuous.md).
 """
 
 from __future__ import annotations
@@ -39,9 +43,11 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from diffusekit.gaussian import discretized_gaussian_log_likelihood, gaussian_kl, normal_log_prob
 from diffusekit.likelihood import nats_to_bits_per_dim, sum_flat
+from diffusekit.losses import log_kind_factor, log_weight
 from diffusekit.parameterization import append_dims, from_eps_x0
 from diffusekit.schedules import alpha_sigma_from_logsnr
 
@@ -51,10 +57,11 @@ __all__ = ["KG_WEIGHTINGS", "MONOTONE_WEIGHTINGS", "sample_times", "diffuse", "p
 
 F64 = torch.float64
 TimeSampling = Literal["uniform", "antithetic"]
-# w(lambda) of L_w; "elbo" is w = 1. The eps-MSE weights of ``losses.log_weight`` are functions of lambda
-# alone and reused as w(lambda). "edm" is not monotone (Kingma & Gao, Table 1), so it is not an ELBO.
+# w(lambda) of L_w (``log_kg_weight``); "elbo" is w = 1. x0, v, min_snr and truncated_snr are the losses
+# of those names trained with t ~ U(0, 1) under the cosine schedule, written as w(lambda). "edm" and
+# "min_snr" are not monotone in lambda (see ``log_kg_weight``), so they are not ELBOs (Kingma & Gao 2023).
 KG_WEIGHTINGS = ("elbo", "sigmoid", "edm", "x0", "v", "min_snr", "truncated_snr")
-MONOTONE_WEIGHTINGS = ("elbo", "sigmoid", "x0", "v", "min_snr", "truncated_snr")
+MONOTONE_WEIGHTINGS = ("elbo", "sigmoid", "x0", "v", "truncated_snr")
 EDM_SIGMA_DATA = 0.5
 
 
@@ -113,8 +120,6 @@ def eps_sq_error(denoiser, x0: Tensor, logsnr: Tensor, noise: Tensor, cond: dict
     z = diffuse(x0, logsnr, noise)
     acc = torch.promote_types(x0.dtype, torch.float32)
     if hasattr(denoiser, "raw") and hasattr(denoiser, "kind"):
-        from diffusekit.losses import log_kind_factor
-
         raw = denoiser.raw(z, logsnr.to(x0.device), cond)
         alpha, sigma = _scales(logsnr, x0)
         target = from_eps_x0(denoiser.kind, noise, x0, alpha, sigma)
@@ -126,11 +131,32 @@ def eps_sq_error(denoiser, x0: Tensor, logsnr: Tensor, noise: Tensor, cond: dict
 
 # -- weightings w(lambda) and the weighted losses ----------------------------------------------------
 def log_kg_weight(weighting: str, logsnr: Tensor, *, sigmoid_bias: float = 2.0, gamma: float = 5.0) -> Tensor:
-    """log w(lambda) of Kingma & Gao (2023) (float64):
-    elbo: w = 1;  sigmoid: w = sigmoid(b - lambda);  edm: w = N(lambda; 2.4, 2.4^2) (e^-lambda + s^2) / s^2,
-    s = 0.5 (EDM's log-normal noise density and loss weight, K&G Table 1); x0, v, min_snr, truncated_snr:
-    the eps-MSE weights of ``losses.log_weight`` (e^-lambda, 1 + e^-lambda, min(1, gamma e^-lambda),
-    max(1, e^-lambda)). All but edm are non-increasing in lambda (monotone in the K&G sense)."""
+    """log w(lambda) of L_w in the convention of Kingma & Gao (2023, Table 1) (float64):
+
+    elbo:    w = 1 (L_w is the diffusion term of the bound);
+    sigmoid: w = sigmoid(b - lambda);
+    edm:     w = N(lambda; 2.4, 2.4^2) (e^-lambda + s^2) / s^2, s = 0.5 (EDM's log-normal noise density
+             times its loss weight, K&G Table 1; not monotone, so not an ELBO);
+    x0, v, min_snr, truncated_snr: the weighting that makes L_w the named loss trained with t ~ U(0, 1)
+             under the cosine schedule. A loss whose eps-MSE weight is a(lambda) (``losses.log_weight``:
+             x0 e^-lambda, v 1 + e^-lambda, min_snr min(1, gamma e^-lambda), truncated_snr max(1, e^-lambda))
+             is E_t[a(lambda_t) ||eps - eps_hat||^2]; L_w = 1/2 E_t[w (-lambda') ||eps - eps_hat||^2] equals it
+             up to a constant iff w(lambda) is proportional to a(lambda) / (-dlambda/dt of the cosine schedule).
+             The cosine schedule alpha = cos(pi t / 2), sigma = sin(pi t / 2) has lambda = -2 log tan(pi t / 2)
+             and -dlambda/dt = 2 pi cosh(lambda / 2); we drop the 1 / pi and take
+
+                 w(lambda) = a(lambda) / (2 cosh(lambda / 2)) = a(lambda) e^{-lambda/2} / (1 + e^{-lambda}),
+
+             so v gives K&G's w = e^{-lambda/2} exactly and x0 gives e^{-lambda/2} sigmoid(-lambda). Then
+             L_w = (pi / 2) x (the named loss) under the cosine schedule, and (u1 - u0) x (the named loss)
+             under ``CosineLogSNR`` truncated to [lambda_min, lambda_max] (its -lambda' is
+             4 (u1 - u0) cosh(lambda / 2), u1 - u0 = atan(e^{-lambda_min/2}) - atan(e^{-lambda_max/2})),
+             pointwise in t; under any other schedule L_w is the same integral over lambda, which a
+             t-uniform named loss under that schedule is not.
+
+    All but edm and min_snr are non-increasing in lambda (monotone in the K&G sense); min_snr is
+    a(lambda) = 1 for lambda < log gamma, so there w = 1 / (2 cosh(lambda / 2)), which rises with lambda
+    for lambda < 0 (as K&G's eps-MSE cosine weighting sech(lambda / 2) does). Derivation: docs/continuous.md."""
     lam = logsnr.to(F64)
     if weighting == "elbo":
         return torch.zeros_like(lam)
@@ -141,10 +167,15 @@ def log_kg_weight(weighting: str, logsnr: Tensor, *, sigmoid_bias: float = 2.0, 
         log_density = -0.5 * ((lam - mean) / std) ** 2 - math.log(std * math.sqrt(2 * math.pi))
         return log_density + torch.logaddexp(-lam, torch.tensor(math.log(s2), dtype=F64)) - math.log(s2)
     if weighting in ("x0", "v", "min_snr", "truncated_snr"):
-        from diffusekit.losses import log_weight
-
-        return log_weight(weighting, lam, gamma=gamma)
+        return log_weight(weighting, lam, gamma=gamma) + _log_inverse_cosine_rate(lam)
     raise ValueError(f"unknown continuous weighting {weighting!r}; choose one of {KG_WEIGHTINGS}")
+
+
+def _log_inverse_cosine_rate(logsnr: Tensor) -> Tensor:
+    """log [1 / (2 cosh(lambda / 2))] = -lambda/2 - softplus(-lambda) (float64): pi / (-dlambda/dt) of the
+    cosine schedule, i.e. pi times the density of lambda when t ~ U(0, 1) (see ``log_kg_weight``)."""
+    lam = logsnr.to(F64)
+    return -0.5 * lam - F.softplus(-lam)
 
 
 def importance_weighted_loss(denoiser, x0: Tensor, logsnr: Tensor, log_density: Tensor, noise: Tensor,
@@ -210,8 +241,6 @@ def continuous_bound(denoiser, schedule, x0: Tensor, levels: int | None, *, n_dr
     noise of draw j comes from a generator seeded by (seed, j), so the result does not depend on batching.
     The standard error is that of the mean total from the draws alone (per-example sample variance over
     draws, which overstates the stratified estimator's)."""
-    from tqdm.auto import tqdm
-
     if n_draws < 2:
         raise ValueError(f"n_draws must be >= 2 (the standard error needs two), got {n_draws}")
     n, dims = x0.shape[0], x0[0].numel()

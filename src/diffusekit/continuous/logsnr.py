@@ -1,7 +1,8 @@
 """Continuous-time log-SNR schedules t in [0, 1] -> lambda(t), with exact derivatives, in float64.
 
-The continuous ELBO (Kingma et al. 2021, "Variational Diffusion Models"; seed 001
-"Continuous-time model: T -> infinity", l.1080) weights the noise-prediction error by -dlambda/dt, so
+The continuous ELBO (Kingma et al. 2021, "Variational Diffusion Models", sec. 5 "Continuous-time
+model: T -> infinity", as quoted in Gao, "VAEs and Diffusion Models" (Stanford CS231n), slides
+"Connection to SDEs") weights the noise-prediction error by -dlambda/dt, so
 every schedule here returns the pair (lambda(t), dlambda/dt) from one call, computed in closed form
 (no finite differences). Conventions: lambda = log(alpha^2 / sigma^2) decreases from
 ``logsnr_max`` at t = 0 (the least noisy latent z_0) to ``logsnr_min`` at t = 1 (z_1, matched to the
@@ -10,10 +11,18 @@ prior N(0, I)); VDM's gamma is -lambda.
 All schedules are ``nn.Module``s so that a learned one lives inside the trained module (checkpointed,
 EMA-averaged and resumed like any weight); the fixed ones have no parameters.
 
+Time convention (VDM time): t = 0 is the least noisy latent z_0 at the finite ``logsnr_max``, t = 1 is
+z_1, and clean data is not on the t axis at all (it enters through the decoder p(x | z_0)).
 ``discretize(T)`` gives the discrete table whose steps k = 1..T sit at t = (k - 1) / (T - 1): step 1 is
 z_0 (lambda_max), step T is z_1 (lambda_min), step 0 is clean data. The discrete and continuous views
 agree exactly at those grid points, so every discrete sampler and the discrete bound run on a
 continuous model.
+
+This differs from the continuous schedules of ``diffusekit.schedules`` (score-SDE time): there t = 0
+is the clean data itself (lambda = +inf) and ``discretize(T)`` puts step k = 0..T at t = k / T. Both are
+right for what they model (a bound with a decoder at a finite lambda_max here; SDEs started at the data
+there), and trained runs depend on both discretizations, so neither is changed (docs/math.md, "Two
+continuous time conventions").
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """Pictures the notes draw, for a trained run's report.
 
-- ``plot_diffusion_kernel``: seed 002 "Example: Diffusion Kernel" and "Example: Marginal Diffusion
-  Density q(z_t)": the kernel q(x_t | x_0 = x*) with its mean and +-2 sigma band over t, and the
-  marginal q(x_t) of a 1-D data distribution (the oracle mixture) as a density image over (t, x).
+- ``plot_diffusion_kernel``: the figures of Manwani, "Diffusion Models" (IIIT Hyderabad), slides
+  "Example: Diffusion Kernel" and "Example: Marginal Diffusion Density q(z_t)": the kernel
+  q(x_t | x_0 = x*) with its mean and +-2 sigma band over t, and the marginal q(x_t) of a 1-D data
+  distribution (the oracle mixture) as a density image over (t, x).
 - ``save_noising_strip``: x_t = alpha_t x_0 + sigma_t eps for a few images at several t.
-- ``plot_vlb_terms``: the per-t terms L_{t-1} of the bound (seed 000 "Interpretation of the ELBO").
+- ``plot_vlb_terms``: the per-t terms L_{t-1} of the bound (Vidal, "Deep Generative Models" (Fall 2025),
+  slide "Interpretation of the ELBO for MHVAE").
 - ``plot_class_histogram``: classes of samples (by the feature classifier) beside the data's.
 """
 
@@ -18,29 +20,25 @@ import torch
 from torch import Tensor
 
 from diffusekit.gaussian import q_sample
+from diffusekit.oracle import default_mixture
 from diffusekit.schedules import DiscreteSchedule
+from diffusekit.viz import _figure, _save_figure, save_image_grid
 
 __all__ = ["plot_diffusion_kernel", "save_noising_strip", "plot_vlb_terms", "plot_class_histogram"]
 
 
 def _two_panels():
-    from diffusekit.viz import _figure
-
     fig, axes = _figure(1, 2, size=(10, 3.6))
     return fig, axes[0, 0], axes[0, 1]
 
 
 def _save(fig, path: Path | str) -> Path:
-    from diffusekit.viz import _save_figure
-
     return _save_figure(fig, path)
 
 
 def plot_diffusion_kernel(schedule: DiscreteSchedule, path: Path | str, x_star: float = 2.0, mixture=None) -> Path:
     """Two panels over t = 0..T: the kernel q(x_t | x_0 = x_star) (mean and +-2 sigma band) and the
     exact marginal density q(x_t) of ``mixture`` (default: the 1-D oracle mixture)."""
-    from diffusekit.oracle import default_mixture
-
     mixture = mixture or default_mixture(1)
     t = np.arange(schedule.T + 1)
     alpha, sigma = schedule.alpha.numpy(), schedule.sigma.numpy()
@@ -61,8 +59,6 @@ def plot_diffusion_kernel(schedule: DiscreteSchedule, path: Path | str, x_star: 
 def save_noising_strip(x0: Tensor, schedule: DiscreteSchedule, path: Path | str, n_steps: int = 8,
                        seed: int = 0, levels: int | None = None) -> Path:
     """Rows: images; columns: x_t at ``n_steps`` times from t = 0 to T (same noise along a row)."""
-    from diffusekit.viz import save_image_grid
-
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(x0.shape, generator=g, dtype=x0.dtype)
     ts = np.linspace(0, schedule.T, n_steps).round().astype(int)
@@ -99,8 +95,6 @@ def plot_class_histogram(sample_counts: Sequence[int], reference_counts: Sequenc
                          title: str = "predicted classes of the samples") -> Path:
     """Share of samples the feature classifier puts in each class, beside the held-out split's true
     class shares (a missing or swollen bar is a dropped or over-produced mode)."""
-    from diffusekit.viz import _figure
-
     s = np.asarray(sample_counts, dtype=np.float64)
     r = np.asarray(reference_counts, dtype=np.float64)
     if s.shape != r.shape or s.sum() <= 0 or r.sum() <= 0:

@@ -13,7 +13,8 @@ control image c (their eq. 2-4):
 Because every Z_k starts at zero, at initialisation ``ControlledUNet`` computes exactly the base's
 output, while dL/dZ_k = dL/dr_k h_k^T is nonzero, so the zero convolutions (and, after their first
 update, the copy and the hint encoder) learn. The base receives the residuals through its
-``residuals`` argument (STYLE 11); no list a caller passes is modified.
+``residuals`` argument; no list a caller passes is modified (the original ``cldm/cldm.py`` pops from
+the caller's list).
 """
 
 from __future__ import annotations

@@ -2,10 +2,12 @@
 
 The networks are told the noise level through ``c_noise``, a float tensor of shape (B,) that the
 caller sets to logsnr = log(alpha^2 / sigma^2) (typically -25..25, never inf). The networks know
-nothing else about noise (docs/math.md; STYLE 3). As the notes put it, "the time representation is
-conditioned in the U-Net as sinusoidal positional embeddings or Fourier features" (seed 000,
-Implementation (DDPM); seed 003, "Time representation: sinusoidal positional embeddings or random
-Fourier features"). The features then go through a small MLP (Linear-SiLU-Linear,
+nothing else about noise: the noise semantics live in the wrappers of ``diffusekit.parameterization``
+(docs/math.md). As the notes put it, "the time representation is conditioned in the U-Net as
+sinusoidal positional embeddings or Fourier features" (Vidal, "Deep Generative Models" (Fall 2025),
+slides "Implementation (DDPM)"; Zhu, "Generative Model Zoo (part III)" (CMU 16-726), slide
+"Implementation Considerations: Network Architectures": "Time representation: sinusoidal positional
+embeddings or random Fourier features"). The features then go through a small MLP (Linear-SiLU-Linear,
 ``embedding_mlp``) inside each network.
 """
 

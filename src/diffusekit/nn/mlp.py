@@ -1,9 +1,11 @@
 """A residual MLP denoiser for low-dimensional data (2-D toys, Gaussian-mixture oracles).
 
 Same contract as the U-Net: (x, c_noise = logsnr) -> a tensor shaped like x, with no knowledge of
-what the output means (STYLE 3). The noise level is embedded as in DDPM (seed 000, Implementation
-(DDPM): sinusoidal or Fourier features, then Linear-SiLU-Linear) and enters every residual block
-through a scale-shift, the MLP analogue of adaptive group norm (seed 003):
+what the output means (the wrappers of ``diffusekit.parameterization`` give it one). The noise level is
+embedded as in DDPM (Vidal, "Deep Generative Models" (Fall 2025), slides "Implementation (DDPM)":
+sinusoidal or Fourier features, then Linear-SiLU-Linear) and enters every residual block through a
+scale-shift, the MLP analogue of adaptive group norm (Zhu, "Generative Model Zoo (part III)" (CMU
+16-726), slide "Implementation Considerations: Network Architectures"; Dhariwal & Nichol 2021):
 
     h <- h + W2 dropout(SiLU((W1 SiLU(h)) * gain + shift)),    (gain, shift) = Linear(SiLU(emb))
 
@@ -18,12 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusekit.nn.embeddings import (
-    EmbeddingKind,
-    embedding_mlp,
-    make_time_embedding,
-    noise_level_vector,
-)
+from diffusekit.nn.embeddings import EmbeddingKind, embedding_mlp, make_time_embedding, noise_level_vector
 
 __all__ = ["MLPDenoiser"]
 

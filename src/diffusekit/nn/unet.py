@@ -1,11 +1,12 @@
 """The DDPM U-Net: residual blocks, self-attention, adaptive group norm, skip connections.
 
 "DDPM uses U-Net with residual connection and self-attention layers to represent eps_theta(x_t, t)"
-(seed 000, Implementation (DDPM)); "U-Net architectures with ResNet blocks and self-attention
-layers ... time features are fed to the residual blocks using ... adaptive group normalization
-layers" (seed 003, U-Net with ResNet blocks, self-attention, adaptive group norm; Dhariwal and
-Nichol 2021). The network maps (x, c_noise) to a tensor shaped like x and knows nothing about what
-that tensor means: the caller sets c_noise = logsnr and reads the output as eps, x0, v or score.
+(Vidal, "Deep Generative Models" (Fall 2025), slides "Implementation (DDPM)"); "U-Net architectures
+with ResNet blocks and self-attention layers ... time features are fed to the residual blocks using ...
+adaptive group normalization layers" (Zhu, "Generative Model Zoo (part III)" (CMU 16-726), slide
+"Implementation Considerations: Network Architectures"; Dhariwal and Nichol 2021). The network maps
+(x, c_noise) to a tensor shaped like x and knows nothing about what that tensor means: the caller sets
+c_noise = logsnr and reads the output as eps, x0, v or score.
 
 Layout (Ho et al. 2020, appendix B): conv_in; per level ``num_res_blocks`` residual blocks (each
 followed by self-attention at ``attn_resolutions``) and a stride-2 downsample between levels; a
@@ -13,7 +14,8 @@ middle block (res, attn, res); a decoder with ``num_res_blocks + 1`` blocks per 
 the concatenation of the running features and one stored skip, and nearest-neighbour upsampling
 plus a 3x3 conv between levels; GroupNorm, SiLU and a zero-initialised output conv.
 
-Conditioning goes in through three arguments and the network stays one module (STYLE 11):
+Conditioning goes in through three arguments and the network stays one module (composition, not a
+subclass per conditioning kind):
 ``class_labels`` (an embedding added to the time embedding; index ``num_classes`` is the null label
 of classifier-free guidance), ``context`` (token features read by cross-attention in every
 attention block; ``context_mask`` marks the real tokens of padded captions) and ``residuals``
@@ -36,12 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusekit.nn.embeddings import (
-    EmbeddingKind,
-    embedding_mlp,
-    make_time_embedding,
-    noise_level_vector,
-)
+from diffusekit.nn.embeddings import EmbeddingKind, embedding_mlp, make_time_embedding, noise_level_vector
 
 __all__ = ["UNet", "ResBlock", "AttentionBlock", "Downsample", "Upsample"]
 
@@ -54,7 +51,8 @@ def zero_init(module: nn.Module) -> nn.Module:
 
 
 class ResBlock(nn.Module):
-    """Residual block with adaptive group norm (seed 003):
+    """Residual block with adaptive group norm (Zhu, "Generative Model Zoo (part III)" (CMU 16-726), slide
+    "Implementation Considerations: Network Architectures"; Dhariwal & Nichol 2021, sec. 3):
 
         h = conv3x3(SiLU(GN(x)))
         h = conv3x3_0(dropout(SiLU(GN'(h) * gain + shift)))    gain = 1 + scale

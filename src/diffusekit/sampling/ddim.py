@@ -5,11 +5,12 @@ One DDIM step from grid time t to the previous grid time s (alpha_bar_s > alpha_
     x_s = sqrt(alpha_bar_s) x0_hat + sqrt(1 - alpha_bar_s - sigma_t^2) eps_hat + sigma_t z,
     sigma_t(eta) = eta sqrt((1 - alpha_bar_s) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_s)
 
-(eq. 12 and eq. 16; PITFALLS 9). sigma_t(1)^2 is the posterior variance beta_tilde of the (respaced)
-table, and with eta = 1 the step equals DDPM's ancestral step with sigma^2 = beta_tilde (seed 000,
-Algorithm 2): expanding x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps in mu_q gives the same
-coefficients. With eta = 0 the map x_T -> x_0 is deterministic (an Euler step of the probability-flow
-ODE in the variables x / alpha and sigma / alpha), and it can be run backwards: ``ddim_invert``.
+(eq. 12 and eq. 16). sigma_t(1)^2 is the posterior variance beta_tilde of the (respaced) table, and
+with eta = 1 the step equals DDPM's ancestral step with sigma^2 = beta_tilde ("Algorithm 2 Sampling" of
+Vidal, "Deep Generative Models" (Fall 2025)): expanding x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps
+in mu_q gives the same coefficients. With eta = 0 the map x_T -> x_0 is deterministic (an Euler step of
+the probability-flow ODE in the variables x / alpha and sigma / alpha), and it can be run backwards:
+``ddim_invert``.
 The last step goes to alpha_bar = 1 (clean data), where x_0 = x0_hat exactly.
 """
 
@@ -53,7 +54,7 @@ def sample_ddim(
 
     ``eta`` in [0, 1]: 0 is deterministic (``noise`` may be None), 1 is DDPM with beta_tilde.
     ``noise()`` is called only at steps with sigma_t > 0 (never at the last one). With ``clip_x0``
-    the predicted x0 is clamped and eps recomputed from it (PITFALLS 8). ``callback`` receives
+    the predicted x0 is clamped and eps recomputed from it (``ddpm.predict_x0_eps``). ``callback`` receives
     dict(i, t, x, x0, eps) before each step, as in ``sample_ddpm``.
     """
     _check_common(x_T, clip_x0)

@@ -1,23 +1,29 @@
-"""DDPM ancestral sampling (seed 000, "Algorithm 2 Sampling"; Ho et al. 2020, Algorithm 2).
+"""DDPM ancestral sampling (Vidal, "Deep Generative Models" (Fall 2025), "Algorithm 2 Sampling"; Ho et
+al. 2020, Algorithm 2).
 
 Algorithm 2 writes the step in eps form,
 
     x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta(x_t, t)) / sqrt(alpha_t) + sigma_t z,
 
-which is the posterior mean mu_q(x_t, x0_hat) of q(x_{t-1} | x_t, x0) (seed 000 "ELBO for Diffusion
-Model: Score Matching Term"; seed 003 mu_tilde_t) evaluated at x0_hat = (x_t - sqrt(1 - alpha_bar_t)
-eps) / sqrt(alpha_bar_t): substituting x0_hat into
+which is the posterior mean mu_q(x_t, x0_hat) of q(x_{t-1} | x_t, x0) (Vidal, slide "ELBO for Diffusion
+Model: Score Matching Term", with the square root on alpha_bar_{t-1} that the slide drops; the mu_tilde_t
+of Zhu, "Generative Model Zoo (part III)" (CMU 16-726), slide "Learning Denoising Model: Variational
+upper bound") evaluated at x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t): substituting
+x0_hat into
 
     mu_q = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x0_hat
            + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t
 
-gives the eps form back. The code uses the x0 form because it is the one where clipping x0_hat
-(PITFALLS 8, off by default) makes sense and because it works for any parameterization. The
-reverse variance is sigma_t^2 = beta_t (upper bound of the notes) or beta_tilde_t (the posterior
-variance, lower bound; PITFALLS 3); no noise is added at the last step t = 1 (z = 0).
+gives the eps form back. The code uses the x0 form because it is the one where clipping x0_hat makes
+sense and because it works for any parameterization. Clipping is off by default: the original DDPM code
+clips x0_hat to [-1, 1], which Algorithm 2 does not say and which is wrong for latents. The reverse
+variance is sigma_t^2 = beta_t or beta_tilde_t, the upper and lower bounds on the reverse-process
+entropy that Ho et al. 2020 (sec. 3.2) found to give similar samples; no noise is added at the last
+step t = 1 (z = 0).
 
 With fewer steps than T the schedule is respaced (``grids.sampling_schedule``): beta_i =
-1 - alpha_bar_{t_i} / alpha_bar_{t_{i-1}} is recomputed from alpha_bar on the grid (PITFALLS 2), and
+1 - alpha_bar_{t_i} / alpha_bar_{t_{i-1}} is recomputed from alpha_bar on the grid (improved-diffusion's
+``respace.py``; keeping the T-step betas on a shorter grid is the bug diffusers PR #3006 fixed), and
 the network still sees the logsnr of the original t_i.
 """
 
@@ -27,6 +33,7 @@ from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from diffusekit.parameterization import Callback, DenoiserFn
 from diffusekit.sampling.grids import Spacing, sampling_schedule
@@ -41,7 +48,7 @@ Variance = Literal["beta", "beta_tilde"]
 def predict_x0_eps(denoiser: DenoiserFn, x: Tensor, logsnr: Tensor, cond: Any, alpha: float, sigma: float,
                    clip_x0: float | None) -> tuple[Tensor, Tensor]:
     """(x0_hat, eps_hat) at x_t = x; with ``clip_x0 = c`` x0_hat is clamped to [-c, c] and eps is
-    recomputed from the clipped x0, eps = (x_t - alpha x0) / sigma (PITFALLS 8), so the pair stays
+    recomputed from the clipped x0, eps = (x_t - alpha x0) / sigma, so the pair stays
     consistent with x_t = alpha x0 + sigma eps."""
     pred = denoiser(x, logsnr, cond)
     if clip_x0 is None:
@@ -55,7 +62,6 @@ def step_iterator(sched: DiscreteSchedule, progress: bool, desc: str, reverse: b
     idx = range(sched.T, 0, -1) if reverse else range(1, sched.T + 1)
     if not progress:
         return idx
-    from tqdm.auto import tqdm
 
     return tqdm(idx, desc=desc, leave=False)
 
@@ -82,7 +88,7 @@ def sample_ddpm(
     callback: Callback | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """Ancestral sampling, seed 000 "Algorithm 2 Sampling", from x_T down to x_0.
+    """Ancestral sampling, "Algorithm 2 Sampling" of Vidal, "Deep Generative Models", from x_T down to x_0.
 
     ``x_T`` is the initial standard normal draw; ``noise()`` returns fresh standard normal noise
     shaped like x (e.g. a ``PerSampleNoise``) and is called once per step except the last.

@@ -15,8 +15,9 @@ predictions, D_i = (1 + 1 / (2 r_i)) x0_i - 1 / (2 r_i) x0_{i-1}, r_i = h_{i-1} 
 In the VE variables of ``ode.py`` (y = x / alpha, s = sigma / alpha = e^{-l}) the step reads
 y_{i+1} = (s_{i+1} / s_i) y_i + (1 - s_{i+1} / s_i) D_i, the same for VP, sub-VP and VE SDEs. The first
 step has no previous prediction and is first order (the DDIM step); so is the last one, from t_min
-to clean data (s = 0, h = infinity), where y = D = x0_hat (PITFALLS 10: lower order at the end,
-final sigma exactly 0, no residual noise). ``steps`` network calls; the default grid is uniform in
+to clean data (s = 0, h = infinity), where y = D = x0_hat: lower order at the end and a final sigma of
+exactly 0, so no residual noise is left at 5-20 steps (the failure diffusers fixed in PRs #5541 and
+#6477). ``steps`` network calls; the default grid is uniform in
 log-SNR (Lu et al.'s "logSNR" spacing).
 """
 

@@ -1,8 +1,10 @@
 """Inference timestep grids: which of the T training steps a sampler visits.
 
-Time follows the notes (seed 000, Algorithm 2): t = 1..T, t = 0 is clean data. diffusers numbers the
-same steps k = t - 1 = 0..T-1, so every spacing below is diffusers' ``set_timesteps`` rule written in
-k and shifted by one (PITFALLS 1; diffusers #2585, #10003, PR #14357):
+Time follows the notes ("Algorithm 2 Sampling" of Vidal, "Deep Generative Models" (Fall 2025)):
+t = 1..T, t = 0 is clean data. diffusers numbers the same steps k = t - 1 = 0..T-1, so every spacing
+below is diffusers' ``set_timesteps`` rule written in k and shifted by one (an off-by-one between the
+two numberings, reading alpha_bar at t - T/S instead of at the previous grid point, is a known bug:
+diffusers issues #2585, #10003 and PR #14357):
 
 - ``leading``  (DDIM paper, diffusers' default with ``steps_offset = 0``):
   k = arange(S) * (T // S), so t = 1, 1 + T//S, ... . Ends at t = 1 exactly, but starts at
@@ -63,7 +65,8 @@ def timestep_grid(T: int, steps: int, spacing: Spacing = "trailing") -> Tensor:
 def sampling_schedule(schedule: DiscreteSchedule, steps: int | None, spacing: Spacing = "trailing") -> DiscreteSchedule:
     """The table a sampler runs on: ``schedule`` itself for the full chain (steps None or T), else
     ``respace(schedule, timestep_grid(T, steps, spacing))`` with beta recomputed from alpha_bar
-    (PITFALLS 2). Either way its step i = S..1 sits at original time ``timesteps[i]`` and step 1
+    (improved-diffusion's ``respace.py``; diffusers PR #3006). Either way its step i = S..1 sits at
+    original time ``timesteps[i]`` and step 1
     leads to clean data (index 0)."""
     if not isinstance(schedule, DiscreteSchedule):
         raise TypeError(f"samplers need a DiscreteSchedule, got {type(schedule).__name__}")

@@ -2,7 +2,8 @@
 
 Ho & Salimans (2022), "Classifier-Free Diffusion Guidance", train one network for both p(x | y) and
 p(x) by replacing the condition y with a null condition with probability p_uncond during training
-(``train.class_dropout``; 0.1-0.2, PITFALLS 12), and at sampling time combine the two noise
+(``train.class_dropout``; 0.1-0.2, the values that worked best in their sec. 4), and at sampling time
+combine the two noise
 predictions made at the same x_t. Their result: the combination samples with a sharper
 conditional, trading sample diversity for per-class fidelity (their FID / Inception-score
 trade-off) without a separately trained classifier. The one formula used here:

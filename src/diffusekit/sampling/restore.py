@@ -22,13 +22,15 @@ P x_t = alpha A+ y + sigma P eps. Both samplers use that:
   x_{t-1} <- (I - P) x_{t-1} + P (alpha_{t-1} A+ y + sigma_{t-1} z). The paper states it for masks;
   with A A^T = c I the same replacement acts in the range of A^T. Its resampling (U times, jump
   length j) re-noises x by j steps with q(x_{t+j} | x_t) and denoises again, INSIDE the reverse loop
-  (PITFALLS 14), so the generated part is harmonised with the measurement.
+  (Lugmayr et al. 2022, sec. 4.2 and Algorithm 1; lucidrains' denoising-diffusion-pytorch issue #319 is
+  a version that got this wrong), so the generated part is harmonised with the measurement.
 - ``sample_ddnm``: the null-space projection of DDNM (Wang, Yu & Zhang 2023, "Zero-Shot Image
   Restoration Using Denoising Diffusion Null-Space Model"; its result: keeping the range-space part
   A+ y of the predicted x0 and the model's null-space part restores any linear degradation with a
   known pseudo-inverse, untrained). The predicted clean image is made consistent,
   x0 <- x0 + A+ (y - A x0) = (I - P) x0 + A+ y, then the posterior step q(x_{t-1} | x_t, x0)
-  (seed 000 "Algorithm 2 Sampling", x0 form) is taken; optionally with the same resampling ("time
+  ("Algorithm 2 Sampling" of Vidal, "Deep Generative Models" (Fall 2025), x0 form) is taken; optionally
+  with the same resampling ("time
   travel" in the paper).
 
 Both end with ``op.consistent(x, y)``: at the last step (t = 1 -> 0, alpha_0 = 1, sigma_0 = 0) the
@@ -50,6 +52,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from diffusekit.parameterization import Callback, DenoiserFn
 from diffusekit.sampling.ddpm import NoiseFn, Variance, _check_common, predict_x0_eps
@@ -210,8 +213,6 @@ def _walk(denoiser: DenoiserFn, sched: DiscreteSchedule, x: Tensor, noise: Noise
     t_orig = sched.timesteps.tolist()
     moves = list(zip(path[:-1], path[1:]))
     if progress:
-        from tqdm.auto import tqdm
-
         moves = tqdm(moves, desc=desc, leave=False)
     n = 0
     for i, k in moves:

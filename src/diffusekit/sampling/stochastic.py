@@ -1,11 +1,13 @@
 """Stochastic score-based samplers over the one denoiser convention, with per-sample noise.
 
-- ``sample_euler_maruyama``: the reverse-time SDE dx = [f - g^2 grad log q_t] dt + g dw_bar (seed 001
-  "Reverse Generative Diffusion SDE", l.1145; Song et al. 2021, eq. 6) by Euler-Maruyama.
+- ``sample_euler_maruyama``: the reverse-time SDE dx = [f - g^2 grad log q_t] dt + g dw_bar (Gao, "VAEs
+  and Diffusion Models" (Stanford CS231n), slide "The Generative Reverse Stochastic Differential
+  Equation"; Song et al. 2021, eq. 6) by Euler-Maruyama.
 - ``sample_pc``: predictor-corrector (Song et al. 2021, Algorithms 1-3): Langevin corrector steps at
   each noise level, then an Euler-Maruyama predictor step.
 - ``sample_annealed_langevin``: annealed Langevin dynamics over geometric noise levels (Song & Ermon
-  2019, Algorithm 1; seed 001 eq. 94) in the VE view of any SDE.
+  2019, Algorithm 1; Gao's slides "Score-based Generative Models", eq. 94, whose sqrt(2 c eps) eps
+  means sqrt(2c) eps: docs/math.md) in the VE view of any SDE.
 
 Grids and the last step. Times t_0 = t_max > ... > t_{N-1} = t_min come from ``ode.time_grid``
 (default uniform in t, as Song et al.); the step from t_{N-1} to clean data is the denoising step

@@ -42,7 +42,8 @@ again: its model value is the one taken at the predicted point, which the next p
 The first step is first order (no history, DDIM's step); the order then rises by one per step up to
 ``order``, and falls again near the end (order at most the number of steps left, as DPM-Solver's
 "lower order final"); the last step, from the last grid time to clean data (s = 0, h = infinity), is
-y = m, the denoising step at the (uncorrected) last point (PITFALLS 10). With ``corrector`` False this
+y = m, the denoising step at the (uncorrected) last point, so the sample ends at sigma exactly 0 with
+no residual noise (diffusers PRs #5541, #6477 fixed multistep solvers that did not). With ``corrector`` False this
 is UniP alone; ``order`` = q is Zhao et al.'s UniPC-q: UniP-q has order q,
 UniC raises it to q + 1 (tested: convergence slopes 2 and 3 for q = 2 on a Gaussian's exact map).
 """

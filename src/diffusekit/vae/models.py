@@ -1,18 +1,21 @@
 """Latent-variable models on the ELBO machinery of the notes: the VAE, the Markov hierarchical VAE
 (MHVAE) and the KL-regularised convolutional autoencoder.
 
-One module, ``HierarchicalVAE``, holds all three. With T levels of Gaussian latents (seed 000
-"MHVAE Encoder, Decoder, and ELBO"):
+One module, ``HierarchicalVAE``, holds all three. With T levels of Gaussian latents (Vidal, "Deep
+Generative Models" (Fall 2025), slide "MHVAE Encoder, Decoder, and ELBO"):
 
     p(x, z_{1:T}) = p(z_T) p(x | z_1) prod_{t=2}^T p(z_{t-1} | z_t),     p(z_T) = N(0, I)
     q(z_{1:T} | x) = q(z_1 | x) prod_{t=2}^T q(z_t | z_{t-1})
 
-and T = 1 is the VAE (seed 000 "Recall the Evidence Lower Bound"; seed 001 "VAE"). Every
+and T = 1 is the VAE (Vidal, slide "Recall the Evidence Lower Bound (ELBO)"; Gao, "VAEs and Diffusion
+Models" (Stanford CS231n), slides "Variational Autoencoders (VAEs)"). Every
 conditional is a diagonal Gaussian whose parameters a network outputs; the decoder p(x | z_1) is
 Gaussian (continuous data), Bernoulli (binary data) or a discretized Gaussian over K levels (image
 data), see ``DecoderLikelihood``.
 
-The ELBO is evaluated term by term (``HierarchicalVAE.forward``):
+The ELBO is evaluated term by term (``HierarchicalVAE.forward``) in the reconstruction + prior
+matching + consistency form of Gao's "Variational Diffusion Models" slides (after Luo 2022; Vidal's
+"Decomposition of the ELBO for a MHVAE" states the other form, built on q(x_{t-1} | x_t, x_0)):
 
     -ELBO = -E log p(x | z_1)                                             reconstruction
             + E KL(q(z_T | z_{T-1}) || p(z_T))                            prior matching (z_0 = x)
@@ -54,7 +57,8 @@ LOGVAR_MIN, LOGVAR_MAX = -16.0, 8.0  # latent log-variances
 
 # -- small math pieces ------------------------------------------------------------------------------
 def reparameterize(mean: Tensor, logvar: Tensor, noise: Tensor) -> Tensor:
-    """z = mean + exp(logvar / 2) * eps, eps ~ N(0, I): the reparameterization trick (seed 001 "VAE";
+    """z = mean + exp(logvar / 2) * eps, eps ~ N(0, I): the reparameterization trick (Gao, "VAEs and
+    Diffusion Models", slides "Variational autoencoders";
     Kingma & Welling 2014, eq. 10), differentiable in (mean, logvar)."""
     return mean + torch.exp(0.5 * logvar) * noise
 
@@ -324,7 +328,8 @@ def build_hierarchical_vae(kind: str, data_shape: Sequence[int], likelihood: Dec
 def seeded_normals(seeds: Sequence[int], *shapes: Sequence[int]) -> list[Tensor]:
     """For each shape, a (len(seeds), *shape) standard normal tensor whose row i comes from
     ``torch.Generator().manual_seed(seeds[i])`` alone (drawn on the CPU in the order of ``shapes``),
-    so sample i depends only on seed i, whatever the batch (STYLE 6)."""
+    so sample i depends only on seed i, whatever the batch (EDM's per-image generators, Karras et al.
+    2022's ``StackedRandomGenerator``)."""
     rows: list[list[Tensor]] = [[] for _ in shapes]
     for s in seeds:
         g = torch.Generator().manual_seed(int(s))
