@@ -75,17 +75,15 @@ def _reusable(run: Path) -> dict | None:
 
 def _evaluate(family: str, run: Path, n_samples: int | None, strata: int, iwae_k: int, seed: int,
               reuse: bool = False) -> dict:
-    from diffusekit.evaluate.report import evaluate_run
-    from diffusekit.vae.evaluate import evaluate_latent_run
+    from diffusekit.families.base import EvaluateSettings
+    from diffusekit.runs.evaluate import evaluate_run
 
     t0 = time.time()
     if reuse and _reusable(run) is not None:
         res = _reusable(run)
-    elif family == "ddpm":
-        res = evaluate_run(run, metrics=["bpd", "fd"], n_samples=n_samples, n_strata=strata, seed=seed, progress=False)
     else:
-        res = evaluate_latent_run(run, metrics=["bpd", "fd"], n_samples=n_samples, iwae_k=iwae_k, seed=seed,
-                                  progress=False)
+        settings = EvaluateSettings(metrics=("bpd", "fd"), n_samples=n_samples, strata=strata, iwae_k=iwae_k, seed=seed)
+        res = evaluate_run(run, settings, progress=False)[0].result
     b, q = res["bpd"], res["quality"]
     row = {"family": family, "run": str(run), "step": res["step"], "bits_per_dim": b["bits_per_dim"],
            "bits_per_dim_stderr": b["stderr_bits_per_dim"], "fd": q["fd"], "fd_train_test": q["fd_train_test"],

@@ -38,7 +38,8 @@ from typing import Callable
 import torch
 
 from diffusekit.oracle import default_mixture
-from diffusekit.sampling import sample_ddim, sample_ddpm
+from diffusekit.sampling.ddim import sample_ddim
+from diffusekit.sampling.ddpm import sample_ddpm
 from diffusekit.schedules import make_schedule
 
 F64 = torch.float64
@@ -146,7 +147,8 @@ def fast_solvers(mix, sch, x_T: torch.Tensor) -> dict[str, Callable[[int], torch
     """name -> (NFE -> samples, or None where that NFE cannot be met exactly)."""
     import diffusers
 
-    from diffusekit.sampling import sample_ddim, sample_dpmpp_2m, sample_euler, sample_heun
+    from diffusekit.sampling.dpm_solver import sample_dpmpp_2m
+    from diffusekit.sampling.ode import sample_euler, sample_heun
     from diffusekit.sampling.unipc import sample_unipc
     from diffusekit.sde import vp_from_schedule
 
@@ -217,7 +219,7 @@ def fast_solvers(mix, sch, x_T: torch.Tensor) -> dict[str, Callable[[int], torch
 
 
 def nfe_table(args) -> None:
-    from diffusekit.sampling import sample_rk45
+    from diffusekit.sampling.ode import sample_rk45
     from diffusekit.sde import vp_from_schedule
 
     budgets = [int(s) for s in args.nfe.split(",")]

@@ -26,7 +26,9 @@ import torch
 from torch import nn
 
 from diffusekit.parameterization import Denoiser
-from diffusekit.sampling import PerSampleNoise, sample_ddim, sample_ddpm
+from diffusekit.sampling.ddim import sample_ddim
+from diffusekit.sampling.ddpm import sample_ddpm
+from diffusekit.sampling.noise import PerSampleNoise
 from diffusekit.schedules import make_schedule
 
 

@@ -12,3 +12,13 @@ def digits_cache(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cache") / "features"
     load_feature_net("digits", cache_dir=folder)
     return folder
+
+
+def fake_data(shape, levels=17, num_classes=0, n=4):
+    """A dataset of ``n`` zero examples of per-example ``shape`` (what objectives read: shape, levels, labels)."""
+    import torch
+
+    from diffusekit.data.dataset import ArrayDataset
+
+    labels = torch.zeros(n, dtype=torch.int64) if num_classes else None
+    return ArrayDataset(torch.zeros(n, *shape), labels, levels, num_classes, "fake")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffusekit.errors import CheckpointError
-from diffusekit.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from diffusekit.io.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 
 
 def _tensors(seed=0):

@@ -5,8 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from diffusekit.config import (Config, config_from_dict, config_to_dict, format_config, load_config,
-                               parse_override, save_config)
+from diffusekit.config import (
+    Config,
+    config_from_dict,
+    config_to_dict,
+    format_config,
+    load_config,
+    parse_override,
+    save_config,
+)
 from diffusekit.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
@@ -36,7 +43,7 @@ def test_file_then_overrides(tmp_path):
     assert cfg.train.lr == 2e-4 and cfg.train.steps == 10 and cfg.diffusion.schedule == "cosine"
     assert cfg.model.channel_mult == [1, 2, 2] and cfg.model.attn_resolutions == []
     assert cfg.model.dropout == 0.0 and isinstance(cfg.model.dropout, float)  # ints widen to float
-    assert cfg.sample.clip_x0 is True and cfg.loss.weighting == "min_snr" and cfg.data.name == "moons"
+    assert cfg.sample.clip_x0 == 1.0 and cfg.loss.weighting == "min_snr" and cfg.data.name == "moons"
     assert cfg.data.path == "2024"  # a bare value for a string key stays the text given
     assert cfg.train.batch_size == 128  # untouched keys keep their defaults
 
@@ -69,7 +76,7 @@ def test_wrong_types_name_key_expected_type_and_value():
     assert "integer" in _error(None, ["train.steps=true"])  # bools are not ints
     assert "number" in _error(None, ["train.lr=true"])
     assert "list of int" in _error(None, ["model.channel_mult=[1.0, 2]"])
-    assert "true or false" in _error(None, ["sample.clip_x0=1"])
+    assert "true or false" in _error(None, ["diffusion.learned_schedule=1"])
 
 
 def test_literal_choices():
@@ -152,3 +159,18 @@ def test_shipped_configs_load(path, tmp_path):
 
 def test_all_shipped_configs_are_present():
     assert {p.name for p in CONFIGS} >= {"digits.toml", "mnist.toml", "moons.toml", "gmm.toml"}
+
+
+def test_clip_x0_is_a_value_and_reads_the_older_boolean_form(tmp_path):
+    """sample.clip_x0 = C clips to [-C, C]; configs and checkpoint records written when it was a boolean
+    still load: true means 1, false means off. Off is written as an absent key (TOML has no null)."""
+    assert load_config(None, ["sample.clip_x0=2.5"]).sample.clip_x0 == 2.5
+    assert load_config(None, ["sample.clip_x0=false"]).sample.clip_x0 is None
+    assert config_from_dict({"sample": {"clip_x0": False}}).sample.clip_x0 is None
+    assert config_from_dict({"sample": {"clip_x0": True}}).sample.clip_x0 == 1.0
+    assert "clip_x0" not in format_config(Config())
+    path = tmp_path / "c.toml"
+    save_config(load_config(None, ["sample.clip_x0=0.5"]), path)
+    assert load_config(path).sample.clip_x0 == 0.5 and load_config(path) == load_config(None, ["sample.clip_x0=0.5"])
+    assert "sample.clip_x0" in _error(None, ["sample.clip_x0=-1"])
+    assert "sample.clip_x0" in _error(None, ["sample.clip_x0=1", "sample.sampler=unipc"])

@@ -11,9 +11,20 @@ import torch
 from torch import nn
 
 from diffusekit.config import load_config
-from diffusekit.continuous import (ContinuousDiffusion, CosineLogSNR, LinearLogSNR, MonotoneLogSNR, continuous_bound,
-                                   diffusion_term, eps_sq_error, importance_weighted_loss, log_kg_weight, prior_kl_at,
-                                   reconstruction_nll, sample_times)
+from diffusekit.continuous import (
+    ContinuousDiffusion,
+    CosineLogSNR,
+    LinearLogSNR,
+    MonotoneLogSNR,
+    continuous_bound,
+    diffusion_term,
+    eps_sq_error,
+    importance_weighted_loss,
+    log_kg_weight,
+    prior_kl_at,
+    reconstruction_nll,
+    sample_times,
+)
 from diffusekit.continuous.elbo import MONOTONE_WEIGHTINGS
 from diffusekit.errors import ConfigError
 from diffusekit.likelihood import vlb_exact
@@ -335,9 +346,10 @@ TINY_TOY = ["data.name=moons", "data.n_train=256", "data.n_test=64", "model.kind
 
 
 def test_continuous_run_resumes_exactly_and_loads_as_a_discrete_schedule(tmp_path):
-    from diffusekit.models import load_run
-    from diffusekit.sampling.run import SampleSettings, generate
-    from diffusekit.train.checkpoint import load_checkpoint
+    from diffusekit.families import open_run as load_run
+    from diffusekit.io.checkpoint import load_checkpoint
+    from diffusekit.sampling.generate import generate
+    from diffusekit.sampling.settings import SampleSettings
     from diffusekit.train.trainer import train
 
     full, part = load_config(None, TINY_TOY + ["train.steps=6"]), load_config(None, TINY_TOY + ["train.steps=4"])
@@ -366,15 +378,17 @@ def test_continuous_run_resumes_exactly_and_loads_as_a_discrete_schedule(tmp_pat
 
 
 def test_evaluate_reports_the_continuous_bound(tmp_path):
-    from diffusekit.evaluate.report import evaluate_run, format_table
+    from diffusekit.families.base import EvaluateSettings
+    from diffusekit.runs.evaluate import evaluate_run, format_table
     from diffusekit.train.trainer import train
 
     train(load_config(None, TINY_TOY + ["train.steps=3"]), tmp_path, progress=False)
-    result = evaluate_run(tmp_path, metrics=["bpd"], progress=False)
+    evaluation = evaluate_run(tmp_path, EvaluateSettings(metrics=("bpd",)), progress=False)[0]
+    result = evaluation.result
     c = result["bpd"]["continuous"]
     parts = c["prior_bits_per_dim"] + c["reconstruction_bits_per_dim"] + c["diffusion_bits_per_dim"]
     assert c["bits_per_dim"] == pytest.approx(parts) and c["levels"] is None and c["stderr_bits_per_dim"] > 0
-    assert "continuous bound" in format_table(result)
+    assert "continuous bound" in format_table(evaluation.rows)
 
 
 def test_elbo_objective_loss_is_the_bound_in_bits_per_dim():

@@ -6,6 +6,7 @@ Tiny networks (8 base channels, 8x8 images) so the file runs in seconds on 2 CPU
 from pathlib import Path
 
 import pytest
+from conftest import fake_data
 import torch
 
 from diffusekit.nn import UNet
@@ -182,7 +183,7 @@ def test_missing_control_and_foreign_base_are_errors():
 
 # ------------------------------------------------------------------ the family (model.kind = "controlnet")
 def test_sobel_edges_of_a_step_and_of_a_constant():
-    from diffusekit.control import sobel_edges
+    from diffusekit.families.controlnet import sobel_edges
 
     x = torch.ones(1, 1, 8, 8)
     x[..., :4] = -1.0  # a vertical step of height 2 between columns 3 and 4
@@ -197,7 +198,7 @@ def test_sobel_edges_of_a_step_and_of_a_constant():
 
 
 def test_edge_correlation():
-    from diffusekit.control import edge_correlation
+    from diffusekit.families.controlnet import edge_correlation
 
     gen = torch.Generator().manual_seed(0)
     a = torch.rand(4, 1, 8, 8, generator=gen)
@@ -234,17 +235,18 @@ def control_cfg(base_run, *extra):
 
 
 def test_family_loss_at_init_is_the_base_loss_and_only_controlnet_trains(base_run):
-    from diffusekit.models import load_run
-    from diffusekit.objectives import DiffusionObjective, build_objective
+    from diffusekit.families import open_run as load_run
+    from diffusekit.families.diffusion import DiffusionObjective
+    from diffusekit.train.trainer import build_objective
 
     cfg = control_cfg(base_run)
-    objective = build_objective(cfg, (1, 8, 8))
+    objective = build_objective(cfg, fake_data((1, 8, 8)))
     module = objective.module
     assert isinstance(module, ControlledUNet) and objective.schedule.T == 50  # the base run's schedule
     assert not any(p.requires_grad for p in module.base.parameters())
     assert all(p.requires_grad for p in module.controlnet.parameters())
     base = load_run(base_run)
-    reference = DiffusionObjective(base.cfg, (1, 8, 8))
+    reference = DiffusionObjective(base.cfg, fake_data((1, 8, 8)))
     x0 = torch.rand(5, 1, 8, 8) * 2 - 1
     ours = objective.loss(module, x0, None, torch.Generator().manual_seed(3))
     theirs = reference.loss(base.denoiser.net, x0, None, torch.Generator().manual_seed(3))
@@ -252,48 +254,50 @@ def test_family_loss_at_init_is_the_base_loss_and_only_controlnet_trains(base_ru
 
 
 def test_family_trains_and_loads_back(base_run, tmp_path):
-    from diffusekit.control import edge_agreement, load_control_run
-    from diffusekit.models import load_run
+    from diffusekit.families import open_run as load_run
+    from diffusekit.families.controlnet import edge_agreement
+    from diffusekit.sampling.settings import SampleSettings
     from diffusekit.train.trainer import train
 
     train(control_cfg(base_run), tmp_path / "cn", progress=False)
-    objective, denoiser = load_control_run(tmp_path / "cn")
+    model = load_run(tmp_path / "cn")
+    objective = model.objective
     base = load_run(base_run)
     for k, v in base.denoiser.net.state_dict().items():  # the frozen base came through training unchanged
         assert torch.equal(objective.module.base.state_dict()[k], v), k
     moved = [conv.weight.abs().max() > 0 for conv in objective.module.controlnet.zero_convs]
     assert all(moved)
-    scores = edge_agreement(tmp_path / "cn", n=6, steps=3, batch_size=6)
+    scores = edge_agreement(model, SampleSettings(sampler="ddim", steps=3, batch_size=6), n=6)
     assert set(scores) == {"n", "controlnet", "base", "chance"} and scores["n"] == 6
     assert all(-1 <= scores[k] <= 1 for k in ("controlnet", "base", "chance"))
 
     import json
 
     from diffusekit.errors import CheckpointError
-    from diffusekit.train.checkpoint import latest_checkpoint
+    from diffusekit.io.checkpoint import latest_checkpoint
 
     record_path = Path(f"{latest_checkpoint(tmp_path / 'cn')}.json")
     record = json.loads(record_path.read_text())
     del record["meta"]["config"]  # a record without its config is named, not a KeyError traceback
     record_path.write_text(json.dumps(record))
     with pytest.raises(CheckpointError, match=r"\.json: metadata lacks 'config'") as info:
-        load_control_run(tmp_path / "cn")
+        load_run(tmp_path / "cn")
     assert "\n" not in str(info.value)
 
 
 def test_family_config_errors(base_run, tmp_path):
     from diffusekit.errors import CheckpointError, ConfigError
-    from diffusekit.objectives import build_objective
+    from diffusekit.train.trainer import build_objective
 
     with pytest.raises(ConfigError, match="controlnet.base_run"):
         control_cfg(base_run, "controlnet.base_run=''")
     with pytest.raises(ConfigError, match="controlnet.hint"):
         control_cfg(base_run, "controlnet.hint='depth'")
     with pytest.raises(CheckpointError, match="controlnet.base_run") as err:
-        build_objective(control_cfg(tmp_path / "missing"), (1, 8, 8))
+        build_objective(control_cfg(tmp_path / "missing"), fake_data((1, 8, 8)))
     assert "\n" not in str(err.value)
     with pytest.raises(CheckpointError, match="shape"):
-        build_objective(control_cfg(base_run), (1, 16, 16))
+        build_objective(control_cfg(base_run), fake_data((1, 16, 16)))
 
 
 def test_cli_samples_and_evaluates_a_controlnet_run(base_run, tmp_path, capsys):
@@ -314,11 +318,12 @@ def test_cli_samples_and_evaluates_a_controlnet_run(base_run, tmp_path, capsys):
     assert json.loads((out / "settings.json").read_text())["extra"]["control_from"] == "train"
     assert "mean correlation" in capsys.readouterr().out
     assert main(["evaluate", "--run", str(tmp_path / "cn"), "--n-samples", "4", "--steps", "3", "--json"]) == 0
-    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    scores = json.loads(capsys.readouterr().out)
     assert scores["n"] == 4 and -1 <= scores["controlnet"] <= 1
     assert main(["sample", "--run", str(base_run), "--seeds", "0", "--control-from", "test", "--no-progress",
                  "--out", str(tmp_path / "t")]) == 2  # --control-from on a run that is not a ControlNet
-    assert "--control-from applies to ControlNet runs" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--control-from applies to controlnet runs (model.kind = 'controlnet')" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "t").exists()
 
     # --control-scale 0 is the base model: the same samples, bit for bit, as sampling the base run

@@ -9,8 +9,7 @@ import torch
 from PIL import Image
 
 from diffusekit.config import DATASET_NAMES, DataConfig
-from diffusekit.data import (DATASETS, ArrayDataset, load_dataset, load_digits, load_image_folder, load_mnist,
-                             make_toy)
+from diffusekit.data import DATASETS, ArrayDataset, load_dataset, load_digits, load_image_folder, load_mnist, make_toy
 from diffusekit.data.images import read_image
 from diffusekit.errors import ConfigError, DataError
 

@@ -19,9 +19,8 @@ import torch
 
 from diffusekit.config import load_config
 from diffusekit.data import load_dataset
-from diffusekit.objectives import build_objective
-from diffusekit.train.checkpoint import load_checkpoint
-from diffusekit.train.trainer import DataStream, DistInfo, Trainer, derive_seed
+from diffusekit.io.checkpoint import load_checkpoint
+from diffusekit.train.trainer import DataStream, DistInfo, Trainer, build_objective, derive_seed
 
 pytestmark = [pytest.mark.resilience,
               pytest.mark.skipif("forkserver" not in mp.get_all_start_methods() or not torch.distributed.is_available()
@@ -138,7 +137,7 @@ def _single_process_grads(overrides):
     tc = cfg.train
     data = load_dataset(cfg.data, "train")
     torch.manual_seed(derive_seed(tc.seed, "global", 0))
-    objective = build_objective(cfg, tuple(data.shape))
+    objective = build_objective(cfg, data)
     net = objective.module
     stream = DataStream(len(data), derive_seed(tc.seed, "data"))
     gens = [torch.Generator().manual_seed(derive_seed(tc.seed, "noise", r)) for r in range(2)]

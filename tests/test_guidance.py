@@ -15,8 +15,9 @@ import torch
 from diffusekit.nn import MLPDenoiser
 from diffusekit.oracle import GaussianMixture, default_mixture
 from diffusekit.parameterization import Denoiser, Prediction
+from diffusekit.sampling.generate import generate
 from diffusekit.sampling.guidance import ClassifierFreeGuidance, class_labels_for, guided_eps, null_class_labels
-from diffusekit.sampling.run import SampleSettings, generate
+from diffusekit.sampling.settings import SampleSettings
 from diffusekit.schedules import alpha_sigma_from_logsnr, make_schedule
 
 F64 = torch.float64

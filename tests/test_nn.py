@@ -9,13 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusekit.nn import (
-    FourierEmbedding,
-    MLPDenoiser,
-    SinusoidalEmbedding,
-    UNet,
-    make_time_embedding,
-)
+from diffusekit.nn import FourierEmbedding, MLPDenoiser, SinusoidalEmbedding, UNet, make_time_embedding
 from diffusekit.nn.unet import Upsample
 
 TINY = dict(base_channels=8, norm_groups=4)

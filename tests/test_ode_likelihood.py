@@ -7,12 +7,11 @@ import pytest
 import torch
 
 from diffusekit.likelihood import vlb_exact
-from diffusekit.likelihood_ode import (divergence_exact, divergence_hutchinson, hutchinson_probes, ode_log_prob,
-                                       ode_nll)
+from diffusekit.likelihood_ode import divergence_exact, divergence_hutchinson, hutchinson_probes, ode_log_prob, ode_nll
 from diffusekit.oracle import GaussianMixture, default_mixture
 from diffusekit.sampling.ode import ve_denoise
 from diffusekit.schedules import LinearVPSchedule, make_schedule
-from diffusekit.sde import VESDE, SubVPSDE, VPSDE, vp_from_schedule
+from diffusekit.sde import VESDE, VPSDE, SubVPSDE, vp_from_schedule
 
 F64 = torch.float64
 

@@ -13,8 +13,15 @@ from diffusekit.errors import CheckpointError
 from diffusekit.evaluate import features
 from diffusekit.evaluate.features import FeatureNet, cache_paths, feature_dataset, load_feature_net, train_feature_net
 from diffusekit.evaluate.fid import InceptionV3FID, compute_fid, fid_from_features, load_inception
-from diffusekit.evaluate.quality import (feature_stats, frechet_distance, image_quality, mmd_rbf, sliced_wasserstein,
-                                         vector_quality, wasserstein2_1d)
+from diffusekit.evaluate.quality import (
+    feature_stats,
+    frechet_distance,
+    image_quality,
+    mmd_rbf,
+    sliced_wasserstein,
+    vector_quality,
+    wasserstein2_1d,
+)
 from diffusekit.oracle import default_mixture
 
 

@@ -6,10 +6,10 @@ of ``save_checkpoint`` in turn.
 """
 
 import json
+import multiprocessing as mp
 import os
 import random
 import signal
-import multiprocessing as mp
 import time
 from pathlib import Path
 
@@ -19,9 +19,14 @@ from safetensors.torch import save as st_save
 
 from diffusekit.config import load_config
 from diffusekit.errors import CheckpointError, TrainingError
-from diffusekit.train import checkpoint as ck
-from diffusekit.train.checkpoint import (clean_leftovers, latest_checkpoint, list_checkpoints, load_checkpoint,
-                                         save_checkpoint)
+from diffusekit.io import atomic as ck
+from diffusekit.io.checkpoint import (
+    clean_leftovers,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from diffusekit.train.trainer import Trainer, train
 
 TOY = ["data.name=moons", "data.n_train=96", "data.n_test=32", "model.kind=mlp", "model.hidden=16",
@@ -332,11 +337,12 @@ def test_same_seeds_same_samples_across_processes_and_batch_sizes(digits_run, tm
 
 
 def test_the_bound_is_deterministic_under_a_seed_and_outputs_record_their_settings(digits_run):
-    from diffusekit.evaluate.report import evaluate_run
+    from diffusekit.families.base import EvaluateSettings
+    from diffusekit.runs.evaluate import evaluate_run
 
     def bound(seed):
-        result = evaluate_run(digits_run, metrics=["bpd"], n_strata=2, seed=seed, variance="beta_tilde",
-                              progress=False)
+        settings = EvaluateSettings(metrics=("bpd",), strata=2, seed=seed, variance="beta_tilde")
+        result = evaluate_run(digits_run, settings, progress=False)[0].result
         return result, result["bpd"]["bits_per_dim"]
 
     first, a = bound(5)

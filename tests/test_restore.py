@@ -16,8 +16,14 @@ import torch
 from diffusekit.oracle import GaussianMixture, linear_posterior
 from diffusekit.sampling.ddpm import sample_ddpm
 from diffusekit.sampling.noise import PerSampleNoise
-from diffusekit.sampling.restore import (Colorization, Inpaint, SuperResolution, resample_path, sample_ddnm,
-                                         sample_repaint)
+from diffusekit.sampling.restore import (
+    Colorization,
+    Inpaint,
+    SuperResolution,
+    resample_path,
+    sample_ddnm,
+    sample_repaint,
+)
 from diffusekit.schedules import make_schedule
 
 F64 = torch.float64

@@ -10,8 +10,13 @@ from torch import nn
 
 from diffusekit.oracle import GaussianMixture, default_mixture
 from diffusekit.parameterization import Denoiser, Prediction
-from diffusekit.sampling import (PerSampleNoise, SampleSettings, TrajectoryRecorder, ddim_invert, generate,
-                                 parse_seeds, sample_ddim, sample_ddpm, timestep_grid, write_samples)
+from diffusekit.runs.sample import write_samples
+from diffusekit.sampling.ddim import ddim_invert, sample_ddim
+from diffusekit.sampling.ddpm import sample_ddpm
+from diffusekit.sampling.generate import TrajectoryRecorder, generate
+from diffusekit.sampling.grids import timestep_grid
+from diffusekit.sampling.noise import PerSampleNoise
+from diffusekit.sampling.settings import SampleSettings, parse_seeds
 from diffusekit.schedules import DiscreteSchedule, alpha_sigma_from_logsnr, make_schedule, respace
 
 F64 = torch.float64

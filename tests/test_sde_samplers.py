@@ -14,7 +14,7 @@ from diffusekit.sampling.noise import PerSampleNoise
 from diffusekit.sampling.ode import dopri5, inverse_logsnr, sample_euler, sample_heun, sample_rk45, time_grid
 from diffusekit.sampling.stochastic import sample_annealed_langevin, sample_euler_maruyama, sample_pc
 from diffusekit.schedules import CosineSchedule, LinearVPSchedule, make_schedule
-from diffusekit.sde import VESDE, SubVPSDE, VPSDE, predict, vp_from_schedule
+from diffusekit.sde import VESDE, VPSDE, SubVPSDE, predict, vp_from_schedule
 
 F64 = torch.float64
 SDES = {"vp": lambda: VPSDE(LinearVPSchedule()), "subvp": lambda: SubVPSDE(LinearVPSchedule()),
@@ -300,7 +300,8 @@ def test_bad_arguments_raise():
 
 # -- integration: settings, generate, CLI ------------------------------------------------------------
 def test_generate_dispatches_the_continuous_samplers_and_counts_calls():
-    from diffusekit.sampling.run import SampleSettings, generate
+    from diffusekit.sampling.generate import generate
+    from diffusekit.sampling.settings import SampleSettings
 
     mix, sched = default_mixture(2), make_schedule("linear", 100)
     expected_nfe = {"euler": 6, "heun": 11, "dpmpp_2m": 6, "sde": 6, "pc": 12, "langevin": 6 * 2 + 1}

@@ -21,8 +21,8 @@ from safetensors.torch import save as st_save
 from diffusekit.cli import main
 from diffusekit.config import load_config
 from diffusekit.errors import CheckpointError
-from diffusekit.models import load_run
-from diffusekit.train.checkpoint import load_checkpoint, save_checkpoint
+from diffusekit.families import open_run as load_run
+from diffusekit.io.checkpoint import load_checkpoint, save_checkpoint
 from diffusekit.train.trainer import Trainer, train
 
 SRC = Path(__file__).resolve().parents[1] / "src"

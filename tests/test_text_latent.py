@@ -15,6 +15,7 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import fake_data
 import torch
 
 from diffusekit.text import CONTEXT_DIM, TextFeatures
@@ -87,7 +88,7 @@ def text_run(tmp_path_factory, ae_run):
 
 
 def _settings(n, **kw):
-    from diffusekit.sampling.run import SampleSettings
+    from diffusekit.sampling.settings import SampleSettings
 
     return SampleSettings(sampler=kw.pop("sampler", "ddim"), steps=kw.pop("steps", 5), seeds=list(range(n)), **kw)
 
@@ -195,8 +196,9 @@ def test_context_mask_must_be_a_bool_mask_of_the_context():
 # -- codec, scale and loss ----------------------------------------------------------------------------
 def test_latent_scale_gives_the_train_latents_unit_variance(ae_run, text_run):
     from diffusekit.data import load_digits
-    from diffusekit.latent import latent_scale, load_codec
-    from diffusekit.latent.run import load_text_latent_run
+    from diffusekit.families.text_latent import load_codec
+    from diffusekit.latent import latent_scale
+    from diffusekit.families import open_run as load_text_latent_run
 
     ae = load_codec(ae_run).module
     x = load_digits("train").x
@@ -213,13 +215,16 @@ def test_latent_scale_gives_the_train_latents_unit_variance(ae_run, text_run):
 
 def _objective(ae_run):
     from diffusekit.config import load_config
-    from diffusekit.objectives import build_objective
+    from diffusekit.data import load_dataset
+    from diffusekit.train.trainer import build_objective
 
-    return build_objective(load_config(None, text_overrides(ae_run)), (1, 8, 8))
+    cfg = load_config(None, text_overrides(ae_run))
+    return build_objective(cfg, load_dataset(cfg.data, "train"))
 
 
 def test_latent_loss_is_the_per_example_denoising_loss_on_encoded_latents(ae_run):
     from diffusekit.data import load_digits
+    from diffusekit.families.diffusion import drop_labels
     from diffusekit.losses import diffusion_loss, sample_timesteps
 
     obj = _objective(ae_run)
@@ -229,10 +234,10 @@ def test_latent_loss_is_the_per_example_denoising_loss_on_encoded_latents(ae_run
     data = load_digits("train")
     x0, labels = data.x[:6], data.labels[:6].clone()
     labels[2] = 10  # caption dropped: the null label becomes ""
-    cond = {"class_labels": labels}
-    loss = obj.loss(obj.module, x0, cond, torch.Generator().manual_seed(0))
+    loss = obj.loss(obj.module, x0, labels, torch.Generator().manual_seed(0))
     assert loss.shape == (6,) and torch.isfinite(loss).all()
-    g = torch.Generator().manual_seed(0)  # the same draws, made by hand: caption rows, t, noise
+    g = torch.Generator().manual_seed(0)  # the same draws, made by hand: caption dropout, caption rows, t, noise
+    labels = drop_labels(labels, obj.cfg, g)
     rows = obj.caption_rows(labels, g)
     assert obj.captions.captions[rows[2]] == "" and obj.captions.captions[rows[0]].count(" ") >= 0
     assert all(str(int(d)) in obj.captions.captions[r] or obj.captions.captions[r].split()[-1] in
@@ -246,14 +251,16 @@ def test_latent_loss_is_the_per_example_denoising_loss_on_encoded_latents(ae_run
     torch.testing.assert_close(loss, expected)
     x1 = x0.clone()
     x1[4] = -x1[4]  # change one example: only its loss moves
-    loss1 = obj.loss(obj.module, x1, cond, torch.Generator().manual_seed(0))
+    loss1 = obj.loss(obj.module, x1, data.labels[:6], torch.Generator().manual_seed(0))
+    loss = obj.loss(obj.module, x0, data.labels[:6], torch.Generator().manual_seed(0))
     changed = (loss1 - loss).abs() > 1e-7
     assert changed.tolist() == [False, False, False, False, True, False]
 
 
 # -- sampling ---------------------------------------------------------------------------------------
 def test_prompt_samples_are_reproducible_and_independent_of_batch_size(text_run):
-    from diffusekit.latent.run import load_text_latent_run, sample_prompts
+    from diffusekit.families import open_run as load_text_latent_run
+    from diffusekit.families.text_latent import sample_prompts
 
     run = load_text_latent_run(text_run)
     prompts = ["a handwritten 3", "the digit seven", "an image of the numeral one"]
@@ -263,7 +270,7 @@ def test_prompt_samples_are_reproducible_and_independent_of_batch_size(text_run)
     assert a.shape == (6, 1, 8, 8) and torch.equal(a, c)
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
     # sample 4 alone (seed 4, prompt 4 % 3 = 1) is the same picture as in the batch
-    from diffusekit.sampling.run import SampleSettings
+    from diffusekit.sampling.settings import SampleSettings
 
     one = sample_prompts(run, [prompts[1]], SampleSettings(sampler="ddim", steps=5, seeds=[4], guidance=3.0))
     torch.testing.assert_close(one[0], a[4], atol=1e-5, rtol=1e-5)
@@ -271,10 +278,10 @@ def test_prompt_samples_are_reproducible_and_independent_of_batch_size(text_run)
 
 
 def test_guidance_scale_one_is_the_conditional_model_and_s_mixes_with_the_empty_caption(text_run):
-    from diffusekit.latent.run import load_text_latent_run
+    from diffusekit.families import open_run as load_text_latent_run
     from diffusekit.latent.sampling import null_text, prompt_features, sample_latents
+    from diffusekit.sampling.generate import generate
     from diffusekit.sampling.guidance import ClassifierFreeGuidance
-    from diffusekit.sampling.run import generate
 
     run = load_text_latent_run(text_run)
     with torch.no_grad():  # a few training steps leave the cross-attention nearly closed: open it
@@ -322,8 +329,8 @@ def test_training_resumes_exactly(ae_run, tmp_path):
 # -- bad input --------------------------------------------------------------------------------------
 def test_missing_or_incomplete_autoencoder_run_is_a_one_line_error(tmp_path, ae_run, text_run):
     from diffusekit.errors import CheckpointError
-    from diffusekit.latent import load_codec
-    from diffusekit.latent.run import load_text_latent_run
+    from diffusekit.families.text_latent import load_codec
+    from diffusekit.families import open_run as load_text_latent_run
 
     missing = tmp_path / "nowhere"
     with pytest.raises(CheckpointError, match="latent.autoencoder_run.*nowhere.*does not exist") as info:
@@ -348,9 +355,9 @@ def test_a_retrained_autoencoder_is_refused_by_its_fingerprint(tmp_path, ae_run,
     import copy
 
     from diffusekit.errors import CheckpointError
-    from diffusekit.latent import load_codec
-    from diffusekit.latent.objective import codec_fingerprint
-    from diffusekit.latent.run import load_text_latent_run
+    from diffusekit.families.text_latent import load_codec
+    from diffusekit.latent.model import codec_fingerprint
+    from diffusekit.families import open_run as load_text_latent_run
 
     module = load_codec(ae_run).module
     print_ = codec_fingerprint(module)
@@ -379,12 +386,13 @@ def test_a_retrained_autoencoder_is_refused_by_its_fingerprint(tmp_path, ae_run,
 def test_config_and_prompt_errors(ae_run, text_run):
     from diffusekit.config import load_config
     from diffusekit.errors import ConfigError
-    from diffusekit.latent.run import load_text_latent_run, sample_prompts
-    from diffusekit.objectives import build_objective
+    from diffusekit.families import open_run as load_text_latent_run
+    from diffusekit.families.text_latent import sample_prompts
+    from diffusekit.train.trainer import build_objective
 
     bad = text_overrides(ae_run) + ["model.num_classes=0", "sample.guidance=1.0"]
     with pytest.raises(ConfigError, match="model.num_classes = 10"):
-        build_objective(load_config(None, bad), (1, 8, 8))
+        build_objective(load_config(None, bad), fake_data((1, 8, 8), num_classes=10))
     with pytest.raises(ConfigError, match="latent.autoencoder_run"):
         load_config(None, text_overrides(ae_run) + ["latent.autoencoder_run=' '"])
     run = load_text_latent_run(text_run)

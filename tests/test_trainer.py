@@ -7,7 +7,7 @@ import torch
 
 from diffusekit.config import load_config
 from diffusekit.errors import CheckpointError, TrainingError
-from diffusekit.train.checkpoint import load_checkpoint
+from diffusekit.io.checkpoint import load_checkpoint
 from diffusekit.train.trainer import DataStream, Trainer, derive_seed, train
 
 TINY_IMAGE = [

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from test_sde_samplers import gaussian_pf_map, sw2_exact
 
 from diffusekit.oracle import GaussianMixture, default_mixture
 from diffusekit.sampling.dpm_solver import sample_dpmpp_2m
@@ -15,7 +16,6 @@ from diffusekit.sampling.ode import GRIDS, sample_euler, sample_rk45, time_grid
 from diffusekit.sampling.unipc import phi, sample_unipc, unipc_coefficients
 from diffusekit.schedules import LinearVPSchedule, make_schedule
 from diffusekit.sde import VPSDE, vp_from_schedule
-from test_sde_samplers import gaussian_pf_map, sw2_exact
 
 F64 = torch.float64
 
@@ -206,7 +206,8 @@ def test_bad_arguments_raise():
 
 # -- settings, generate, CLI ------------------------------------------------------------------------
 def test_generate_runs_unipc_with_its_order_and_a_trailing_grid():
-    from diffusekit.sampling.run import SampleSettings, generate
+    from diffusekit.sampling.generate import generate
+    from diffusekit.sampling.settings import SampleSettings
 
     mix, sched = default_mixture(2), make_schedule("linear", 100)
     outs = {}
@@ -229,9 +230,10 @@ def test_generate_runs_unipc_with_its_order_and_a_trailing_grid():
 
 
 def test_cli_and_config_reject_bad_unipc_settings_in_one_line(capsys, tmp_path):
+    from test_bad_input import assert_one_line, run_cli
+
     from diffusekit.config import load_config
     from diffusekit.errors import ConfigError
-    from test_bad_input import assert_one_line, run_cli
 
     for argv, flag in ((["--sampler", "unipc", "--order", "4"], "--order"), (["--grid", "trailing"], "--grid")):
         code, _, err, seconds = run_cli(capsys, "sample", "--run", tmp_path / "none", *argv, "--no-progress")

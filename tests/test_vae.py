@@ -13,13 +13,21 @@ import math
 
 import numpy as np
 import pytest
+from conftest import fake_data
 import torch
 from torch import nn
 
 from diffusekit.gaussian import gaussian_kl
-from diffusekit.vae.models import (DecoderLikelihood, HierarchicalVAE, bernoulli_log_prob, gaussian_entropy,
-                                   reparameterize, sample, seeded_normals)
-from diffusekit.vae.objective import neg_bound_per_example
+from diffusekit.vae.metrics import neg_bound_per_example
+from diffusekit.vae.models import (
+    DecoderLikelihood,
+    HierarchicalVAE,
+    bernoulli_log_prob,
+    gaussian_entropy,
+    reparameterize,
+    sample,
+    seeded_normals,
+)
 
 scipy_integrate = pytest.importorskip("scipy.integrate")
 scipy_stats = pytest.importorskip("scipy.stats")
@@ -259,7 +267,7 @@ def test_samples_depend_only_on_their_seed():
 
 # -- evaluation -------------------------------------------------------------------------------------
 def test_bound_in_bits_per_dim_and_active_units_on_the_exact_model():
-    from diffusekit.vae.evaluate import active_units, bound
+    from diffusekit.vae.metrics import active_units, bound
 
     W, b, M = _linear_gaussian()
     A = (W / M).T.clone()
@@ -277,7 +285,7 @@ def test_bound_in_bits_per_dim_and_active_units_on_the_exact_model():
 
 
 def test_reconstruction_quality_is_mse_and_psnr_of_the_mean_code():
-    from diffusekit.vae.evaluate import reconstruction_quality
+    from diffusekit.vae.metrics import reconstruction_quality
 
     W, b, M = _linear_gaussian()
     A = (W / M).T.clone()
@@ -294,18 +302,18 @@ def test_objective_loss_is_the_bound_per_dimension_and_trains(tmp_path):
     """The trainer's loss is -ELBO / dims through one forward call; a few steps of the real trainer
     lower it, and the MHVAE reports one latent cost per level."""
     from diffusekit.config import load_config
-    from diffusekit.objectives import build_objective
+    from diffusekit.train.trainer import build_objective
 
     cfg = load_config(None, ["model.kind=mhvae", "vae.hierarchy=2", "model.hidden=32", "model.depth=1",
                              "vae.latent_dim=4"])
-    obj = build_objective(cfg, (1, 8, 8))
+    obj = build_objective(cfg, fake_data((1, 8, 8)))
     x = torch.rand(6, 1, 8, 8) * 2 - 1
     loss = obj.loss(obj.module, x, None, torch.Generator().manual_seed(0))
     terms = obj.module(x, torch.Generator().manual_seed(0))
     torch.testing.assert_close(loss, terms["neg_elbo"] / 64)
     assert terms["consistency"].shape == (6, 1)
     cfg = load_config(None, ["model.kind=vae", "vae.iwae_k=4", "model.hidden=32", "model.depth=1"])
-    obj = build_objective(cfg, (1, 8, 8))
+    obj = build_objective(cfg, fake_data((1, 8, 8)))
     assert obj.loss(obj.module, x, None, torch.Generator().manual_seed(0)).shape == (6,)
 
 
@@ -318,20 +326,21 @@ def test_objective_loss_is_the_bound_per_dimension_and_trains(tmp_path):
 def test_config_errors_name_the_key(overrides, needle):
     from diffusekit.config import load_config
     from diffusekit.errors import ConfigError
-    from diffusekit.objectives import build_objective
+    from diffusekit.train.trainer import build_objective
 
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
-        build_objective(load_config(None, overrides), (1, 8, 8) if "moons" not in overrides[1] else (2,))
+        data = fake_data((1, 8, 8)) if "moons" not in overrides[1] else fake_data((2,), levels=None)
+        build_objective(load_config(None, overrides), data)
 
 
 def test_autoencoder_codec_shapes_and_shape_errors():
     from diffusekit.config import load_config
     from diffusekit.errors import ConfigError
-    from diffusekit.vae.objective import build_latent_model
+    from diffusekit.families.vae import build_vae
 
     cfg = load_config(None, ["model.kind=autoencoder", "data.name=mnist", "model.base_channels=8",
                              "model.norm_groups=4"])
-    ae = build_latent_model(cfg, (1, 28, 28))
+    ae = build_vae(cfg, (1, 28, 28), 256)
     x = torch.rand(3, 1, 28, 28) * 2 - 1
     z = ae.encode(x)
     assert z.shape == (3, 4, 7, 7)
@@ -339,7 +348,7 @@ def test_autoencoder_codec_shapes_and_shape_errors():
     z2 = ae.encode(x, torch.Generator().manual_seed(0))
     assert z2.shape == z.shape and not torch.equal(z, z2)
     with pytest.raises(ConfigError, match="autoencoder"):
-        build_latent_model(cfg, (1, 30, 30))
+        build_vae(cfg, (1, 30, 30), 256)
 
 
 # -- the command line -------------------------------------------------------------------------------

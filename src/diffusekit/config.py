@@ -19,10 +19,11 @@ import functools
 import json
 import math
 import sys
+import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -30,6 +31,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 from diffusekit.errors import ConfigError
+from diffusekit.sampling.catalog import DISCRETE_SAMPLERS, GRID_CHOICES, SAMPLER_NAMES, SPACINGS, VARIANCES
 
 __all__ = [
     "DATASET_NAMES", "DataConfig", "ModelConfig", "DiffusionConfig", "LossConfig", "TrainConfig", "SampleConfig", "VAEConfig", "LatentConfig", "Config",
@@ -55,7 +57,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    kind: Literal["unet", "mlp", "vae", "mhvae", "autoencoder", "latent_unet", "controlnet"] = "unet"  # latent_unet: [latent]; controlnet: [controlnet]
+    kind: str = "unet"  # the model family's kind (diffusekit.families: unet, mlp, vae, mhvae, autoencoder, latent_unet, controlnet)
     prediction: Literal["eps", "x0", "v", "score"] = "eps"
     base_channels: int = 32
     channel_mult: list[int] = field(default_factory=lambda: [1, 2])
@@ -112,16 +114,76 @@ class TrainConfig:
     time_limit_s: float = 0.0  # 0 = none
 
 
+SamplerName = Literal[SAMPLER_NAMES]  # type: ignore[valid-type]  (the names of sampling/catalog.py)
+GridName = Literal[GRID_CHOICES]  # type: ignore[valid-type]
+SpacingName = Literal[SPACINGS]  # type: ignore[valid-type]
+VarianceName = Literal[VARIANCES]  # type: ignore[valid-type]
+
+# Bounds on sampler settings: past them a value is a typo or an attack, not a setting (see README, "bad input")
+MAX_SAMPLE_STEPS = 100_000
+MAX_GUIDANCE = 100.0
+MAX_CLIP_X0 = 1_000.0
+MAX_STEP_SIZE = 10.0
+MAX_SNR = 10.0
+MAX_INNER_STEPS = 1_000  # corrector and Langevin steps per noise level
+
+
+def _integer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _in(lo: float, hi: float, *, open_lo: bool = False, integer: bool = False):
+    def test(v: Any) -> bool:
+        return (_integer(v) if integer else _number(v)) and (v > lo if open_lo else v >= lo) and v <= hi
+    return test
+
+
+# field -> (test, what it must be): the one validator of every sampler setting, whatever its source
+# (a config file, --set, a command-line flag, a settings.json); ``SampleConfig.check`` applies it.
+SAMPLE_RULES: dict[str, tuple[Any, str]] = {
+    "sampler": (lambda v: v in SAMPLER_NAMES, "one of " + ", ".join(SAMPLER_NAMES)),
+    "steps": (_in(0, MAX_SAMPLE_STEPS, integer=True), f"an integer in 0..{MAX_SAMPLE_STEPS} (0 = diffusion.T)"),
+    "eta": (_in(0.0, 1.0), "in [0, 1]"),
+    "variance": (lambda v: v in VARIANCES, "one of " + ", ".join(VARIANCES)),
+    "spacing": (lambda v: v in SPACINGS, "one of " + ", ".join(SPACINGS)),
+    "clip_x0": (lambda v: v is None or _in(0.0, MAX_CLIP_X0, open_lo=True)(v),
+                f"a number in (0, {MAX_CLIP_X0:g}] (clip x0 to [-C, C]) or off"),
+    "grid": (lambda v: v in GRID_CHOICES, "one of " + ", ".join(GRID_CHOICES)),
+    "snr": (_in(0.0, MAX_SNR, open_lo=True), f"in (0, {MAX_SNR:g}]"),
+    "corrector_steps": (_in(0, MAX_INNER_STEPS, integer=True), f"an integer in 0..{MAX_INNER_STEPS}"),
+    "langevin_steps": (_in(1, MAX_INNER_STEPS, integer=True), f"an integer in 1..{MAX_INNER_STEPS}"),
+    "step_size": (_in(0.0, MAX_STEP_SIZE, open_lo=True), f"in (0, {MAX_STEP_SIZE:g}]"),
+    "rtol": (_in(0.0, 1.0, open_lo=True), "in (0, 1]"),
+    "atol": (_in(0.0, 1.0, open_lo=True), "in (0, 1]"),
+    "order": (_in(1, 3, integer=True), "1, 2 or 3"),
+    "guidance": (_in(0.0, MAX_GUIDANCE), f"a number in [0, {MAX_GUIDANCE:g}] (1 = the conditional model, 0 = "
+                                          "unconditional)"),
+}
+
+
+def _sample_key(name: str) -> str:
+    return f"sample.{name}"
+
+
 @dataclass
 class SampleConfig:
-    sampler: Literal["ddpm", "ddim", "euler", "heun", "rk45", "dpmpp_2m", "unipc", "sde", "pc", "langevin"] = "ddpm"
+    """``[sample]``: how a run samples by default (``sampling.SampleSettings`` adds the seeds and batch).
+
+    ``clip_x0`` = C clamps the predicted x0 to [-C, C] in ddpm and ddim (absent or false: off; true, the
+    older boolean form, means 1)."""
+
+    sampler: SamplerName = "ddpm"
     steps: int = 0  # 0 = T
     eta: float = 0.0
-    variance: Literal["beta", "beta_tilde"] = "beta_tilde"
-    spacing: Literal["leading", "linspace", "trailing"] = "trailing"
-    clip_x0: bool = False
+    variance: VarianceName = "beta_tilde"
+    spacing: SpacingName = "trailing"
+    clip_x0: float | None = None
     # continuous-time samplers (docs/samplers.md)
-    grid: Literal["auto", "time", "logsnr", "karras", "time_trailing", "logsnr_trailing", "karras_trailing"] = "auto"
+    grid: GridName = "auto"
     snr: float = 0.16  # pc: Langevin corrector signal-to-noise ratio
     corrector_steps: int = 1  # pc
     langevin_steps: int = 5  # langevin: steps per noise level
@@ -130,6 +192,20 @@ class SampleConfig:
     atol: float = 1e-4  # rk45
     order: int = 2  # unipc: 1-3 (the corrector adds one)
     guidance: float = 1.0  # classifier-free guidance scale s (model.num_classes > 0): 1 = conditional, 0 = unconditional
+
+    def check(self, key: Callable[[str], str] = _sample_key, T: int | None = None) -> None:
+        """Every rule of ``SAMPLE_RULES`` (types included, bools are never numbers), then the rules between
+        fields; ``T``, when known, bounds the steps of the discrete samplers. ``key(field)`` names a field
+        the way the user wrote it ("sample.steps", "--steps", "settings.json: steps")."""
+        for name, (ok, want) in SAMPLE_RULES.items():
+            value = getattr(self, name)
+            if not ok(value):
+                raise ConfigError(f"{key(name)} must be {want}; got {value!r}")
+        if self.clip_x0 is not None and self.sampler not in DISCRETE_SAMPLERS:
+            raise ConfigError(f"{key('clip_x0')} applies to {' and '.join(DISCRETE_SAMPLERS)} only, not sampler "
+                              f"{self.sampler!r}")
+        if T is not None and self.sampler in DISCRETE_SAMPLERS and self.steps > T:
+            raise ConfigError(f"{key('steps')} must lie in 0..{T} (0 = all steps) for {self.sampler}; got {self.steps}")
 
 
 @dataclass
@@ -191,7 +267,18 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _optional(tp: Any) -> Any:
+    """X for an annotation ``X | None``, else None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0]
+    return None
+
+
 def _type_name(tp: Any) -> str:
+    if _optional(tp) is not None:
+        return f"{_type_name(_optional(tp))} (or absent)"
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(c) for c in typing.get_args(tp))
     if typing.get_origin(tp) is list:
@@ -205,6 +292,13 @@ def _is_int(v: Any) -> bool:
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """``value`` checked against annotation ``tp`` (ints widen to float); raises ConfigError."""
+    inner = _optional(tp)
+    if inner is not None:
+        if value is None or value is False:  # absent; false is the older boolean form of "off"
+            return None
+        if value is True and inner is float:  # the older boolean form of sample.clip_x0: true = 1
+            return 1.0
+        return _coerce(key, value, inner)
     origin = typing.get_origin(tp)
     if origin is Literal:
         if not isinstance(value, str) or value not in typing.get_args(tp):
@@ -378,7 +472,7 @@ def format_config(cfg: Config) -> str:
     lines: list[str] = []
     for section, table in config_to_dict(cfg).items():
         lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None]  # TOML has no null: absent
         lines.append("")
     return "\n".join(lines)
 
@@ -472,21 +566,7 @@ def _validate(cfg: Config) -> None:
     _check(t.n_sample >= 1, "train.n_sample", ">= 1", t.n_sample)
     _check(0.0 <= t.class_dropout <= 1.0, "train.class_dropout", "in [0, 1]", t.class_dropout)
     _check(t.time_limit_s >= 0.0, "train.time_limit_s", ">= 0 (0 = none)", t.time_limit_s)
-    if s.sampler in ("ddpm", "ddim"):
-        _check(0 <= s.steps <= df.T, "sample.steps", f"in 0..diffusion.T = {df.T} (0 = T)", s.steps)
-    else:
-        _check(s.steps >= 0, "sample.steps", ">= 0 (0 = diffusion.T)", s.steps)
-    _check(s.snr > 0.0, "sample.snr", "positive", s.snr)
-    _check(s.corrector_steps >= 0, "sample.corrector_steps", ">= 0", s.corrector_steps)
-    _check(s.langevin_steps >= 1, "sample.langevin_steps", ">= 1", s.langevin_steps)
-    _check(s.step_size > 0.0, "sample.step_size", "positive", s.step_size)
-    _check(1 <= s.order <= 3, "sample.order", "1, 2 or 3", s.order)
-    _check(s.rtol > 0.0 and s.atol > 0.0, "sample.rtol" if not s.rtol > 0.0 else "sample.atol", "positive",
-           s.rtol if not s.rtol > 0.0 else s.atol)
-    _check(not (s.clip_x0 and s.sampler not in ("ddpm", "ddim")), "sample.clip_x0",
-           "false for the continuous-time samplers (clipping applies to ddpm and ddim)", s.clip_x0)
-    _check(0.0 <= s.eta <= 1.0, "sample.eta", "in [0, 1]", s.eta)
-    _check(s.guidance >= 0.0, "sample.guidance", ">= 0 (1 = the conditional model, 0 = unconditional)", s.guidance)
+    s.check(T=df.T)
     _check(s.guidance == 1.0 or m.num_classes > 0, "sample.guidance",
            "1.0 for an unconditional model (guidance needs model.num_classes > 0)", s.guidance)
     v = cfg.vae

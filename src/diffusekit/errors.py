@@ -7,8 +7,8 @@ class DiffusekitError(Exception):
     """Base class for every error the project raises about the user's input or files."""
 
 
-class ConfigError(DiffusekitError):
-    """A bad config file, key, value or command-line flag."""
+class ConfigError(DiffusekitError, ValueError):
+    """A bad config file, key, value or command-line flag (a ``ValueError`` too: a bad value)."""
 
 
 class DataError(DiffusekitError):
@@ -21,3 +21,7 @@ class CheckpointError(DiffusekitError):
 
 class TrainingError(DiffusekitError):
     """Training cannot go on (for example, a non-finite loss); the message names the step."""
+
+
+class OutputError(DiffusekitError):
+    """A destination that cannot be written (not a folder, not ours, read-only, full); the message names it."""

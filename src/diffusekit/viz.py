@@ -19,6 +19,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from diffusekit.io.atomic import atomic_write_bytes
+
 __all__ = [
     "to_uint8",
     "image_grid",
@@ -36,8 +38,6 @@ STRIP_TILE_PX = 48
 
 
 def _write_png(path: Path | str, data: bytes) -> Path:
-    from diffusekit.train.checkpoint import atomic_write_bytes
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, data)
@@ -111,8 +111,8 @@ def save_image_grid(x: Tensor | np.ndarray, path: Path | str, nrow: int | None =
 
 # -- matplotlib figures -------------------------------------------------------------------------
 def _figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (4.0, 4.0)):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # matplotlib costs ~1 s to import: on use
+    from matplotlib.figure import Figure  # matplotlib, imported on use
 
     fig = Figure(figsize=size, dpi=100, layout="constrained")
     FigureCanvasAgg(fig)

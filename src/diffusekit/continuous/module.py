@@ -1,6 +1,6 @@
-"""Training the continuous-time objective: one module holding the network and its log-SNR schedule.
+"""The continuous-time objective as one module holding the network and its log-SNR schedule.
 
-``ContinuousDiffusion`` is the trainer's ``Objective.module``: its ``forward`` returns the per-example
+``ContinuousDiffusion`` is what a continuous run trains (``families.continuous``): its ``forward`` returns the per-example
 loss, so the whole loss is computed inside ``module(...)`` and DistributedDataParallel can wrap it,
 and a learned schedule's parameters are checkpointed, EMA-averaged and resumed with the network's.
 
@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffusekit.continuous.elbo import diffusion_term, prior_kl_at, reconstruction_nll, sample_times
+from diffusekit.continuous.elbo import diffusion_term, prior_kl_at, reconstruction_nll
 from diffusekit.continuous.logsnr import CosineLogSNR, LinearLogSNR, LogSNRSchedule, MonotoneLogSNR
 from diffusekit.errors import CheckpointError, ConfigError
+from diffusekit.nn.build import build_network
 from diffusekit.parameterization import Denoiser
 
-__all__ = ["ContinuousDiffusion", "ContinuousObjective", "build_logsnr_schedule", "build_continuous_module",
-           "load_continuous"]
+__all__ = ["ContinuousDiffusion", "build_logsnr_schedule", "build_continuous_module", "load_continuous"]
 
 
 class ContinuousDiffusion(nn.Module):
@@ -80,37 +80,10 @@ def build_logsnr_schedule(diffusion_cfg) -> LogSNRSchedule:
 
 
 def build_continuous_module(cfg, data_shape: tuple[int, ...], levels: int | None) -> ContinuousDiffusion:
-    from diffusekit.models import build_network
-
+    """The network of ``[model]`` and the log-SNR schedule of ``[diffusion]`` with the loss of ``[loss]``."""
     lc = cfg.loss
     return ContinuousDiffusion(build_network(cfg.model, tuple(data_shape)), build_logsnr_schedule(cfg.diffusion),
                                cfg.model.prediction, levels, lc.weighting, lc.sigmoid_bias, lc.min_snr_gamma)
-
-
-class ContinuousObjective:
-    """The trainer's ``Objective`` for ``loss.objective = "continuous"`` (see ``diffusekit.objectives``)."""
-
-    def __init__(self, cfg, data_shape: tuple[int, ...]):
-        from diffusekit.data import load_dataset
-
-        self.cfg, self.data_shape = cfg, tuple(data_shape)
-        levels = load_dataset(cfg.data, "train").levels
-        self.module = build_continuous_module(cfg, self.data_shape, levels)
-        self.t_sampling = "antithetic" if cfg.loss.t_sampling == "stratified" else "uniform"
-
-    def loss(self, module: nn.Module, x0: Tensor, cond: dict | None, generator: torch.Generator) -> Tensor:
-        t = sample_times(x0.shape[0], generator, self.t_sampling)
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-        return module(x0, t.to(x0.device), noise, cond)
-
-    def preview(self, module: nn.Module, n: int, device: torch.device) -> Tensor:
-        from diffusekit.sampling.run import SampleSettings, generate
-
-        schedule = module.schedule.discretize(self.cfg.diffusion.T)
-        settings = SampleSettings(sampler="ddpm", steps=min(100, schedule.T), seeds=list(range(n)),
-                                  batch_size=max(n, 1))
-        return generate(module.denoiser.eval(), schedule, self.data_shape, settings, device=device, progress=False,
-                        num_classes=self.cfg.model.num_classes)
 
 
 def load_continuous(cfg, data_shape: tuple[int, ...], levels: int | None, state: dict[str, Tensor],

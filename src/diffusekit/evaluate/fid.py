@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from diffusekit.errors import CheckpointError
@@ -202,8 +203,6 @@ class InceptionV3FID(nn.Module):
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path), device="cpu")
     if path.suffix in (".pth", ".pt"):
         state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles arbitrary objects

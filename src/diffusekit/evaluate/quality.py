@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from diffusekit.evaluate.features import feature_dataset, load_feature_net
+
 __all__ = ["feature_stats", "frechet_distance", "image_quality", "sliced_wasserstein", "wasserstein2_1d",
            "mmd_rbf", "vector_quality", "pixel_quality"]
 
@@ -107,8 +109,6 @@ def image_quality(samples: Tensor, dataset_name: str, levels: int | None = None,
       fraction of samples the classifier assigns to their requested class (the quality measure of a
       conditional model; compare it with ``classifier_test_accuracy`` on real data).
     """
-    from diffusekit.evaluate.features import feature_dataset, load_feature_net
-
     net = load_feature_net(dataset_name, cache_dir=cache_dir)
     size = net.config.image_size
     if samples.ndim != 4 or tuple(samples.shape[1:]) != (1, size, size):

@@ -1,9 +1,11 @@
-"""Foreign models as diffusekit denoisers: a diffusers ``UNet2DModel`` folder with a DDPM scheduler.
+"""The diffusers family: a folder saved by diffusers (a ``UNet2DModel`` with a DDPM scheduler) as a
+diffusekit denoiser, so every sampler and the discrete bound run on a foreign model.
 
 ``load_diffusers_folder(path)`` returns ``(denoiser, schedule)``: the ``DiscreteSchedule`` rebuilt
 in float64 from the scheduler config, and a ``Denoiser`` around the U-Net, so every sampler and the
-discrete bound run on the model unchanged (STYLE 3: the network knows nothing of noise semantics;
-an adapter maps our network input to the foreign one, as k-diffusion's ``external.py`` does).
+discrete bound run on the model unchanged (the network knows nothing of noise semantics;
+an adapter maps our network input to the foreign one, as k-diffusion's ``external.py`` does). It
+cannot be trained or evaluated here; ``diffusekit sample --run FOLDER`` samples it.
 
 Time correspondence (schedules.py): diffusers' step k = 0..T-1 is our t = k + 1, so the U-Net's
 timestep k was trained on noise level logsnr[k + 1] of our table. ``DiffusersUNet`` receives
@@ -30,15 +32,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from diffusekit.config import Config
 from diffusekit.errors import CheckpointError, ConfigError
+from diffusekit.families.diffusion import DiffusionModel
 from diffusekit.parameterization import Denoiser
 from diffusekit.schedules import DiscreteSchedule, cosine_betas
 
-__all__ = ["load_diffusers_folder", "is_diffusers_folder", "data_shape", "sample_command", "diffusers_schedule",
-           "DiffusersUNet", "logsnr_to_timestep",
-           "PREDICTION_KINDS"]
+__all__ = ["load_diffusers_folder", "is_diffusers_folder", "data_shape", "diffusers_schedule", "diffusers_betas",
+           "DiffusersUNet", "logsnr_to_timestep", "PREDICTION_KINDS", "DiffusersModel", "load"]
 
 F64 = torch.float64
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -145,12 +149,10 @@ def _find(folder: Path, sub: str, name: str) -> Path | None:
 def _load_unet(model_dir: Path) -> nn.Module:
     """UNet2DModel from config.json and the safetensors weights (strict), never from pickles."""
     try:
-        from diffusers import UNet2DModel
+        from diffusers import UNet2DModel  # optional dependency (the dev extra), imported on use
     except ImportError:
         raise ConfigError(f"{model_dir}: loading a diffusers model needs the diffusers package "
                           "(pip install diffusers)") from None
-    from safetensors.torch import load_file
-
     config_path = model_dir / "config.json"
     weights = model_dir / WEIGHTS
     if not weights.is_file():
@@ -222,27 +224,17 @@ def data_shape(path: str | Path) -> tuple[int, int, int]:
     return int(config.get("in_channels", 3)), int(h), int(w)
 
 
-def sample_command(args, make_settings) -> int:
-    """``diffusekit sample --run FOLDER`` for a diffusers folder: our samplers with the flags' settings
-    (defaults of a fresh ``[sample]`` section); 8-bit images (256 levels)."""
-    import time
-    from types import SimpleNamespace
+class DiffusersModel(DiffusionModel):
+    """A diffusers folder loaded as a diffusion model; its samples record the folder they came from."""
 
-    from diffusekit.config import Config
-    from diffusekit.sampling.run import generate, write_samples
+    def provenance(self) -> dict[str, Any]:
+        return {"diffusers_folder": str(self.source)}
 
-    for flag, value in (("--classes", args.classes), ("--prompt", args.prompt), ("--control-from", args.control_from),
-                        ("--control-images", args.control_images), ("--control-scale", args.control_scale)):
-        if value is not None:
-            raise ConfigError(f"{flag} does not apply to a diffusers folder ({args.run}: unconditional UNet2DModel)")
-    if args.guidance is not None and args.guidance != 1.0:
-        raise ConfigError(f"--guidance needs a class-conditional run; {args.run} is an unconditional diffusers model")
-    denoiser, schedule = load_diffusers_folder(args.run)
-    settings = make_settings(args, SimpleNamespace(cfg=Config(), schedule=schedule))
-    shape = data_shape(args.run)
-    out = args.out or Path(args.run) / f"samples-{settings.sampler}-{settings.steps or schedule.T}"
-    t0 = time.time()
-    x = generate(denoiser, schedule, shape, settings, progress=not args.no_progress)
-    write_samples(x, settings.seeds, out, settings, 256, extra={"diffusers_folder": str(args.run)})
-    print(f"{len(settings.seeds)} samples in {time.time() - t0:.1f} s -> {out}")
-    return 0
+
+def load(folder: Path, use_ema: bool = True, device: str | torch.device = "cpu") -> DiffusersModel:
+    """A diffusers folder as a ``DiffusionModel`` (8-bit images, 256 levels; a default config, whose
+    ``[sample]`` section gives the sampler defaults). ``use_ema`` has no meaning here: the folder holds
+    one set of weights."""
+    denoiser, schedule = load_diffusers_folder(folder)
+    return DiffusersModel(Path(folder), Config(), data_shape(folder), 256, None, None, denoiser=denoiser.to(device),
+                          schedule=schedule)

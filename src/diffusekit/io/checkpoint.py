@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -33,8 +32,9 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from diffusekit.errors import CheckpointError
+from diffusekit.io.atomic import atomic_write_bytes, atomic_write_text
 
-__all__ = ["FORMAT_VERSION", "atomic_write_bytes", "atomic_write_text", "save_checkpoint", "load_checkpoint",
+__all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint",
            "latest_checkpoint", "list_checkpoints", "clean_leftovers", "check_state", "load_module_state",
            "non_finite_keys"]
 
@@ -43,37 +43,6 @@ _NAME = re.compile(r"^step-(\d{8})$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 MAX_RECORD_BYTES = 64 * 1024 * 1024  # a checkpoint record (config + metadata) is a few kB
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _ckpt_dir(run_dir: Path) -> Path:

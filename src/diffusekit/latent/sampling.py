@@ -3,19 +3,20 @@
 Classifier-free guidance (``sampling.guidance.ClassifierFreeGuidance``) wraps the latent denoiser
 unchanged; its null condition is the features of the empty caption "" with their own mask, made as
 long as the batch's captions (padding is masked, so the length changes nothing). Every sample has
-its own seed (``sampling.run.generate``): a sample depends on its seed and prompt only, not on the
+its own seed (``sampling.generate.generate``): a sample depends on its seed and prompt only, not on the
 batch size or on the other prompts.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from diffusekit.parameterization import DenoiserFn
+from diffusekit.sampling.generate import generate
+from diffusekit.sampling.guidance import ClassifierFreeGuidance
 from diffusekit.schedules import DiscreteSchedule
 from diffusekit.text import NULL_CAPTION, TextEncoder, TextFeatures
 
@@ -53,12 +54,9 @@ def sample_latents(denoiser: DenoiserFn, schedule: DiscreteSchedule, latent_shap
                    progress: bool = False, stats: dict[str, Any] | None = None) -> Tensor:
     """Latents (len(seeds), *latent_shape) for the per-seed ``text`` features, guided with scale
     ``settings.guidance`` toward them and away from ``null`` (eps_null + s (eps_text - eps_null))."""
-    from diffusekit.sampling.guidance import ClassifierFreeGuidance
-    from diffusekit.sampling.run import generate
-
     if len(text) != len(settings.seeds):
         raise ValueError(f"{len(text)} text conditions for {len(settings.seeds)} seeds")
     guided = ClassifierFreeGuidance(denoiser, settings.guidance, null_text(null))
-    plain = dataclasses.replace(settings, guidance=1.0, classes=None)  # guidance is applied by the wrapper
+    plain = settings.replace(guidance=1.0, classes=None)  # guidance is applied by the wrapper
     return generate(guided, schedule, tuple(latent_shape), plain, device=device, cond=text.to(device).as_cond(),
                     progress=progress, stats=stats)

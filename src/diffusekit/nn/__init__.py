@@ -1,7 +1,7 @@
 """Networks behind the denoiser convention: (x, c_noise = logsnr, conditioning) -> tensor like x.
 
-The networks know nothing about noise semantics (STYLE 3); ``diffusekit.parameterization`` reads
-their output as eps, x0, v or score.
+The networks know nothing about noise semantics; ``diffusekit.parameterization`` reads
+their output as eps, x0, v or score. ``build`` makes them from the ``[model]`` section of a config.
 """
 
 from diffusekit.nn.controlnet import ControlledUNet, ControlNet

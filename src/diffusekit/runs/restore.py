@@ -1,4 +1,5 @@
-"""Restoration runs: a trained unconditional image model, a degradation, inputs, and the files it leaves.
+"""Restoring images with a run (``diffusekit restore``): a trained unconditional image model, a
+degradation, inputs, and the files it leaves.
 
 ``restore_run`` degrades each input x with the task's operator (``sampling/restore.py``), restores it
 once per seed with RePaint or the DDNM projection, and writes (each file atomically):
@@ -32,22 +33,29 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
+from tqdm.auto import tqdm
 
+from diffusekit.data.images import read_image
+from diffusekit.data.registry import load_dataset
 from diffusekit.errors import ConfigError, DataError
-from diffusekit.sampling.grids import SPACINGS
+from diffusekit.evaluate.features import evaluate_accuracy, load_feature_net
+from diffusekit.evaluate.samples import FEATURE_DATASETS
+from diffusekit.families import read_run
+from diffusekit.io.atomic import OutputFolder, atomic_write_bytes, atomic_write_text
+from diffusekit.runs.sample import check_finite
+from diffusekit.sampling.catalog import DEFAULT_MASK, MASKS, RESTORE_METHODS, RESTORE_TASKS, SPACINGS, VARIANCES
 from diffusekit.sampling.noise import PerSampleNoise
-from diffusekit.sampling.run import settings_from_json, settings_to_json
 from diffusekit.sampling.restore import (Colorization, Inpaint, LinearDegradation, SuperResolution, sample_ddnm,
                                          sample_repaint)
+from diffusekit.sampling.settings import MAX_BATCH, MAX_SEEDS, settings_from_json, settings_to_json
+from diffusekit.viz import image_grid, png_bytes
 
-__all__ = ["RestoreSettings", "TASKS", "METHODS", "MASKS", "make_masks", "read_mask", "load_inputs", "psnr",
-           "restore_run", "noise_seed"]
+__all__ = ["RestoreSettings", "make_masks", "read_mask", "load_inputs", "psnr", "restore_run", "noise_seed"]
 
-TASKS: tuple[str, ...] = ("inpaint", "outpaint", "superres", "colorize")
-METHODS: tuple[str, ...] = ("repaint", "ddnm")
-MASKS: tuple[str, ...] = ("center", "border", "left", "right", "top", "bottom", "random")
-DEFAULT_MASK = {"inpaint": "center", "outpaint": "border"}
+MAX_RESAMPLE = 1_000
+MAX_RESTORED_BYTES = 4 * 2**30  # the restorations of one call are held in memory (float32)
 
 
 @dataclass
@@ -64,17 +72,17 @@ class RestoreSettings:
     resized to the model's). ``batch_size`` does not change any sample.
     """
 
-    task: Literal["inpaint", "outpaint", "superres", "colorize"] = "inpaint"
-    method: Literal["repaint", "ddnm"] = "repaint"
+    task: Literal[RESTORE_TASKS] = "inpaint"  # type: ignore[valid-type]  (names: sampling/catalog.py)
+    method: Literal[RESTORE_METHODS] = "repaint"  # type: ignore[valid-type]
     mask: str = ""
     fraction: float = 0.5
     mask_seed: int = 0
     factor: int = 2
     steps: int = 0
-    spacing: Literal["leading", "linspace", "trailing"] = "trailing"
+    spacing: Literal[SPACINGS] = "trailing"  # type: ignore[valid-type]
     resample: int = 1
     jump: int = 10
-    variance: Literal["beta", "beta_tilde"] = "beta_tilde"
+    variance: Literal[VARIANCES] = "beta_tilde"  # type: ignore[valid-type]
     clip_x0: float | None = None
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     n: int = 8
@@ -84,8 +92,12 @@ class RestoreSettings:
     batch_size: int = 64
 
     def __post_init__(self) -> None:
-        self.seeds = [int(s) for s in self.seeds]
-        self.images = [str(p) for p in self.images]
+        if isinstance(self.seeds, (range, tuple)):
+            self.seeds = list(self.seeds)
+        if isinstance(self.images, (tuple, list)):
+            self.images = [str(p) if isinstance(p, Path) else p for p in self.images]
+        if not isinstance(self.mask, str):
+            raise ConfigError(f"--mask must be a mask name or a file name, got {self.mask!r}")
         if not self.mask and self.task in DEFAULT_MASK:
             self.mask = DEFAULT_MASK[self.task]
 
@@ -93,22 +105,29 @@ class RestoreSettings:
             return isinstance(v, int) and not isinstance(v, bool) and v >= lo
 
         checks = [
-            (self.task in TASKS, "task", f"one of {TASKS}", self.task),
-            (self.method in METHODS, "method", f"one of {METHODS}", self.method),
+            (self.task in RESTORE_TASKS, "task", f"one of {RESTORE_TASKS}", self.task),
+            (self.method in RESTORE_METHODS, "method", f"one of {RESTORE_METHODS}", self.method),
             (0.0 < self.fraction < 1.0, "fraction", "in (0, 1)", self.fraction),
             (integer(self.mask_seed, 0), "mask_seed", "an integer >= 0", self.mask_seed),
             (integer(self.factor, 2), "factor", "an integer >= 2", self.factor),
             (integer(self.steps, 0), "steps", "an integer >= 0 (0 = T)", self.steps),
             (self.spacing in SPACINGS, "spacing", f"one of {SPACINGS}", self.spacing),
-            (integer(self.resample, 1), "resample", "an integer >= 1", self.resample),
+            (integer(self.resample, 1) and self.resample <= MAX_RESAMPLE, "resample", f"an integer in 1..{MAX_RESAMPLE}",
+             self.resample),
             (integer(self.jump, 1), "jump", "an integer >= 1", self.jump),
-            (self.variance in ("beta", "beta_tilde"), "variance", "'beta' or 'beta_tilde'", self.variance),
-            (self.clip_x0 is None or self.clip_x0 > 0, "clip_x0", "positive or None", self.clip_x0),
-            (len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds) and min(self.seeds) >= 0, "seeds",
-             "non-empty, distinct and >= 0", self.seeds),
-            (integer(self.n, 1), "n", "an integer >= 1", self.n),
+            (self.variance in VARIANCES, "variance", f"one of {VARIANCES}", self.variance),
+            (self.clip_x0 is None or (isinstance(self.clip_x0, (int, float)) and not isinstance(self.clip_x0, bool)
+                                      and 0 < self.clip_x0 <= 1000), "clip_x0", "in (0, 1000] or absent", self.clip_x0),
+            (isinstance(self.seeds, list) and 0 < len(self.seeds) <= MAX_SEEDS
+             and all(integer(v, 0) and v < 2**62 for v in self.seeds) and len(set(self.seeds)) == len(self.seeds),
+             "seeds", "non-empty, distinct integers >= 0", self.seeds if len(self.seeds) < 9 else f"{len(self.seeds)} seeds"),
+            (integer(self.n, 1) and self.n <= MAX_SEEDS, "n", "an integer >= 1", self.n),
+            (isinstance(self.images, list) and all(isinstance(p, str) for p in self.images), "images",
+             "a list of file names", self.images),
             (self.split in ("train", "test"), "split", "'train' or 'test'", self.split),
-            (integer(self.batch_size, 1), "batch_size", "an integer >= 1", self.batch_size),
+            (isinstance(self.use_ema, bool), "use_ema", "true or false", self.use_ema),
+            (integer(self.batch_size, 1) and self.batch_size <= MAX_BATCH, "batch_size", f"an integer in 1..{MAX_BATCH}",
+             self.batch_size),
         ]
         for ok, name, want, got in checks:
             if not ok:
@@ -119,7 +138,7 @@ class RestoreSettings:
 
     @classmethod
     def from_json(cls, text: str) -> "RestoreSettings":
-        """Read settings written by ``to_json`` (a ``settings.json``); unknown keys are errors."""
+        """Read settings written by ``to_json`` (a ``settings.json``); unknown keys and bad values are errors."""
         return settings_from_json(cls, text, "restore")
 
 
@@ -132,8 +151,6 @@ def noise_seed(seed: int, index: int) -> int:
 
 def read_mask(path: str | Path, size: tuple[int, int]) -> Tensor:
     """A mask image -> bool (H, W), True where the pixel is known (the file's dark pixels, < 128)."""
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
     try:
         with Image.open(path) as img:
@@ -183,16 +200,12 @@ def load_inputs(run, settings: RestoreSettings) -> tuple[Tensor, Tensor, list[st
     """(originals (K, C, H, W) float32 in [-1, 1], labels (K,) with -1 where unknown, names)."""
     C, H, W = run.data_shape
     if settings.images:
-        from diffusekit.data.images import read_image
-
         try:
             arrays = [read_image(p, H, C) for p in settings.images]
         except DataError as exc:
             raise DataError(f"--images {exc}") from None
         x = torch.from_numpy(np.stack(arrays).astype(np.float32) / 255.0 * 2.0 - 1.0)
         return x, torch.full((len(arrays),), -1, dtype=torch.int64), list(settings.images)
-    from diffusekit.data.registry import load_dataset
-
     data = load_dataset(run.cfg.data, settings.split)
     if settings.n > len(data):
         raise ConfigError(f"--n {settings.n} exceeds the {len(data)} images of the {settings.split} split")
@@ -252,8 +265,6 @@ def _restore_all(run, settings: RestoreSettings, x: Tensor, op, known, device, p
     calls = 0
     batches = range(0, len(pairs), settings.batch_size)
     if progress:
-        from tqdm.auto import tqdm
-
         batches = tqdm(batches, desc=f"{settings.method} batches", total=math.ceil(len(pairs) / settings.batch_size))
     for lo in batches:
         chunk = pairs[lo:lo + settings.batch_size]
@@ -278,10 +289,8 @@ def _restore_all(run, settings: RestoreSettings, x: Tensor, op, known, device, p
 def _classifier_accuracy(run, restored: Tensor, x: Tensor, degraded: Tensor, labels: Tensor) -> dict[str, float]:
     """Accuracy of the dataset's own classifier on restored / original / degraded images, if it has one."""
     name = run.cfg.data.name
-    if name not in ("digits", "mnist") or (labels < 0).any():
+    if name not in FEATURE_DATASETS or (labels < 0).any():
         return {}
-    from diffusekit.evaluate.features import evaluate_accuracy, load_feature_net
-
     net = load_feature_net(name)
     S = restored.shape[1]
     return {"accuracy": evaluate_accuracy(net, restored.flatten(0, 1).clamp(-1, 1), labels.repeat_interleave(S)),
@@ -291,8 +300,6 @@ def _classifier_accuracy(run, restored: Tensor, x: Tensor, degraded: Tensor, lab
 
 def _picture(degraded: Tensor, restored: Tensor, x: Tensor, known: Tensor | None, levels: int | None) -> bytes:
     """Rows of degraded | restored (one per seed) | original; unknown mask pixels drawn red."""
-    from diffusekit.viz import image_grid, png_bytes
-
     S = restored.shape[1]
     rows = torch.cat([degraded[:, None], restored.clamp(-1, 1), x[:, None]], dim=1)  # (K, S + 2, C, H, W)
     if known is not None:
@@ -303,25 +310,37 @@ def _picture(degraded: Tensor, restored: Tensor, x: Tensor, known: Tensor | None
     return png_bytes(image_grid(rows.flatten(0, 1), nrow=S + 2, upscale=upscale, levels=levels))
 
 
-def restore_run(run_dir: Path | str, settings: RestoreSettings, out_dir: Path | str,
-                device: str | torch.device = "cpu", progress: bool = True) -> dict[str, Any]:
-    """Restore the inputs of ``settings`` with the run's model; write the files; return the metrics."""
-    from diffusekit.models import load_run
-    from diffusekit.train.checkpoint import atomic_write_bytes, atomic_write_text
-    from diffusekit.vae.evaluate import is_latent_run
-
-    if is_latent_run(run_dir):
-        raise ConfigError(f"--run {run_dir}: restoration needs a diffusion model; this is a latent-variable model")
-    run = load_run(run_dir, use_ema=settings.use_ema, device=device)
+def restore_run(run_dir: Path | str, settings: RestoreSettings, out_dir: Path | str | None = None,
+                device: str | torch.device = "cpu", progress: bool = True) -> tuple[dict[str, Any], Path]:
+    """Restore the inputs of ``settings`` with the run's model; write the files into ``out_dir`` (default:
+    ``<run>/restore-<task>-<method>``), complete or absent; return (metrics, folder)."""
+    family, source = read_run(run_dir)
+    if not family.restore:
+        raise ConfigError(f"--run {run_dir}: restoration needs a diffusion model (model.kind unet or mlp); this is a "
+                          f"{family.name} run")
+    run = family.load(source, settings.use_ema, device)
     check_task(run, settings, run_dir)
-    t0 = time.time()
     x, labels, names = load_inputs(run, settings)
+    size = x.shape[0] * len(settings.seeds) * x[0].numel() * 4
+    if size > MAX_RESTORED_BYTES:
+        raise ConfigError(f"--n/--seeds: {x.shape[0]} inputs x {len(settings.seeds)} seeds need {size / 2**30:.1f} GiB "
+                          f"in memory (at most {MAX_RESTORED_BYTES / 2**30:.0f} GiB); restore fewer at a time")
+    out = Path(out_dir) if out_dir is not None else run.source / f"restore-{settings.task}-{settings.method}"
+    with OutputFolder(out, "settings.json", "restore folder") as folder:
+        metrics = _restore_and_write(run, settings, x, labels, names, folder.path, device, progress)
+    return metrics, out
+
+
+def _restore_and_write(run, settings: RestoreSettings, x: Tensor, labels: Tensor, names: list[str], out: Path,
+                       device, progress: bool) -> dict[str, Any]:
+    t0 = time.time()
     op, known = build_operator(settings, run.data_shape, x.shape[0])
     full_op = Inpaint(known) if known is not None else op
     y = full_op.A(x)
     degraded = full_op.A_pinv(y)
     stats: dict[str, Any] = {}
     restored, seeds = _restore_all(run, settings, x, op, known, device, progress, stats)
+    check_finite(restored.flatten(0, 1), "restorations")
 
     S = restored.shape[1]
     region = None if known is None else ~known
@@ -337,8 +356,6 @@ def restore_run(run_dir: Path | str, settings: RestoreSettings, out_dir: Path | 
     }
     metrics["seconds"] = round(time.time() - t0, 2)
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "restore.png", _picture(degraded, restored, x, known, run.levels))
     buf = io.BytesIO()
     arrays = {"restored": restored, "original": x, "measurement": y, "degraded": degraded}
@@ -347,7 +364,7 @@ def restore_run(run_dir: Path | str, settings: RestoreSettings, out_dir: Path | 
              seeds=np.asarray(settings.seeds, dtype=np.int64), noise_seeds=seeds.numpy(), labels=labels.numpy(),
              inputs=np.asarray(names))
     atomic_write_bytes(out / "restored.npz", buf.getvalue())
-    extra = {"run": str(run_dir), "checkpoint": str(run.checkpoint), "step": run.step, "metrics": metrics}
-    atomic_write_text(out / "settings.json", settings.to_json(extra=extra) + "\n")
+    extra = {**run.provenance(), "metrics": metrics}
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+    atomic_write_text(out / "settings.json", settings.to_json(extra=extra) + "\n")
     return metrics

@@ -1,21 +1,21 @@
-"""Per-sample seeded noise: sample i depends only on its seed, whatever the batch (STYLE 6).
+"""Per-sample seeded noise: sample i depends only on its seed, whatever the batch.
 
 EDM's ``StackedRandomGenerator`` idea: every example owns a ``torch.Generator``; each row of every
 draw comes from its own generator on the CPU (the CPU stream is the same on every machine), so the
-initial x_T and every later z of Algorithm 2 (seed 000) for seed s are the same numbers whether s is
+initial x_T and every later z of "Algorithm 2 Sampling" (Vidal, "Deep Generative Models" (Fall 2025))
+for seed s are the same numbers whether s is
 sampled alone or as row 37 of a batch of 64.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["PerSampleNoise", "parse_seeds"]
+__all__ = ["PerSampleNoise"]
 
 
 class PerSampleNoise:
@@ -65,30 +65,3 @@ class PerSampleNoise:
         out = self._block[:, self._pos].contiguous()  # blocks are never rewritten: callers may keep it
         self._pos += 1
         return out
-
-
-_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
-
-
-def parse_seeds(text: str) -> list[int]:
-    """Parse ``--seeds`` syntax: comma-separated non-negative integers and inclusive ranges.
-
-    "0-63" -> [0, ..., 63]; "1,5,9-12" -> [1, 5, 9, 10, 11, 12]. Order is kept; duplicates and
-    empty or reversed ranges are errors (ValueError naming the flag).
-    """
-    parts = str(text).split(",")
-    seeds: list[int] = []
-    for part in parts:
-        m = _RANGE.match(part)
-        if m is None:
-            raise ValueError(f"--seeds: cannot parse {part.strip()!r} in {text!r}; use e.g. 0-63 or 1,5,9-12")
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.group(2) is not None else lo
-        if hi < lo:
-            raise ValueError(f"--seeds: range {part.strip()!r} is reversed")
-        seeds.extend(range(lo, hi + 1))
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds: {text!r} names a seed more than once")
-    if max(seeds) >= 2**63:
-        raise ValueError(f"--seeds: seeds must be below 2**63, got {max(seeds)}")
-    return seeds

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from diffusekit.errors import ConfigError, TrainingError
 
@@ -77,7 +79,6 @@ def init_process_group(info: DistInfo, device: torch.device) -> bool:
     (the caller then destroys it), False for a single process or an already initialised group."""
     if not info.distributed:
         return False
-    import torch.distributed as dist
 
     if dist.is_initialized():
         if dist.get_world_size() != info.world_size or dist.get_rank() != info.rank:
@@ -97,8 +98,6 @@ def init_process_group(info: DistInfo, device: torch.device) -> bool:
 
 
 def destroy_process_group() -> None:
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -106,15 +105,11 @@ def destroy_process_group() -> None:
 def wrap_module(module: nn.Module, device: torch.device) -> nn.Module:
     """``module`` inside DistributedDataParallel (parameters broadcast from rank 0 once; gradients
     averaged over ranks at the end of each backward pass outside ``no_sync``)."""
-    from torch.nn.parallel import DistributedDataParallel
-
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=ids, output_device=device.index if ids else None)
 
 
 def _comm_device() -> torch.device:
-    import torch.distributed as dist
-
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -122,8 +117,6 @@ def _comm_device() -> torch.device:
 
 def all_reduce_sum(values: Tensor) -> Tensor:
     """Sum of ``values`` over all ranks (float64 on the CPU in and out); identity for one process."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return values
     buf = values.to(_comm_device(), torch.float64)
@@ -133,8 +126,6 @@ def all_reduce_sum(values: Tensor) -> Tensor:
 
 def gather_tensors(t: Tensor) -> list[Tensor]:
     """Every rank's ``t`` (1-D, same dtype on every rank, any length), in rank order, on every rank."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return [t]
     device, world = _comm_device(), dist.get_world_size()

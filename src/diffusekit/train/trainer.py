@@ -10,14 +10,21 @@ bit-for-bit equal to one that never stopped:
 Only rank 0 writes files; under torchrun the model trains through DistributedDataParallel and the
 ranks agree once per step on the loss and on stopping (``diffusekit.train.distributed``,
 docs/scale.md). Resuming checks every piece of the checkpoint before changing anything.
+
+The trainer knows no model family and no checkpoint schema: the config's family gives it an
+``Objective`` (a module and a per-example loss; ``build_objective``), and ``train.state`` says what a
+checkpoint holds and checks it on resume.
 """
 
 from __future__ import annotations
 
+import copy
+import gc
 import hashlib
 import json
 import math
 import signal
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,16 +32,31 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
+from diffusekit.config import Config, save_config
+from diffusekit.data.dataset import ArrayDataset
+from diffusekit.data.registry import load_dataset
 from diffusekit.errors import CheckpointError, ConfigError, TrainingError
-from diffusekit.objectives import build_objective
+from diffusekit.families import family_for_config
+from diffusekit.families.base import Objective
+from diffusekit.io.atomic import atomic_write_text
+from diffusekit.io.checkpoint import clean_leftovers, latest_checkpoint, list_checkpoints, save_checkpoint
 from diffusekit.train import distributed as ddp
-from diffusekit.train.checkpoint import (atomic_write_text, check_state, clean_leftovers, latest_checkpoint,
-                                         list_checkpoints, load_checkpoint, save_checkpoint)
 from diffusekit.train.distributed import DistInfo
 from diffusekit.train.ema import EMA
+from diffusekit.train.state import read_resume, training_meta, training_tensors
+from diffusekit.viz import plot_loss_curve, save_samples_figure
 
-__all__ = ["derive_seed", "DataStream", "DistInfo", "Trainer", "train"]
+__all__ = ["derive_seed", "DataStream", "DistInfo", "Trainer", "build_objective", "train"]
+
+
+def build_objective(cfg: Config, data: ArrayDataset) -> Objective:
+    """What ``cfg`` trains on ``data``: the objective of its model family (``families.FAMILIES``)."""
+    family = family_for_config(cfg)
+    if family.build_objective is None:
+        raise ConfigError(f"model.kind = {cfg.model.kind!r} ({family.name}) cannot be trained here")
+    return family.build_objective(cfg, data)
 
 
 def derive_seed(seed: int, *parts: Any) -> int:
@@ -105,21 +127,12 @@ class Trainer:
             raise
 
     def _setup(self, cfg, resume: bool) -> None:
-        from diffusekit.data import load_dataset
-
         tc = cfg.train
         self.data = load_dataset(cfg.data, "train")
-        k = cfg.model.num_classes
-        if k > 0 and self.data.labels is None:
-            raise ConfigError(f"model.num_classes = {k} but data.name = {cfg.data.name!r} has no labels "
-                              "(set model.num_classes = 0)")
-        if 0 < k < self.data.num_classes:
-            raise ConfigError(f"model.num_classes = {k} but data.name = {cfg.data.name!r} has "
-                              f"{self.data.num_classes} classes")
         self.x = self.data.x.to(self.device)
         self.labels = self.data.labels.to(self.device) if self.data.labels is not None else None
         torch.manual_seed(derive_seed(tc.seed, "global", 0))  # the same initial weights on every rank
-        self.objective = build_objective(cfg, tuple(self.data.shape))
+        self.objective = build_objective(cfg, self.data)
         self.net = self.objective.module.to(self.device)  # trained, EMA'd and checkpointed
         if self.dist.rank != 0:
             torch.manual_seed(derive_seed(tc.seed, "global", self.dist.rank))  # rank-own dropout
@@ -146,8 +159,6 @@ class Trainer:
     def close(self) -> None:
         """Leave the process group this trainer joined. The DDP wrapper is released first: tearing
         it down after the group is gone can block forever in its destructor."""
-        import gc
-
         self.model = self.net
         gc.collect()
         if self.owns_process_group:
@@ -162,129 +173,34 @@ class Trainer:
             out["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         return out
 
-    @staticmethod
-    def _rng_key(key: str, rank: int) -> str:
-        return key if rank == 0 else f"{key}.rank{rank}"
-
     def state_tensors(self) -> dict[str, Tensor]:
-        """Every tensor needed to continue exactly: weights, EMA, optimizer moments, and the RNG
-        states of every rank (rank r > 0 under ``rng.*.rank<r>``). A collective under DDP."""
-        out = {f"model.{k}": v for k, v in self.net.state_dict().items()}
-        out.update({f"ema.{k}": v for k, v in self.ema.shadow.items()})
-        names = {id(p): n for n, p in self.net.named_parameters()}
-        for p, st in self.optimizer.state.items():
-            for key, val in st.items():
-                out[f"optim.{names[id(p)]}.{key}"] = torch.as_tensor(val)
-        for key, val in self._rng_tensors().items():
-            for rank, state in enumerate(ddp.gather_tensors(val.cpu())):
-                out[self._rng_key(key, rank)] = state
-        return out
+        """Every tensor needed to continue exactly (``train.state``); a collective under DDP."""
+        rngs = {key: ddp.gather_tensors(val.cpu()) for key, val in self._rng_tensors().items()}
+        return training_tensors(self.net, self.ema, self.optimizer, rngs)
 
     def state_meta(self) -> dict[str, Any]:
-        from diffusekit.config import config_to_dict
-
-        names = {id(p): n for n, p in self.net.named_parameters()}
-        return {"config": config_to_dict(self.cfg), "data_position": self.stream.state(),
-                "ema_updates": self.ema.updates, "world_size": self.dist.world_size,
-                "data": {"name": self.data.name, "shape": list(self.data.shape), "levels": self.data.levels,
-                         "num_classes": self.data.num_classes},
-                "optimizer_state": {names[id(p)]: sorted(st) for p, st in self.optimizer.state.items()},
-                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]}
+        return training_meta(self.cfg, self.data, self.stream.state(), self.ema, self.dist.world_size, self.net,
+                             self.optimizer)
 
     def _resume(self) -> None:
-        """Restore everything from the latest checkpoint, or raise ``CheckpointError`` naming the
-        file and the missing or misfitting piece; nothing is changed unless everything checks out."""
-        from diffusekit.config import config_from_dict
+        """Restore everything from the latest checkpoint (checked first by ``train.state.read_resume``:
+        nothing is changed unless every piece fits)."""
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
             raise CheckpointError(f"{self.run_dir}: --resume given but no complete checkpoint was found")
-        tensors, record = load_checkpoint(ckpt)
-        st_file, js_file = f"{ckpt}.safetensors", f"{ckpt}.json"
-        meta, step = record["meta"], int(record["step"])
-        missing = [f"meta.{k}" for k in ("config", "data_position", "ema_updates", "param_groups", "world_size",
-                                         "optimizer_state") if k not in meta]
-        rng_keys = [self._rng_key(k, r) for r in range(self.dist.world_size) for k in self._rng_tensors()]
-        missing += [k for k in rng_keys if k not in tensors]
-        if missing:
-            raise CheckpointError(f"{st_file}: cannot resume exactly, missing {', '.join(missing[:5])}")
-        try:
-            config_from_dict(meta["config"])
-        except (ConfigError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{js_file}: recorded config is invalid ({exc})") from None
-        if meta["world_size"] != self.dist.world_size:
-            raise CheckpointError(f"{js_file}: written by {meta['world_size']} processes, resumed with "
-                                  f"{self.dist.world_size}; exact resume needs every rank's RNG state "
-                                  "(use the same --nproc_per_node)")
-        model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-        expected = self.net.state_dict()
-        check_state(expected, model, st_file, "model weights")
-        ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
-        check_state({k: v.float() for k, v in expected.items()}, ema, st_file, "EMA weights")
-        optim_state = self._check_optimizer(tensors, meta, step, st_file)
-        groups = self._check_param_groups(meta["param_groups"], js_file)
-        position = self._check_position(meta, js_file)
-        rngs = {k: tensors[self._rng_key(k, self.dist.rank)] for k in self._rng_tensors()}
-        check_state(self._rng_tensors(), rngs, st_file, "RNG states")
-        ema_updates = meta["ema_updates"]
-        if isinstance(ema_updates, bool) or not isinstance(ema_updates, int) or ema_updates < 0:
-            raise CheckpointError(f"{js_file}: meta.ema_updates must be a non-negative integer, got {ema_updates!r}")
-        # everything checked: now change state
-        self.net.load_state_dict(model, strict=True)
-        self.ema.shadow = {k: v.to(self.device) for k, v in ema.items()}
-        self.ema.updates = ema_updates
-        self.optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
-        torch.set_rng_state(rngs["rng.torch"])
-        self.noise_gen.set_state(rngs["rng.noise"])
-        if "rng.cuda" in rngs:
-            torch.cuda.set_rng_state(rngs["rng.cuda"], self.device)
-        self.stream = DataStream(len(self.data), self.stream.seed, **position)
-        self.step = step
+        point = read_resume(ckpt, self.net, self.optimizer, len(self.data), self.dist.world_size, self.dist.rank,
+                            self._rng_tensors())
+        self.net.load_state_dict(point.model, strict=True)
+        self.ema.shadow = {k: v.to(self.device) for k, v in point.ema.items()}
+        self.ema.updates = point.ema_updates
+        self.optimizer.load_state_dict(point.optimizer)
+        torch.set_rng_state(point.rngs["rng.torch"])
+        self.noise_gen.set_state(point.rngs["rng.noise"])
+        if "rng.cuda" in point.rngs:
+            torch.cuda.set_rng_state(point.rngs["rng.cuda"], self.device)
+        self.stream = DataStream(len(self.data), self.stream.seed, **point.position)
+        self.step = point.step
         self._truncate_log(self.step)
-
-    def _check_optimizer(self, tensors: dict[str, Tensor], meta: dict, step: int, source: str) -> dict:
-        params = dict(self.net.named_parameters())
-        order = {n: i for i, n in enumerate(params)}
-        recorded = meta["optimizer_state"]
-        if not isinstance(recorded, dict) or any(n not in params or not isinstance(f, list) for n, f in recorded.items()):
-            raise CheckpointError(f"{source}: meta.optimizer_state does not describe this network's parameters")
-        if step > 0 and not recorded:
-            raise CheckpointError(f"{source}: cannot resume exactly, missing the optimizer state")
-        wanted = {f"optim.{n}.{f}" for n, fs in recorded.items() for f in fs}
-        present = {k for k in tensors if k.startswith("optim.")}
-        if wanted != present:
-            gone, extra = sorted(wanted - present), sorted(present - wanted)
-            raise CheckpointError(f"{source}: optimizer state does not match its record"
-                                  + (f"; missing {', '.join(gone[:3])}" if gone else "")
-                                  + (f"; unexpected {', '.join(extra[:3])}" if extra else ""))
-        state: dict[int, dict[str, Tensor]] = {}
-        for name, fields in recorded.items():
-            for field in fields:
-                val = tensors[f"optim.{name}.{field}"]
-                if field != "step" and (val.shape != params[name].shape or val.dtype != params[name].dtype):
-                    raise CheckpointError(f"{source}: optim.{name}.{field} is {tuple(val.shape)} {val.dtype}, "
-                                          f"the parameter is {tuple(params[name].shape)} {params[name].dtype}")
-                if field == "step" and val.numel() != 1:
-                    raise CheckpointError(f"{source}: optim.{name}.step is not a scalar")
-                state.setdefault(order[name], {})[field] = val.to(self.device) if field != "step" else val
-        return state
-
-    def _check_param_groups(self, groups: Any, source: str) -> list[dict]:
-        current = self.optimizer.param_groups
-        if not isinstance(groups, list) or len(groups) != len(current) or not all(
-                isinstance(g, dict) and set(g) == set(c) - {"params"} for g, c in zip(groups, current)):
-            raise CheckpointError(f"{source}: meta.param_groups does not fit this optimizer")
-        return [dict(g, params=list(c_ids)) for g, c_ids in
-                zip(groups, _group_param_ids(current))]
-
-    def _check_position(self, meta: dict, source: str) -> dict[str, int]:
-        pos = meta["data_position"]
-        ok = (isinstance(pos, dict) and set(pos) == {"epoch", "offset"}
-              and all(isinstance(v, int) and not isinstance(v, bool) for v in pos.values())
-              and pos["epoch"] >= 0 and 0 <= pos["offset"] < len(self.data))
-        if not ok:
-            raise CheckpointError(f"{source}: meta.data_position {pos!r} does not fit the {len(self.data)} "
-                                  "training examples")
-        return pos
 
     def _truncate_log(self, step: int) -> None:
         """Drop log records written after the checkpoint we resume from (all of them for a fresh run)."""
@@ -310,18 +226,12 @@ class Trainer:
         tc = self.cfg.train
         return tc.lr * min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps > 0 else tc.lr
 
-    def _micro_batch(self) -> tuple[Tensor, dict | None]:
+    def _micro_batch(self) -> tuple[Tensor, Tensor | None]:
+        """This rank's slice of the next global batch: (examples, their labels or None)."""
         tc = self.cfg.train
         idx = self.stream.next(tc.batch_size * self.dist.world_size)
         idx = idx[self.dist.rank * tc.batch_size:(self.dist.rank + 1) * tc.batch_size].to(self.device)
-        x0 = self.x[idx]
-        cond = None
-        if self.cfg.model.num_classes > 0 and self.labels is not None:
-            y = self.labels[idx].clone()
-            drop = torch.rand(y.shape[0], generator=self.noise_gen) < tc.class_dropout
-            y[drop.to(self.device)] = self.cfg.model.num_classes  # the null label (classifier-free guidance)
-            cond = {"class_labels": y}
-        return x0, cond
+        return self.x[idx], None if self.labels is None else self.labels[idx]
 
     def _stopped_here(self) -> str:
         return f"stopped, the last good checkpoint in {self.run_dir / 'checkpoints'} is kept"
@@ -338,10 +248,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), dtype=torch.float64)
         for i in range(tc.grad_accum):
-            x0, cond = self._micro_batch()
+            x0, labels = self._micro_batch()
             sync = not self.dist.distributed or i == tc.grad_accum - 1
             with nullcontext() if sync else self.model.no_sync():
-                loss = self.objective.loss(self.model, x0, cond, self.noise_gen).mean() / tc.grad_accum
+                loss = self.objective.loss(self.model, x0, labels, self.noise_gen).mean() / tc.grad_accum
                 loss.backward()
             total += loss.detach().to("cpu", torch.float64)
         stop = self._stop_requested or time.time() > self._deadline
@@ -366,8 +276,6 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train to ``train.steps``, checkpointing along the way. SIGTERM or the time limit stop it at
         the next step boundary (on every rank at the same step) with a checkpoint written."""
-        from tqdm.auto import tqdm
-
         tc = self.cfg.train
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -414,8 +322,6 @@ class Trainer:
 
     def ema_module(self) -> torch.nn.Module:
         """A copy of the trained module carrying the EMA weights (for samples and evaluation)."""
-        import copy
-
         module = copy.deepcopy(self.net)
         self.ema.copy_to(module)
         return module.eval()
@@ -424,8 +330,6 @@ class Trainer:
         """Sample a grid with the EMA weights (DDPM, 100 respaced steps) and redraw the loss curve."""
         if not self.dist.is_main:
             return None
-        from diffusekit.viz import save_samples_figure
-
         n = n or self.cfg.train.n_sample
         rng = torch.get_rng_state()  # sampling must not disturb training randomness
         x = self.objective.preview(self.ema_module(), n, self.device)
@@ -439,26 +343,13 @@ class Trainer:
         return path
 
     def plot_losses(self) -> None:
-        from diffusekit.viz import plot_loss_curve
-
         if self.log_path.exists():
             recs = [json.loads(ln) for ln in self.log_path.read_text().splitlines() if ln.strip()]
             if recs:
                 plot_loss_curve([r["step"] for r in recs], [r["loss"] for r in recs], self.run_dir / "loss_curve.png")
 
 
-def _group_param_ids(groups: list[dict]) -> list[list[int]]:
-    """The optimizer's own numbering of parameters, group by group (as ``state_dict`` numbers them)."""
-    ids, n = [], 0
-    for g in groups:
-        ids.append(list(range(n, n + len(g["params"]))))
-        n += len(g["params"])
-    return ids
-
-
 def _main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
@@ -468,8 +359,6 @@ def train(cfg, run_dir: Path | str, resume: bool = False, progress: bool = True,
 
     Under torchrun every process calls this; only rank 0 writes, and the process group this call
     joined is left again at the end (also on errors)."""
-    from diffusekit.config import save_config
-
     run_dir = Path(run_dir)
     trainer = Trainer(cfg, run_dir, resume=resume, progress=progress, dist=dist)
     try:

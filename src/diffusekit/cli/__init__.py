@@ -1,0 +1,68 @@
+"""The command line: ``diffusekit train | sample | evaluate | restore | demo``.
+
+This package is the only code that sees argparse or prints. ``flags`` parses (torch-free); each
+command is one module (``train``, ``sample``, ...) whose ``run(args)`` turns the flags into typed
+settings, calls the library and prints the result. Errors about the user's input or files
+(``DiffusekitError``) are one line and exit status 2; a file-system error (a full disk, a read-only
+folder) is one line naming the file and exit status 1; Ctrl-C exits 130; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import os
+import sys
+from typing import Sequence
+
+from diffusekit.cli.flags import build_parser
+from diffusekit.errors import DiffusekitError
+
+__all__ = ["main", "build_parser"]
+
+
+def _robust_streams() -> None:
+    """Text that the terminal's encoding cannot show (an ASCII-only locale and a "±") is escaped, not fatal."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and stream.encoding and stream.encoding.lower() not in ("utf-8", "utf8"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # a stream that cannot change (closed, detached)
+                pass
+
+
+def _os_error(exc: OSError) -> str:
+    where = exc.filename if exc.filename is not None else "a file"
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    hint = {errno.ENOSPC: "free some space or write elsewhere", errno.EROFS: "write to another place",
+            errno.EACCES: "check the permissions or write elsewhere", errno.ENAMETOOLONG: "use a shorter name"}
+    return f"{where}: {reason}" + (f" ({hint[exc.errno]})" if exc.errno in hint else "")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _robust_streams()
+    args = build_parser().parse_args(argv)
+    try:
+        # each command's module is imported when it runs: --help and a bad flag answer without importing torch
+        command = importlib.import_module(f"diffusekit.cli.{args.command}")
+        return command.run(args)
+    except BrokenPipeError:  # the reader went away (`diffusekit ... | head -1`): stop quietly
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+    except DiffusekitError as exc:
+        if args.debug:
+            raise
+        print(f"diffusekit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if args.debug:
+            raise
+        print(f"diffusekit {args.command}: error: {_os_error(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"diffusekit {args.command}: interrupted", file=sys.stderr)
+        return 130

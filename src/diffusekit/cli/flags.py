@@ -1,0 +1,194 @@
+"""The flags of every command, in one torch-free parser (``build_parser``): ``diffusekit --help`` and a
+bad flag answer at once, without importing torch. Names and choices come from the tables
+(``sampling.catalog``, ``config``); a bad flag is one line naming it, exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from diffusekit.sampling.catalog import (
+    BOUND_VARIANCES,
+    EVAL_METRICS,
+    GRID_CHOICES,
+    MASKS,
+    RESTORE_METHODS,
+    RESTORE_TASKS,
+    SAMPLERS,
+    SPACINGS,
+    VARIANCES,
+)
+
+__all__ = ["build_parser", "SAMPLER_FLAGS", "flag_of"]
+
+# the SampleSettings fields a command-line flag sets (flag = "--" + field with "-" for "_")
+SAMPLER_FLAGS = ("sampler", "steps", "eta", "variance", "spacing", "clip_x0", "grid", "snr", "corrector_steps",
+                 "langevin_steps", "step_size", "rtol", "atol", "order", "guidance")
+
+
+def flag_of(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line naming it (no usage block); exit status 2 as before."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto (a GPU when there is one)")
+
+
+def _sampler_flags(p: argparse.ArgumentParser) -> None:
+    names = ", ".join(f"{name} ({row.summary})" for name, row in SAMPLERS.items())
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=None, help=f"the sampler: {names}")
+    p.add_argument("--steps", type=int, default=None, help="number of sampling steps (default: the run's config; 0 = T)")
+    p.add_argument("--eta", type=float, default=None, help="ddim: eta in [0, 1] (0 = deterministic)")
+    p.add_argument("--variance", choices=list(VARIANCES), default=None, help="ddpm: reverse variance")
+    p.add_argument("--spacing", choices=list(SPACINGS), default=None, help="ddpm, ddim: timestep grid spacing")
+    p.add_argument("--clip-x0", type=float, default=None, metavar="C", help="ddpm, ddim: clip predicted x0 to [-C, C]")
+    p.add_argument("--grid", choices=list(GRID_CHOICES), default=None,
+                   help="time grid of the continuous-time samplers (auto: the sampler's own; *_trailing: the last "
+                        "call one spacing above t_min)")
+    p.add_argument("--snr", type=float, default=None, help="pc: Langevin corrector signal-to-noise ratio")
+    p.add_argument("--corrector-steps", type=int, default=None, help="pc: Langevin steps per noise level")
+    p.add_argument("--langevin-steps", type=int, default=None, help="langevin: steps per noise level")
+    p.add_argument("--step-size", type=float, default=None, help="langevin: step size / noise variance")
+    p.add_argument("--rtol", type=float, default=None, help="rk45: relative tolerance")
+    p.add_argument("--atol", type=float, default=None, help="rk45: absolute tolerance")
+    p.add_argument("--order", type=int, choices=[1, 2, 3], default=None,
+                   help="unipc: order of the predictor (the corrector adds one)")
+    p.add_argument("--guidance", type=float, default=None, metavar="S",
+                   help="classifier-free guidance scale of a class- or text-conditioned run: eps_uncond + S (eps_cond "
+                        "- eps_uncond); 1 = the conditional model (default: the run's sample.guidance), 0 = "
+                        "unconditional")
+
+
+def _train(sub) -> None:
+    p = sub.add_parser("train", help="train a model from a TOML config")
+    p.add_argument("--config", type=Path, help="TOML config file (defaults: the digits demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=2e-4 (repeatable)")
+    p.add_argument("--out", type=Path, help="run folder (default: runs/<config name>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest checkpoint (with the config recorded in it "
+                        "unless --config is given)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    _common(p)
+
+
+def _sample(sub) -> None:
+    p = sub.add_parser("sample", help="draw samples from a trained run (or a diffusers UNet2DModel folder)")
+    p.add_argument("--run", type=Path, required=True,
+                   help="run folder written by `diffusekit train`, or a diffusers folder saved by save_pretrained")
+    p.add_argument("--seeds", default="0-63", help="sample seeds, e.g. 0-63 or 1,5,9-12 (image i depends only on seed i)")
+    _sampler_flags(p)
+    p.add_argument("--classes", default=None, metavar="LIST",
+                   help="class labels of a class-conditional run, e.g. 3 or 0,1,2 or 0-4, repeated over the seeds "
+                        "(default: all classes in turn, sample i gets class i %% K)")
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="text-conditioned runs (model.kind = latent_unet): a caption, repeatable; sample i gets "
+                        "prompt i %% P (\"\" = unconditional)")
+    p.add_argument("--control-from", default=None, metavar="SPLIT",
+                   help="ControlNet runs (model.kind = controlnet): sample i follows the hint of example seed i of "
+                        "this split (default: test)")
+    p.add_argument("--control-images", nargs="+", type=Path, default=None, metavar="PNG",
+                   help="ControlNet runs: take the hints from these images instead (sample i follows image i %% n)")
+    p.add_argument("--control-scale", type=float, default=None, metavar="C",
+                   help="ControlNet runs: multiply the ControlNet residuals by C (default 1; 0 = the base model)")
+    ema = p.add_mutually_exclusive_group()
+    ema.add_argument("--ema", dest="ema", action="store_true", default=True, help="use EMA weights (default)")
+    ema.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--settings", type=Path, help="settings.json of an earlier `sample` call: reproduce it exactly")
+    p.add_argument("--out", type=Path, help="output folder (default: <run>/samples-<sampler>-<steps>)")
+    _device(p)
+    _common(p)
+
+
+def _evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="bits/dim (term by term, with baselines) and sample quality of a run")
+    p.add_argument("--run", type=Path, required=True, help="run folder written by `diffusekit train`")
+    p.add_argument("--split", default="test", help="data split to evaluate on (test or train)")
+    p.add_argument("--metrics", default="bpd,fd",
+                   help=f"comma-separated, of {', '.join(EVAL_METRICS)}: bpd (the bound), fd (sample quality), nll_ode "
+                        "(probability-flow ODE likelihood)")
+    p.add_argument("--exact", action="store_true", help="compute all T terms of the bound (default: stratified estimate)")
+    p.add_argument("--strata", type=int, default=50, help="strata of t for the estimated bound (2 draws each)")
+    p.add_argument("--variance", choices=list(BOUND_VARIANCES), default="fitted",
+                   help="reverse variances of the bound: fitted to the train split for the model's means "
+                        "(default), or the fixed beta_tilde / beta")
+    p.add_argument("--n-samples", type=int, default=None, help="samples for the quality score (default: split size, <= 1000)")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=None)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps for the quality score (0 = T)")
+    p.add_argument("--guidance", type=float, default=None, metavar="S",
+                   help="conditional runs: guidance scale of the quality samples, which cycle through the classes "
+                        "(default: the run's sample.guidance)")
+    p.add_argument("--ode-examples", type=int, default=100,
+                   help="examples of the split scored by nll_ode (the probability-flow ODE likelihood)")
+    p.add_argument("--trace", choices=["hutchinson", "exact"], default="hutchinson",
+                   help="nll_ode divergence: Hutchinson estimate (one Rademacher probe) or exact (D backward passes)")
+    p.add_argument("--ode-rtol", type=float, default=1e-5, help="nll_ode solver relative tolerance")
+    p.add_argument("--ode-atol", type=float, default=1e-5, help="nll_ode solver absolute tolerance")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the full results as JSON")
+    p.add_argument("--iwae-k", type=int, default=100, help="importance samples of the IWAE bound (VAE-family runs)")
+    _device(p)
+    _common(p)
+
+
+def _restore(sub) -> None:
+    p = sub.add_parser("restore", help="inpaint, outpaint, super-resolve or colorize images with a trained "
+                                       "unconditional run (RePaint or DDNM, no training)")
+    p.add_argument("--run", type=Path, required=True, help="run folder written by `diffusekit train`")
+    p.add_argument("--task", choices=list(RESTORE_TASKS), default=None,
+                   help="the degradation to undo (required unless --settings)")
+    p.add_argument("--method", choices=list(RESTORE_METHODS), default="repaint",
+                   help="repaint: replace the measured part of x_{t-1} (Lugmayr et al. 2022); ddnm: project the "
+                        "predicted x0 onto A x = y (Wang et al. 2023)")
+    p.add_argument("--mask", default=None,
+                   help=f"region to generate: {', '.join(MASKS)} (--fraction of the pixels), or a PNG of the image "
+                        "size whose white pixels are generated (default: center for inpaint, border for outpaint)")
+    p.add_argument("--fraction", type=float, default=0.5, help="random mask: share of unknown pixels")
+    p.add_argument("--mask-seed", type=int, default=0, help="random mask: seed (each input gets its own mask)")
+    p.add_argument("--factor", type=int, default=None, help="superres: downsampling factor (default 2)")
+    p.add_argument("--steps", type=int, default=0, help="sampling steps (0 = T, the full chain)")
+    p.add_argument("--spacing", choices=list(SPACINGS), default="trailing")
+    p.add_argument("--resample", type=int, default=1,
+                   help="RePaint's U: denoise every segment U times (1 = no resampling)")
+    p.add_argument("--jump", type=int, default=10, help="RePaint's jump length j (steps re-noised per resampling)")
+    p.add_argument("--variance", choices=list(VARIANCES), default="beta_tilde", help="reverse variance")
+    p.add_argument("--clip-x0", type=float, default=None, metavar="C", help="clip predicted x0 to [-C, C]")
+    p.add_argument("--seeds", default="0-2", help="restorations per input, one per seed, e.g. 0-2 or 1,5")
+    p.add_argument("--n", type=int, default=8, help="restore the first N images of --split")
+    p.add_argument("--images", type=Path, nargs="+", default=None, help="restore these image files instead")
+    p.add_argument("--split", choices=["test", "train"], default="test")
+    p.add_argument("--no-ema", dest="ema", action="store_false", default=True, help="use the raw weights")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--settings", type=Path, help="settings.json of an earlier `restore`: reproduce it exactly")
+    p.add_argument("--out", type=Path, help="output folder (default: <run>/restore-<task>-<method>)")
+    _device(p)
+    _common(p)
+
+
+def _demo(sub) -> None:
+    p = sub.add_parser("demo", help="train on the bundled digits, sample and report (a few minutes on 2 CPU cores)")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--config", type=Path, default=None, help="config to use (default: configs/digits.toml if present)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _common(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="diffusekit", description="Diffusion models that are correct, measurable and fast.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_train, _sample, _evaluate, _restore, _demo):
+        add(sub)
+    return parser

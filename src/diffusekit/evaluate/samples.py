@@ -1,0 +1,37 @@
+"""How close a set of samples is to held-out data, by the best measure the data allows: the project's
+feature network for digits and MNIST (``quality.image_quality``), calibrated pixel-space distances for
+other images (``quality.pixel_quality``), sliced Wasserstein / MMD (and the oracle's exact NLL for
+``gmm``) for vectors (``quality.vector_quality``). Every model family scores its samples with it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from diffusekit.data.dataset import ArrayDataset
+from diffusekit.data.registry import load_dataset
+from diffusekit.evaluate.quality import image_quality, pixel_quality, vector_quality
+from diffusekit.oracle import default_mixture
+
+__all__ = ["score_samples", "FEATURE_DATASETS"]
+
+FEATURE_DATASETS = ("digits", "mnist")  # the datasets with a feature network (``evaluate.features``)
+
+
+def score_samples(x: Tensor, data_cfg, test: ArrayDataset, levels: int | None,
+                  labels: Tensor | None = None) -> dict[str, Any]:
+    """The quality numbers of samples ``x`` against the ``test`` split of the data of ``data_cfg``
+    (``labels``: the classes they were drawn for, for class accuracy)."""
+    if x.ndim != 4:
+        oracle = default_mixture(x.shape[1]) if data_cfg.name == "gmm" else None
+        return vector_quality(x, test.x, oracle=oracle)
+    if data_cfg.name in FEATURE_DATASETS:
+        return image_quality(x, data_cfg.name, levels=levels, labels=labels)
+    space = f"pixels (no feature network for data.name = {data_cfg.name!r})"
+    if test.x.shape[0] < 2:
+        return {"feature_space": space, "skipped": f"the {test.name} split has {test.x.shape[0]} image(s); "
+                "pixel-space distances need at least 2"}
+    out = pixel_quality(x, test.x, load_dataset(data_cfg, "train").x, levels=levels)
+    out["feature_space"] = space
+    return out

@@ -1,0 +1,230 @@
+"""What every model family fills in (``Family``), and the types the run layer passes to it.
+
+A family is one module of ``diffusekit.families`` plus one row of the table in ``families/__init__.py``:
+
+- ``build_objective(cfg, data)``: what ``diffusekit train`` optimises (an ``Objective``), or None when the
+  family cannot be trained here (diffusers folders);
+- ``load(source, use_ema, device)``: a trained model (a ``Model``) from a run's checkpoint (or folder);
+- ``sample(model, settings, request, device, progress)``: samples and what to record beside them;
+- ``evaluate(model, settings, out_dir, progress)``: its numbers and report (None: not offered);
+- ``restore``: whether the training-free restorations of ``diffusekit restore`` run on its models;
+- ``conditioning``: which parts of a ``SampleRequest`` its models take.
+
+Nothing registers itself on import: the table is the list of families.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from diffusekit.config import Config
+from diffusekit.data.dataset import ArrayDataset
+from diffusekit.errors import ConfigError
+from diffusekit.sampling.catalog import BOUND_VARIANCES, EVAL_METRICS
+
+__all__ = ["Objective", "Model", "SampleRequest", "Samples", "EvaluateSettings", "Evaluation", "Family",
+           "CONDITIONING_FLAGS", "check_labels_and_guidance"]
+
+
+class Objective(Protocol):
+    """What the trainer optimises (``train.trainer`` knows nothing else about a family).
+
+    - ``module``: the ``nn.Module`` whose parameters are trained, averaged by the EMA and written to
+      checkpoints (``model.*`` and ``ema.*`` keys hold its state dict);
+    - ``loss(module, x0, labels, generator)``: per-example losses (N,) of a batch; ``labels`` are the
+      batch's class labels (None for unlabelled data). ``module`` is what the trainer passes, possibly
+      wrapped in DistributedDataParallel, so the loss must call it rather than ``self.module``; every
+      random draw comes from ``generator`` (the run's checkpointed noise stream), which keeps resume exact;
+    - ``preview(module, n, device)``: n samples for the picture drawn during training.
+    """
+
+    module: nn.Module
+
+    def loss(self, module: nn.Module, x0: Tensor, labels: Tensor | None, generator: torch.Generator) -> Tensor: ...
+
+    def preview(self, module: nn.Module, n: int, device: torch.device) -> Tensor: ...
+
+
+@dataclass
+class Model:
+    """A trained model of some family, loaded for sampling and evaluation. Families subclass it with what
+    their samplers need (a denoiser and schedule, a codec...)."""
+
+    source: Path  # the run folder (or diffusers folder) it was loaded from
+    cfg: Config  # the recorded config (a default one for foreign folders)
+    data_shape: tuple[int, ...]
+    levels: int | None  # values per data coordinate (None: continuous data)
+    step: int | None  # the checkpoint's training step
+    checkpoint: Path | None  # the checkpoint stem
+
+    @property
+    def num_classes(self) -> int:
+        """Class labels the model takes (0: none)."""
+        return 0
+
+    def sample_dir_name(self, settings: Any) -> str:
+        """The folder name of ``diffusekit sample`` output inside the run folder, when --out is not given."""
+        return "samples"
+
+    def provenance(self) -> dict[str, Any]:
+        """What ``settings.json`` records of where samples came from."""
+        return {"run": str(self.source), "checkpoint": str(self.checkpoint), "step": self.step}
+
+
+def check_labels_and_guidance(model: Model, settings: Any, key: Callable[[str], str], takes_guidance: bool = False,
+                              takes_prompts: bool = False) -> None:
+    """One-line ConfigErrors for a guidance scale or class labels the model cannot use (``key`` names the
+    setting as the user gave it): guidance needs a class-conditional model (or a family that guides
+    otherwise, ``takes_guidance``), labels must lie in 0..K-1."""
+    guidance, classes = getattr(settings, "guidance", 1.0), getattr(settings, "classes", None)
+    if guidance != 1.0 and not (takes_guidance or model.num_classes > 0):
+        raise ConfigError(f"{key('guidance')}: run {model.source} is unconditional (model.num_classes = 0); guidance "
+                          "needs a class-conditional run")
+    if classes is None:
+        return
+    if model.num_classes == 0:
+        hint = "; prompt it with --prompt instead" if takes_prompts else ""
+        raise ConfigError(f"{key('classes')}: run {model.source} is unconditional (model.num_classes = 0) and takes "
+                          f"no class labels{hint}")
+    bad = [c for c in classes if c >= model.num_classes]
+    if bad:
+        raise ConfigError(f"{key('classes')}: class {bad[0]} is out of range for run {model.source} "
+                          f"(model.num_classes = {model.num_classes}: classes 0..{model.num_classes - 1})")
+
+
+# the request fields, with the flag that sets each (for messages)
+CONDITIONING_FLAGS = {"prompts": "--prompt", "control_from": "--control-from", "control_images": "--control-images",
+                      "control_scale": "--control-scale"}
+
+
+@dataclass
+class SampleRequest:
+    """What a caller asks of a sampling run besides ``SampleSettings``: prompts (text-conditioned
+    models: sample i gets prompt i % P) or control hints (ControlNet: from the ``control_from`` split,
+    seed i % its size, or from ``control_images``, and ``control_scale`` times the residuals)."""
+
+    prompts: list[str] | None = None
+    control_from: str | None = None
+    control_images: list[Path] | None = None
+    control_scale: float | None = None
+
+    def given(self) -> list[str]:
+        """The fields that were set."""
+        return [name for name in CONDITIONING_FLAGS if getattr(self, name) is not None]
+
+
+@dataclass
+class Samples:
+    """What a family's ``sample`` returns: the samples (N, *data_shape) on the CPU, what
+    ``settings.json`` records beside the settings, the grid's columns and one clause for the message."""
+
+    x: Tensor
+    extra: dict[str, Any] = field(default_factory=dict)
+    nrow: int | None = None
+    note: str = ""
+
+
+MAX_SAMPLES = 100_000
+MAX_STRATA = 10_000
+MAX_IWAE_K = 10_000
+
+
+@dataclass
+class EvaluateSettings:
+    """What ``diffusekit evaluate`` measures, checked once (``check``); families read what applies to them.
+
+    ``metrics``: bpd (the bound), fd (sample quality), nll_ode (probability-flow ODE likelihood); the
+    bound is exact over all T terms (``exact``) or a stratified estimate (``strata``), with reverse
+    variances ``variance``; quality samples: ``n_samples`` (None: the split's size, at most 1000), with
+    the run's sampler settings unless ``sampler``/``steps``/``guidance`` override them; ``iwae_k``: the
+    importance samples of a VAE's IWAE bound."""
+
+    metrics: tuple[str, ...] = ("bpd", "fd")
+    split: str = "test"
+    exact: bool = False
+    strata: int = 50
+    variance: str = "fitted"
+    n_samples: int | None = None
+    sampler: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    ode_examples: int = 100
+    trace: Literal["hutchinson", "exact"] = "hutchinson"
+    ode_rtol: float = 1e-5
+    ode_atol: float = 1e-5
+    seed: int = 0
+    iwae_k: int = 100
+
+    def __post_init__(self) -> None:
+        self.metrics = tuple(self.metrics)
+        unknown = [m for m in self.metrics if m not in EVAL_METRICS]
+        integer = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        positive = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1  # noqa: E731
+        rules = (
+            ("--metrics", not unknown and self.metrics, f"a comma-separated list of {', '.join(EVAL_METRICS)}",
+             unknown[0] if unknown else self.metrics),
+            ("--split", self.split in ("train", "test"), "'train' or 'test'", self.split),
+            ("--strata", integer(self.strata) and 1 <= self.strata <= MAX_STRATA, f"in 1..{MAX_STRATA}", self.strata),
+            ("--variance", self.variance in BOUND_VARIANCES, f"one of {', '.join(BOUND_VARIANCES)}", self.variance),
+            ("--n-samples", self.n_samples is None or (integer(self.n_samples) and 2 <= self.n_samples <= MAX_SAMPLES),
+             f"in 2..{MAX_SAMPLES}", self.n_samples),
+            ("--steps", self.steps is None or (integer(self.steps) and self.steps >= 0), ">= 0", self.steps),
+            ("--ode-examples", integer(self.ode_examples) and 1 <= self.ode_examples <= MAX_SAMPLES,
+             f"in 1..{MAX_SAMPLES}", self.ode_examples),
+            ("--trace", self.trace in ("hutchinson", "exact"), "hutchinson or exact", self.trace),
+            ("--ode-rtol", positive(self.ode_rtol), "in (0, 1]", self.ode_rtol),
+            ("--ode-atol", positive(self.ode_atol), "in (0, 1]", self.ode_atol),
+            ("--seed", integer(self.seed) and 0 <= self.seed < 2**62, "an integer >= 0", self.seed),
+            ("--iwae-k", integer(self.iwae_k) and 1 <= self.iwae_k <= MAX_IWAE_K, f"in 1..{MAX_IWAE_K}", self.iwae_k),
+        )
+        for flag, ok, want, got in rules:
+            if not ok:
+                raise ConfigError(f"{flag} must be {want}, got {got!r}")
+
+    def sample_overrides(self) -> dict[str, Any]:
+        """The sampler settings this evaluation sets (only those given)."""
+        given = {"sampler": self.sampler, "steps": self.steps, "guidance": self.guidance}
+        return {k: v for k, v in given.items() if v is not None}
+
+    def key(self, field: str) -> str:
+        """How the user named a sampler setting: the evaluate flag that set it, else the run's config key."""
+        return f"--{field.replace('_', '-')}" if field in self.sample_overrides() else f"sample.{field}"
+
+
+@dataclass
+class Evaluation:
+    """What a family's ``evaluate`` returns: the results (JSON-ready), the rows of the table printed
+    and put at the top of the report, the pictures it wrote into the output folder ({title: (file
+    name, caption)}), a reading guide, and the names of the JSON and report files."""
+
+    result: dict[str, Any]
+    rows: list[tuple[str, str]]
+    pictures: dict[str, tuple[str, str]] = field(default_factory=dict)
+    guide: str = ""
+    metrics_file: str = "metrics.json"
+
+
+@dataclass(frozen=True)
+class Family:
+    """One row of the table of model families (see the module docstring)."""
+
+    name: str
+    summary: str
+    kinds: tuple[str, ...]  # the model.kind values it trains and loads
+    objective: str | None  # the loss.objective it takes (None: whatever the family decides)
+    build_objective: Callable[[Config, ArrayDataset], Objective] | None
+    load: Callable[..., Model]
+    sample: Callable[..., Samples]
+    evaluate: Callable[..., Evaluation] | None = None
+    restore: bool = False
+    conditioning: tuple[str, ...] = ()  # SampleRequest fields its models take
+    guidance: bool = False  # takes a classifier-free guidance scale (besides class-conditional models)
+    # the settings of a sampling call: (cfg, overrides, key) -> settings, and (settings.json text, its
+    # name) -> settings; None: ``SampleSettings.from_config`` / ``SampleSettings.from_json``
+    settings: Callable[..., Any] | None = None
+    read_settings: Callable[[str, str], Any] | None = None

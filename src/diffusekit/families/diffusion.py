@@ -1,0 +1,302 @@
+"""The diffusion family: discrete-time models (``model.kind`` = unet | mlp, ``loss.objective`` = discrete)
+trained on the per-example denoising loss of ``[loss]``, sampled by every sampler of the catalog,
+evaluated by their bound in bits/dim and their sample quality, and restorable without training.
+
+Its loaded model (``DiffusionModel``: a denoiser and a float64 schedule) is also what the continuous
+family loads, so both share ``sample`` and ``evaluate`` here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from diffusekit.config import Config
+from diffusekit.data.dataset import ArrayDataset
+from diffusekit.data.registry import load_dataset
+from diffusekit.errors import CheckpointError, ConfigError
+from diffusekit.evaluate import diffusion as metrics
+from diffusekit.evaluate.figures import plot_class_histogram, plot_diffusion_kernel, plot_vlb_terms, save_noising_strip
+from diffusekit.families.base import (
+    EvaluateSettings,
+    Evaluation,
+    Model,
+    SampleRequest,
+    Samples,
+    check_labels_and_guidance,
+)
+from diffusekit.io.checkpoint import check_state, load_module_state
+from diffusekit.io.runfolder import RunCheckpoint
+from diffusekit.losses import diffusion_loss, sample_timesteps
+from diffusekit.nn.build import build_network
+from diffusekit.parameterization import Denoiser, DenoiserFn
+from diffusekit.sampling.generate import generate
+from diffusekit.sampling.settings import SampleSettings
+from diffusekit.schedules import DiscreteSchedule, make_schedule
+from diffusekit.viz import save_samples_figure
+
+__all__ = ["build_schedule", "check_class_labels", "drop_labels", "DiffusionObjective", "DiffusionModel", "load",
+           "sample", "evaluate", "preview_settings", "grid_columns"]
+
+
+def build_schedule(diffusion_cfg) -> DiscreteSchedule:
+    """The discrete schedule named by ``[diffusion]`` (float64 tables)."""
+    name, T = diffusion_cfg.schedule, diffusion_cfg.T
+    if name == "linear":
+        return make_schedule("linear", T, beta_start=diffusion_cfg.beta_start, beta_end=diffusion_cfg.beta_end)
+    if name == "cosine":
+        return make_schedule("cosine", T, s=diffusion_cfg.cosine_s)
+    return make_schedule(name, T)
+
+
+def check_class_labels(cfg: Config, data: ArrayDataset) -> None:
+    """One-line ConfigErrors when ``model.num_classes`` does not fit the labels of the data."""
+    k = cfg.model.num_classes
+    if k > 0 and data.labels is None:
+        raise ConfigError(f"model.num_classes = {k} but data.name = {cfg.data.name!r} has no labels "
+                          "(set model.num_classes = 0)")
+    if 0 < k < data.num_classes:
+        raise ConfigError(f"model.num_classes = {k} but data.name = {cfg.data.name!r} has {data.num_classes} classes")
+
+
+def drop_labels(labels: Tensor | None, cfg: Config, generator: torch.Generator) -> Tensor | None:
+    """The batch's labels with each replaced by the null label (``model.num_classes``) with probability
+    ``train.class_dropout``: one model learns p(x | y) and p(x) for classifier-free guidance (Ho &
+    Salimans 2022). None for an unconditional model."""
+    k = cfg.model.num_classes
+    if k == 0 or labels is None:
+        return None
+    drop = torch.rand(labels.shape[0], generator=generator) < cfg.train.class_dropout
+    out = labels.clone()
+    out[drop.to(labels.device)] = k
+    return out
+
+
+def preview_settings(n: int, T: int, guidance: float = 1.0) -> SampleSettings:
+    """The sampler of the pictures drawn during training: DDPM on at most 100 steps, seeds 0..n-1."""
+    return SampleSettings(sampler="ddpm", steps=min(100, T), seeds=list(range(n)), batch_size=max(n, 1),
+                          guidance=guidance)
+
+
+def grid_columns(period: int) -> int | None:
+    """Columns of a sample grid whose samples cycle through ``period`` conditions (one per column)."""
+    return period if 1 < period <= 16 else None
+
+
+class DiffusionObjective:
+    """The discrete-time denoising loss of ``[loss]`` for a network predicting ``model.prediction``."""
+
+    def __init__(self, cfg: Config, data: ArrayDataset):
+        check_class_labels(cfg, data)
+        self.cfg, self.data_shape = cfg, tuple(data.shape)
+        self.schedule = build_schedule(cfg.diffusion)
+        self.module = build_network(cfg.model, self.data_shape)
+        self.kind = cfg.model.prediction
+
+    def denoiser(self, module: nn.Module) -> Denoiser:
+        return Denoiser(module, self.kind)
+
+    def loss(self, module: nn.Module, x0: Tensor, labels: Tensor | None, generator: torch.Generator,
+             extra_cond: dict | None = None) -> Tensor:
+        """Per-example losses at t drawn by ``loss.t_sampling`` (``losses.diffusion_loss``); ``extra_cond``
+        joins the labels in the network's conditioning (ControlNet's hint)."""
+        labels = drop_labels(labels, self.cfg, generator)
+        cond = {**({"class_labels": labels} if labels is not None else {}), **(extra_cond or {})} or None
+        lc = self.cfg.loss
+        t = sample_timesteps(x0.shape[0], self.schedule.T, generator, lc.t_sampling)
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        return diffusion_loss(self.denoiser(module), x0, t, self.schedule, noise, lc.weighting, cond=cond,
+                              gamma=lc.min_snr_gamma)
+
+    def preview(self, module: nn.Module, n: int, device: torch.device) -> Tensor:
+        return generate(self.denoiser(module).eval(), self.schedule, self.data_shape,
+                        preview_settings(n, self.schedule.T), device=device, progress=False,
+                        num_classes=self.cfg.model.num_classes)  # conditional: classes in turn
+
+
+@dataclass
+class DiffusionModel(Model):
+    """A trained diffusion model: the denoiser (EMA or raw weights) and its float64 schedule; continuous
+    runs also keep their log-SNR schedule lambda(t) (``schedule`` is then its table on diffusion.T steps)."""
+
+    denoiser: DenoiserFn | None = None
+    schedule: DiscreteSchedule | None = None
+    logsnr_schedule: nn.Module | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.model.num_classes
+
+    def sample_dir_name(self, settings: SampleSettings) -> str:
+        return f"samples-{settings.sampler}-{settings.steps or self.schedule.T}"
+
+
+def load(rc: RunCheckpoint, use_ema: bool = True, device: str | torch.device = "cpu") -> DiffusionModel:
+    """A discrete-time run's denoiser and schedule from its newest checkpoint."""
+    cfg, data_shape, ckpt = rc.cfg, rc.data_shape, rc.path
+    state, source, what = rc.weights(use_ema)
+    try:  # shapes are checked on a weightless ("meta") copy first: a hostile record allocates nothing
+        with torch.device("meta"):
+            check_state(build_network(cfg.model, data_shape).state_dict(), state, source, what)
+        net = build_network(cfg.model, data_shape)
+    except (ConfigError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{ckpt}.json: recorded model cannot be built ({exc})") from None
+    load_module_state(net, state, source, what)
+    denoiser = Denoiser(net, cfg.model.prediction).to(device).eval()
+    return DiffusionModel(rc.run_dir, cfg, data_shape, rc.levels, rc.step, ckpt, denoiser=denoiser,
+                          schedule=build_schedule(cfg.diffusion))
+
+
+def sample(model: DiffusionModel, settings: SampleSettings, request: SampleRequest, device: torch.device | str = "cpu",
+           progress: bool = True) -> Samples:
+    """Samples of ``settings``; a class-conditional model's sample i gets ``settings.classes[i % len]``
+    (every class in turn by default), one class per grid column."""
+    x = generate(model.denoiser, model.schedule, model.data_shape, settings, device=device, progress=progress,
+                 num_classes=model.num_classes)
+    return Samples(x, nrow=grid_columns(len(settings.classes or range(model.num_classes))))
+
+
+def evaluation_sample_settings(model: Model, settings: EvaluateSettings, n: int) -> SampleSettings:
+    """The run's own sampler settings (``[sample]``, every field of it) with the evaluation's overrides and
+    the seeds seed..seed+n-1."""
+    return SampleSettings.from_config(model.cfg.sample, key=settings.key, batch_size=min(n, 500),
+                                      seeds=list(range(settings.seed, settings.seed + n)), **settings.sample_overrides())
+
+
+def evaluate(model: DiffusionModel, settings: EvaluateSettings, out_dir: Path, progress: bool = True) -> Evaluation:
+    """The bound (and the continuous bound of a continuous run), the PF-ODE likelihood and the sample
+    quality of ``settings.metrics``, with pictures written to ``out_dir``."""
+    test = load_dataset(model.cfg.data, settings.split)
+    n = settings.n_samples or min(len(test), 1000)
+    sampling = evaluation_sample_settings(model, settings, n)
+    sampling.check(settings.key, T=model.schedule.T)
+    check_labels_and_guidance(model, sampling, settings.key)
+    result: dict[str, Any] = {
+        "run": str(model.source), "step": model.step, "split": settings.split, "data": model.cfg.data.name,
+        "seed": settings.seed, "settings": {  # everything needed to repeat this evaluation
+            "metrics": list(settings.metrics), "exact": settings.exact, "n_strata": settings.strata,
+            "variance": settings.variance, "n_samples": n, "ode_examples": settings.ode_examples,
+            "trace": settings.trace, "ode_rtol": settings.ode_rtol, "ode_atol": settings.ode_atol,
+            "sampling": {**sampling.to_dict(), "seeds": f"{settings.seed}-{settings.seed + n - 1}"}}}
+    samples = None
+    with torch.random.fork_rng():
+        if "bpd" in settings.metrics:
+            result["bpd"] = metrics.bound(model, test, settings.exact, settings.strata, settings.seed, progress,
+                                          settings.variance, out_dir)
+            if model.logsnr_schedule is not None:  # continuous-time run: the bound it trained on
+                result["bpd"]["continuous"] = metrics.continuous_bound_summary(model, test, settings.seed, progress)
+        if "nll_ode" in settings.metrics:
+            result["nll_ode"] = metrics.nll_ode(model, test, settings.ode_examples, settings.seed, settings.trace,
+                                                settings.ode_rtol, settings.ode_atol, progress)
+        if "fd" in settings.metrics:
+            result["quality"], samples = metrics.sample_quality(model, test, sampling, progress)
+        trajectory = metrics.trajectory(model, out_dir, settings.seed)
+    pictures = _pictures(model, test, result, samples, out_dir, trajectory)
+    return Evaluation(result, table_rows(result), pictures, GUIDE)
+
+
+_CAPTIONS = {
+    "kernel": "The forward process of this run's schedule: the kernel q(x_t | x_0) with its mean and "
+              "±2σ band over t, and the marginal q(x_t) of a 1-D mixture.",
+    "noising": "Held-out images noised to several t (x_t = α_t x_0 + σ_t ε).",
+    "trajectory": "The reverse process (100 DDPM steps): x_t in the upper row of each pair, the model's "
+                  "prediction of x_0 below it.",
+    "samples": "Samples drawn with the run's sampler settings (EMA weights), the ones scored above.",
+    "classes": "Classes of the samples according to the feature classifier, beside the held-out split's "
+               "true class shares: a missing or swollen bar is a dropped or over-produced mode.",
+    "terms": "Every term of the bound in bits/dim (left) and the share of the bound accumulated up to t "
+             "(right): where the model's bits go.",
+}
+
+
+def _pictures(model: DiffusionModel, test: ArrayDataset, result: dict[str, Any], samples: Tensor | None,
+              out_dir: Path, trajectory: Path) -> dict[str, tuple[str, str]]:
+    paths = {"kernel": plot_diffusion_kernel(model.schedule, out_dir / "diffusion_kernel.png")}
+    if test.x.ndim == 4:
+        paths["noising"] = save_noising_strip(test.x[:6], model.schedule, out_dir / "noising.png", levels=model.levels)
+    paths["trajectory"] = trajectory
+    if samples is not None:
+        ref = test.x if test.x.ndim == 2 else None
+        paths["samples"] = save_samples_figure(samples[:64], out_dir / "samples.png", levels=model.levels,
+                                               reference=ref, nrow=grid_columns(model.num_classes))
+    q = result.get("quality", {})
+    if "class_histogram" in q and test.labels is not None:
+        reference = torch.bincount(test.labels, minlength=len(q["class_histogram"])).tolist()
+        paths["classes"] = plot_class_histogram(q["class_histogram"], reference, out_dir / "classes.png")
+    b = result.get("bpd", {})
+    if "terms_bits_per_dim" in b:
+        paths["terms"] = plot_vlb_terms(b["terms_bits_per_dim"], out_dir / "bound_terms.png", b["prior_bits_per_dim"])
+    return {name: (Path(path).name, _CAPTIONS[name]) for name, path in paths.items()}
+
+
+def table_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """The headline numbers of a diffusion evaluation as (name, value) rows."""
+    rows = [("run", result["run"]), ("checkpoint step", str(result["step"])), ("split", result["split"])]
+    b = result.get("bpd", {})
+    if "bits_per_dim" in b:
+        se = f" ± {b['stderr_bits_per_dim']:.3f}" if b["stderr_bits_per_dim"] else ""
+        rows += [(f"bound, bits/dim ({b['mode']})", f"{b['bits_per_dim']:.4f}{se}"),
+                 ("  reverse variances", b.get("variance", "beta_tilde"))]
+        if "bits_per_dim_beta_tilde" in b:
+            rows.append(("  same bound, variances beta_tilde",
+                         f"{b['bits_per_dim_beta_tilde']:.4f} ± {b['stderr_bits_per_dim_beta_tilde']:.3f}"))
+        if "conditional" in b:
+            c = b["conditional"]
+            rows.append(("  conditional bound -log p(x | y), bits/dim",
+                         f"{c['bits_per_dim']:.4f}" + (f" ± {c['stderr_bits_per_dim']:.3f}"
+                                                       if c["stderr_bits_per_dim"] else "")))
+        rows += [("  prior term L_T", f"{b['prior_bits_per_dim']:.2e}"),
+                 ("baseline: per-pixel categorical", f"{b['baselines']['categorical_per_pixel']:.4f}"),
+                 ("baseline: full-covariance Gaussian", f"{b['baselines']['gaussian_full_covariance']:.4f}")]
+        if "L0_bits_per_dim" in b:
+            rows += [("  L_0 (decoder)", f"{b['L0_bits_per_dim']:.4f}")] + \
+                [(f"  {k[:-13]}", f"{v:.4f}") for k, v in b.items() if k.startswith("L_t")]
+    elif b:
+        rows.append(("bound", b.get("skipped", "")))
+    c = b.get("continuous")
+    if c:
+        rows += [(f"continuous bound, bits/dim ({c['n_draws']} draws of t)",
+                  f"{c['bits_per_dim']:.4f} ± {c['stderr_bits_per_dim']:.3f}"),
+                 ("  prior / reconstruction / diffusion", f"{c['prior_bits_per_dim']:.2e} / "
+                  f"{c['reconstruction_bits_per_dim']:.4f} / {c['diffusion_bits_per_dim']:.4f}")]
+    o = result.get("nll_ode")
+    if o:
+        unit = "bits/dim" + (f", dequantized, {o['levels']} levels" if o["dequantized"] else "")
+        rows += [(f"PF-ODE NLL, {unit} ({o['n_examples']} examples, {o['trace']} trace)",
+                  f"{o['bits_per_dim']:.4f} ± {o['stderr_bits_per_dim']:.3f}"),
+                 ("  network calls / seconds", f"{o['nfe']} / {o['seconds']:.1f}")]
+    return rows + quality_rows(result.get("quality", {}))
+
+
+QUALITY_KEYS = ("guidance", "fd", "fd_train_test", "fd_ratio", "class_accuracy", "confidence", "class_entropy_bits",
+                "class_histogram", "classifier_test_accuracy", "feature_space", "sliced_wasserstein",
+                "sliced_wasserstein_train_test", "sliced_wasserstein_ratio", "mmd", "mmd_train_test", "oracle_nll",
+                "oracle_entropy", "seconds_per_sample", "skipped")
+
+
+def quality_rows(q: dict[str, Any]) -> list[tuple[str, str]]:
+    """The sample-quality numbers (``evaluate.quality``) as rows, in a fixed order."""
+    return [(key, f"{q[key]:.4f}" if isinstance(q[key], float) else str(q[key])) for key in QUALITY_KEYS if key in q]
+
+
+GUIDE = """How to read the numbers:
+- bits/dim is -log2 p(x) per dimension of the held-out data under the bound (lower is better; an upper
+  bound on the model's true negative log-likelihood). The two baselines are computed on the same split in
+  the same units: a model worse than the per-pixel categorical baseline has not learned the pixels'
+  dependencies.
+- fd is the Fréchet distance of the samples to the held-out split in the feature space of diffusekit's
+  own classifier; fd_train_test is the same distance for real training images (as many as there are
+  samples), so fd_ratio = fd / fd_train_test near 1 means the samples are as close to the test split as
+  real data is. confidence is the classifier's mean top probability on the samples, class_entropy_bits
+  the entropy of their predicted classes (log2 10 = 3.32 when all ten are equally frequent).
+- class_accuracy (class-conditional runs) is the classifier's accuracy on the samples against the labels
+  they were drawn for (cycling through the classes, at classifier-free guidance scale `guidance`); compare
+  it with the classifier's accuracy on real test images, classifier_test_accuracy.
+- Without a feature network (feature_space = pixels): sliced_wasserstein and mmd are pixel-space
+  distances of the samples to the held-out split, *_train_test the same for real training images, and
+  sliced_wasserstein_ratio their quotient (near 1: as close as real data); mmd_train_test is the noise
+  floor of mmd (the unbiased estimate scatters around 0 for real data)."""

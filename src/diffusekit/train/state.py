@@ -1,0 +1,168 @@
+"""What a training checkpoint holds, and the checks a resume makes before it changes anything.
+
+Tensors (``io.checkpoint`` format): ``model.*`` (the trained module's weights), ``ema.*`` (their fp32
+average), ``optim.<parameter>.<field>`` (AdamW's moments and step) and ``rng.<name>`` (this rank's RNG
+states; rank r > 0 under ``rng.<name>.rank<r>``). Metadata: ``config``, ``data`` (name, shape, levels,
+number of classes), ``data_position`` (epoch, offset), ``ema_updates``, ``world_size``,
+``optimizer_state`` (the fields of each parameter's state) and ``param_groups``.
+
+``training_tensors`` / ``training_meta`` write them; ``read_resume`` checks every piece against the
+trainer that resumes (its module, optimizer, data size and process count) and returns them, or raises
+a ``CheckpointError`` naming the file and the missing or misfitting piece.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from diffusekit.config import Config, config_from_dict, config_to_dict
+from diffusekit.data.dataset import ArrayDataset
+from diffusekit.errors import CheckpointError, ConfigError
+from diffusekit.io.checkpoint import check_state, load_checkpoint
+from diffusekit.train.ema import EMA
+
+__all__ = ["rng_key", "training_tensors", "training_meta", "ResumePoint", "read_resume"]
+
+META_KEYS = ("config", "data_position", "ema_updates", "param_groups", "world_size", "optimizer_state")
+
+
+def rng_key(key: str, rank: int) -> str:
+    return key if rank == 0 else f"{key}.rank{rank}"
+
+
+def _param_names(net: nn.Module) -> dict[int, str]:
+    return {id(p): n for n, p in net.named_parameters()}
+
+
+def training_tensors(net: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer,
+                     rng_states: dict[str, list[Tensor]]) -> dict[str, Tensor]:
+    """Every tensor needed to continue exactly; ``rng_states[name][r]`` is rank r's state ``name``."""
+    out = {f"model.{k}": v for k, v in net.state_dict().items()}
+    out.update({f"ema.{k}": v for k, v in ema.shadow.items()})
+    names = _param_names(net)
+    for p, st in optimizer.state.items():
+        for key, val in st.items():
+            out[f"optim.{names[id(p)]}.{key}"] = torch.as_tensor(val)
+    for key, states in rng_states.items():
+        for rank, state in enumerate(states):
+            out[rng_key(key, rank)] = state
+    return out
+
+
+def training_meta(cfg: Config, data: ArrayDataset, position: dict[str, int], ema: EMA, world_size: int,
+                  net: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The metadata of a training checkpoint (see the module docstring)."""
+    names = _param_names(net)
+    return {"config": config_to_dict(cfg), "data_position": position, "ema_updates": ema.updates,
+            "world_size": world_size,
+            "data": {"name": data.name, "shape": list(data.shape), "levels": data.levels,
+                     "num_classes": data.num_classes},
+            "optimizer_state": {names[id(p)]: sorted(st) for p, st in optimizer.state.items()},
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]}
+
+
+@dataclass
+class ResumePoint:
+    """The checked pieces of a checkpoint, ready to load into a trainer."""
+
+    step: int
+    model: dict[str, Tensor]
+    ema: dict[str, Tensor]
+    ema_updates: int
+    optimizer: dict[str, Any]  # ``Optimizer.load_state_dict`` form
+    position: dict[str, int]
+    rngs: dict[str, Tensor]  # this rank's states
+
+
+def read_resume(ckpt: Path, net: nn.Module, optimizer: torch.optim.Optimizer, n_examples: int, world_size: int,
+                rank: int, rng_template: dict[str, Tensor]) -> ResumePoint:
+    """Load checkpoint ``ckpt`` and check that it continues this trainer exactly (see the module docstring);
+    ``rng_template`` holds this rank's current RNG states (names, shapes and dtypes to expect)."""
+    tensors, record = load_checkpoint(ckpt)
+    st_file, js_file = f"{ckpt}.safetensors", f"{ckpt}.json"
+    meta, step = record["meta"], int(record["step"])
+    missing = [f"meta.{k}" for k in META_KEYS if k not in meta]
+    missing += [k for k in (rng_key(k, r) for r in range(world_size) for k in rng_template) if k not in tensors]
+    if missing:
+        raise CheckpointError(f"{st_file}: cannot resume exactly, missing {', '.join(missing[:5])}")
+    try:
+        config_from_dict(meta["config"])
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{js_file}: recorded config is invalid ({exc})") from None
+    if meta["world_size"] != world_size:
+        raise CheckpointError(f"{js_file}: written by {meta['world_size']} processes, resumed with {world_size}; "
+                              "exact resume needs every rank's RNG state (use the same --nproc_per_node)")
+    model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    expected = net.state_dict()
+    check_state(expected, model, st_file, "model weights")
+    ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+    check_state({k: v.float() for k, v in expected.items()}, ema, st_file, "EMA weights")
+    state = _check_optimizer(net, tensors, meta, step, st_file)
+    groups = _check_param_groups(optimizer, meta["param_groups"], js_file)
+    position = _check_position(meta, n_examples, js_file)
+    rngs = {k: tensors[rng_key(k, rank)] for k in rng_template}
+    check_state(rng_template, rngs, st_file, "RNG states")
+    ema_updates = meta["ema_updates"]
+    if isinstance(ema_updates, bool) or not isinstance(ema_updates, int) or ema_updates < 0:
+        raise CheckpointError(f"{js_file}: meta.ema_updates must be a non-negative integer, got {ema_updates!r}")
+    return ResumePoint(step, model, ema, ema_updates, {"state": state, "param_groups": groups}, position, rngs)
+
+
+def _check_optimizer(net: nn.Module, tensors: dict[str, Tensor], meta: dict, step: int, source: str) -> dict:
+    params = dict(net.named_parameters())
+    order = {n: i for i, n in enumerate(params)}
+    recorded = meta["optimizer_state"]
+    if not isinstance(recorded, dict) or any(n not in params or not isinstance(f, list) for n, f in recorded.items()):
+        raise CheckpointError(f"{source}: meta.optimizer_state does not describe this network's parameters")
+    if step > 0 and not recorded:
+        raise CheckpointError(f"{source}: cannot resume exactly, missing the optimizer state")
+    wanted = {f"optim.{n}.{f}" for n, fs in recorded.items() for f in fs}
+    present = {k for k in tensors if k.startswith("optim.")}
+    if wanted != present:
+        gone, extra = sorted(wanted - present), sorted(present - wanted)
+        raise CheckpointError(f"{source}: optimizer state does not match its record"
+                              + (f"; missing {', '.join(gone[:3])}" if gone else "")
+                              + (f"; unexpected {', '.join(extra[:3])}" if extra else ""))
+    state: dict[int, dict[str, Tensor]] = {}
+    for name, fields in recorded.items():
+        for field in fields:
+            val = tensors[f"optim.{name}.{field}"]
+            if field != "step" and (val.shape != params[name].shape or val.dtype != params[name].dtype):
+                raise CheckpointError(f"{source}: optim.{name}.{field} is {tuple(val.shape)} {val.dtype}, "
+                                      f"the parameter is {tuple(params[name].shape)} {params[name].dtype}")
+            if field == "step" and val.numel() != 1:
+                raise CheckpointError(f"{source}: optim.{name}.step is not a scalar")
+            state.setdefault(order[name], {})[field] = val.to(params[name].device) if field != "step" else val
+    return state
+
+
+def _check_param_groups(optimizer: torch.optim.Optimizer, groups: Any, source: str) -> list[dict]:
+    current = optimizer.param_groups
+    if not isinstance(groups, list) or len(groups) != len(current) or not all(
+            isinstance(g, dict) and set(g) == set(c) - {"params"} for g, c in zip(groups, current)):
+        raise CheckpointError(f"{source}: meta.param_groups does not fit this optimizer")
+    return [dict(g, params=ids) for g, ids in zip(groups, _group_param_ids(current))]
+
+
+def _group_param_ids(groups: list[dict]) -> list[list[int]]:
+    """The optimizer's own numbering of parameters, group by group (as ``state_dict`` numbers them)."""
+    ids, n = [], 0
+    for g in groups:
+        ids.append(list(range(n, n + len(g["params"]))))
+        n += len(g["params"])
+    return ids
+
+
+def _check_position(meta: dict, n_examples: int, source: str) -> dict[str, int]:
+    pos = meta["data_position"]
+    ok = (isinstance(pos, dict) and set(pos) == {"epoch", "offset"}
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in pos.values())
+          and pos["epoch"] >= 0 and 0 <= pos["offset"] < n_examples)
+    if not ok:
+        raise CheckpointError(f"{source}: meta.data_position {pos!r} does not fit the {n_examples} training examples")
+    return pos
