@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffusekit.errors import CheckpointError
-from diffusekit.io.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from diffusekit.io.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, record_hash, save_checkpoint
 
 
 def _tensors(seed=0):
@@ -81,6 +81,10 @@ def test_bad_records_fail_loudly(tmp_path):
     with pytest.raises(CheckpointError, match="format version"):
         load_checkpoint(stem)
     js.write_text(json.dumps({**record, "keys": record["keys"] + ["extra"]}))
+    with pytest.raises(CheckpointError, match="does not match its hash"):  # any edit of the record
+        load_checkpoint(stem)
+    edited = {**record, "keys": record["keys"] + ["extra"]}
+    js.write_text(json.dumps({**edited, "record_sha256": record_hash(edited)}))  # edited and re-hashed
     with pytest.raises(CheckpointError, match="keys differ"):
         load_checkpoint(stem)
     stem.with_suffix(".safetensors").unlink()
@@ -101,9 +105,9 @@ def test_a_pickle_in_place_of_tensors_is_rejected_without_running_it(tmp_path):
     js = stem.with_suffix(".json")
     import hashlib
 
-    record = json.loads(js.read_text())
-    js.write_text(json.dumps({**record, "sha256": hashlib.sha256(blob).hexdigest()}))
-    with pytest.raises(CheckpointError):
+    record = {**json.loads(js.read_text()), "sha256": hashlib.sha256(blob).hexdigest()}
+    js.write_text(json.dumps({**record, "record_sha256": record_hash(record)}))
+    with pytest.raises(CheckpointError, match="safetensors"):
         load_checkpoint(stem)
     assert not marker.exists()
 
@@ -115,7 +119,7 @@ def test_oversized_header_is_rejected(tmp_path):
     js = stem.with_suffix(".json")
     import hashlib
 
-    record = json.loads(js.read_text())
-    js.write_text(json.dumps({**record, "sha256": hashlib.sha256(blob).hexdigest()}))
+    record = {**json.loads(js.read_text()), "sha256": hashlib.sha256(blob).hexdigest()}
+    js.write_text(json.dumps({**record, "record_sha256": record_hash(record)}))
     with pytest.raises(CheckpointError, match="header"):
         load_checkpoint(stem)

@@ -67,3 +67,23 @@ def test_old_run_resumes(old_runs, name):
     assert main(["train", "--no-progress", "--out", name, "--resume", "--set", "train.steps=14"]) == 0
     latest = json.loads((old_runs / name / "checkpoints" / "latest.json").read_text())
     assert latest["step"] == 14
+
+
+def test_old_records_load_with_a_warning_and_new_ones_are_hashed(old_runs, capsys):
+    """Format-1 records (before the record hash) load, with a one-line warning that their record is not
+    verified; a resumed run writes format 2, whose record is covered by its hash."""
+    import warnings
+
+    from diffusekit.errors import CheckpointFormatWarning
+    from diffusekit.io.checkpoint import load_checkpoint, record_hash
+
+    with pytest.warns(CheckpointFormatWarning, match="format 1"):
+        load_checkpoint(old_runs / "unet")
+    assert main(["sample", "--no-progress", "--seeds", "0", "--run", "unet", "--out", "w"]) == 0
+    err = capsys.readouterr().err
+    assert "diffusekit: warning:" in err and "format 1" in err and len(err.strip().splitlines()) == 1
+    assert main(["train", "--no-progress", "--out", "unet", "--resume", "--set", "train.steps=13"]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, record = load_checkpoint(old_runs / "unet")
+    assert record["format_version"] == 2 and record["record_sha256"] == record_hash(record)

@@ -25,6 +25,7 @@ from diffusekit.io.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    record_hash,
     save_checkpoint,
 )
 from diffusekit.train.trainer import Trainer, train
@@ -246,6 +247,7 @@ def _drop(run: Path, tensor_prefix: str | None = None, meta_key: str | None = No
     stem = run / "checkpoints" / f"step-{record['step']:08d}"
     stem.with_suffix(".safetensors").write_bytes(blob)
     record.update(sha256=hashlib.sha256(blob).hexdigest(), keys=sorted(tensors))
+    record["record_sha256"] = record_hash(record)  # a consistent record: the resume checks must find the gap
     stem.with_suffix(".json").write_text(json.dumps(record))
 
 
@@ -268,6 +270,7 @@ def test_resuming_with_another_world_size_is_refused(tmp_path):
     stem = tmp_path / "checkpoints" / "step-00000002.json"
     record = json.loads(stem.read_text())
     record["meta"]["world_size"] = 2
+    record["record_sha256"] = record_hash(record)
     stem.write_text(json.dumps(record))
     with pytest.raises(CheckpointError, match="written by 2 processes"):
         Trainer(_cfg("train.steps=4"), tmp_path, resume=True, progress=False)

@@ -22,7 +22,7 @@ from diffusekit.cli import main
 from diffusekit.config import load_config
 from diffusekit.errors import CheckpointError
 from diffusekit.families import open_run as load_run
-from diffusekit.io.checkpoint import load_checkpoint, save_checkpoint
+from diffusekit.io.checkpoint import load_checkpoint, record_hash, save_checkpoint
 from diffusekit.train.trainer import Trainer, train
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -109,7 +109,8 @@ def good_run(tmp_path_factory):
 
 def _rewrite(run: Path, tensors: dict | None = None, blob: bytes | None = None, update_hash: bool = True,
              **record_changes) -> None:
-    """Replace the checkpoint's tensor file and fix up its record, as an attacker would."""
+    """Replace the checkpoint's tensor file and fix up its record, hashes included, as an attacker who knows
+    the format would (so that the checks behind the hashes are tested too)."""
     stem = run / "checkpoints" / STEM
     if blob is None:
         blob = st_save(tensors)
@@ -120,6 +121,8 @@ def _rewrite(run: Path, tensors: dict | None = None, blob: bytes | None = None, 
         if tensors is not None:
             record["keys"] = sorted(tensors)
     record.update(record_changes)
+    if update_hash:
+        record["record_sha256"] = record_hash(record)
     stem.with_suffix(".json").write_text(json.dumps(record))
 
 
@@ -194,11 +197,21 @@ def hostile(kind: str, run: Path, marker: Path) -> None:
         _rewrite(run, blob=st.read_bytes(), step=7)
     elif kind == "record_bad_types":
         _rewrite(run, blob=st.read_bytes(), keys="model.w")
-    elif kind == "record_bad_config":
+    elif kind == "record_bad_config":  # a config that fails validation, under a recomputed record hash
         record_path = run / "checkpoints" / f"{STEM}.json"
         record = json.loads(record_path.read_text())
         record["meta"]["config"]["model"]["hidden"] = -5
+        record["record_sha256"] = record_hash(record)
         record_path.write_text(json.dumps(record))
+    elif kind in ("record_edited_schedule", "record_edited_prediction"):  # a hand edit of the recorded config
+        record_path = run / "checkpoints" / f"{STEM}.json"
+        record = json.loads(record_path.read_text())
+        if kind == "record_edited_schedule":
+            record["meta"]["config"]["diffusion"]["beta_end"] = 0.5
+        else:
+            record["meta"]["config"]["model"]["prediction"] = "x0"
+        record_path.write_text(json.dumps(record, indent=1, sort_keys=True))
+
     else:
         raise AssertionError(kind)
 
@@ -225,6 +238,8 @@ HOSTILE = {
     "record_wrong_step": (f"{STEM}.json", True),
     "record_bad_types": (f"{STEM}.json", True),
     "record_bad_config": (f"{STEM}.json", False),
+    "record_edited_schedule": (f"{STEM}.json", True),
+    "record_edited_prediction": (f"{STEM}.json", True),
 }
 
 

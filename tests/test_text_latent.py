@@ -15,8 +15,8 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import fake_data
 import torch
+from conftest import fake_data
 
 from diffusekit.text import CONTEXT_DIM, TextFeatures
 
@@ -196,9 +196,9 @@ def test_context_mask_must_be_a_bool_mask_of_the_context():
 # -- codec, scale and loss ----------------------------------------------------------------------------
 def test_latent_scale_gives_the_train_latents_unit_variance(ae_run, text_run):
     from diffusekit.data import load_digits
+    from diffusekit.families import open_run as load_text_latent_run
     from diffusekit.families.text_latent import load_codec
     from diffusekit.latent import latent_scale
-    from diffusekit.families import open_run as load_text_latent_run
 
     ae = load_codec(ae_run).module
     x = load_digits("train").x
@@ -329,8 +329,8 @@ def test_training_resumes_exactly(ae_run, tmp_path):
 # -- bad input --------------------------------------------------------------------------------------
 def test_missing_or_incomplete_autoencoder_run_is_a_one_line_error(tmp_path, ae_run, text_run):
     from diffusekit.errors import CheckpointError
-    from diffusekit.families.text_latent import load_codec
     from diffusekit.families import open_run as load_text_latent_run
+    from diffusekit.families.text_latent import load_codec
 
     missing = tmp_path / "nowhere"
     with pytest.raises(CheckpointError, match="latent.autoencoder_run.*nowhere.*does not exist") as info:
@@ -355,9 +355,9 @@ def test_a_retrained_autoencoder_is_refused_by_its_fingerprint(tmp_path, ae_run,
     import copy
 
     from diffusekit.errors import CheckpointError
+    from diffusekit.families import open_run as load_text_latent_run
     from diffusekit.families.text_latent import load_codec
     from diffusekit.latent.model import codec_fingerprint
-    from diffusekit.families import open_run as load_text_latent_run
 
     module = load_codec(ae_run).module
     print_ = codec_fingerprint(module)

@@ -7,7 +7,7 @@ import torch
 
 from diffusekit.config import load_config
 from diffusekit.errors import CheckpointError, TrainingError
-from diffusekit.io.checkpoint import load_checkpoint
+from diffusekit.io.checkpoint import load_checkpoint, record_hash
 from diffusekit.train.trainer import DataStream, Trainer, derive_seed, train
 
 TINY_IMAGE = [
@@ -66,7 +66,6 @@ def test_resume_after_a_crash_past_the_checkpoint(tmp_path):
     cfg = _cfg(TINY_TOY, "train.steps=8", "train.checkpoint_every=4")
     train(cfg, tmp_path / "a", progress=False)
     trainer = Trainer(_cfg(TINY_TOY, "train.steps=8", "train.checkpoint_every=4"), tmp_path / "b", progress=False)
-    trainer.run_dir.mkdir(parents=True)
     for _ in range(4):
         trainer.train_step()
         trainer._log({"step": trainer.step, "loss": 0.0})
@@ -74,7 +73,7 @@ def test_resume_after_a_crash_past_the_checkpoint(tmp_path):
     for _ in range(2):  # progress after the checkpoint that a crash loses
         trainer.train_step()
         trainer._log({"step": trainer.step, "loss": 123.0})
-    del trainer
+    trainer.close()  # a crash: the process ends, and with it the run's lock
     resumed = Trainer(cfg, tmp_path / "b", resume=True, progress=False)
     assert resumed.step == 4
     assert all(json.loads(x)["step"] <= 4 for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines())
@@ -124,6 +123,7 @@ def test_resume_with_a_missing_piece_is_a_loud_error(tmp_path):
     blob = save(tensors)
     stem.with_suffix(".safetensors").write_bytes(blob)
     record.update(sha256=hashlib.sha256(blob).hexdigest(), keys=sorted(tensors))
+    record["record_sha256"] = record_hash(record)  # consistent files: the resume checks must find the gap
     stem.with_suffix(".json").write_text(json.dumps(record))
     with pytest.raises(CheckpointError, match="rng.noise"):
         Trainer(_cfg(TINY_TOY, "train.steps=5"), tmp_path, resume=True, progress=False)

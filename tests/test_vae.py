@@ -13,8 +13,8 @@ import math
 
 import numpy as np
 import pytest
-from conftest import fake_data
 import torch
+from conftest import fake_data
 from torch import nn
 
 from diffusekit.gaussian import gaussian_kl

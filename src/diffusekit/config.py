@@ -31,6 +31,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 from diffusekit.errors import ConfigError
+from diffusekit.io.atomic import read_input_file
 from diffusekit.sampling.catalog import DISCRETE_SAMPLERS, GRID_CHOICES, SAMPLER_NAMES, SPACINGS, VARIANCES
 
 __all__ = [
@@ -119,8 +120,13 @@ GridName = Literal[GRID_CHOICES]  # type: ignore[valid-type]
 SpacingName = Literal[SPACINGS]  # type: ignore[valid-type]
 VarianceName = Literal[VARIANCES]  # type: ignore[valid-type]
 
-# Bounds on sampler settings: past them a value is a typo or an attack, not a setting (see README, "bad input")
-MAX_SAMPLE_STEPS = 100_000
+# Bounds: past them a value is a typo or an attack, not a setting (see README, "bad input"); the memory a
+# setting needs within them is estimated before the work (``budget``)
+MAX_SAMPLE_STEPS = 100_000  # also the largest diffusion.T
+MAX_IMAGE_SIZE = 1024
+MAX_EXAMPLES = 10_000_000
+MAX_WIDTH = 1024  # channels of a network layer
+MAX_BATCH_SIZE = 65_536
 MAX_GUIDANCE = 100.0
 MAX_CLIP_X0 = 1_000.0
 MAX_STEP_SIZE = 10.0
@@ -206,6 +212,9 @@ class SampleConfig:
                               f"{self.sampler!r}")
         if T is not None and self.sampler in DISCRETE_SAMPLERS and self.steps > T:
             raise ConfigError(f"{key('steps')} must lie in 0..{T} (0 = all steps) for {self.sampler}; got {self.steps}")
+        if T is not None and T < 2 and self.sampler not in DISCRETE_SAMPLERS:
+            raise ConfigError(f"{key('sampler')} = {self.sampler} runs in continuous time between t = 1/T and 1, which "
+                              f"needs diffusion.T >= 2 (this model has T = {T}); use {' or '.join(DISCRETE_SAMPLERS)}")
 
 
 @dataclass
@@ -419,14 +428,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a folder, not a config file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read config file ({exc.__class__.__name__}: {exc})") from None
+    text = read_input_file(path, "config file")
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:  # the message names the line and column
@@ -529,52 +531,53 @@ def _validate(cfg: Config) -> None:
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(f"data.name = {d.name!r} is not a dataset; {hint}choose one of {', '.join(DATASET_NAMES)}")
     _check(d.seed >= 0, "data.seed", ">= 0", d.seed)
-    _check(d.image_size >= 0, "data.image_size", ">= 0 (0 means 32)", d.image_size)
+    _check(d.image_size == 0 or 8 <= d.image_size <= MAX_IMAGE_SIZE, "data.image_size",
+           f"0 (the dataset's own) or in 8..{MAX_IMAGE_SIZE}", d.image_size)
     _check(d.channels in (1, 3), "data.channels", "1 or 3", d.channels)
-    _check(d.n_train > 0, "data.n_train", "> 0", d.n_train)
-    _check(d.n_test > 0, "data.n_test", "> 0", d.n_test)
-    _check(m.base_channels > 0, "model.base_channels", "> 0", m.base_channels)
-    _check(len(m.channel_mult) > 0 and all(c > 0 for c in m.channel_mult), "model.channel_mult",
-           "a non-empty list of positive integers", m.channel_mult)
+    _check(0 < d.n_train <= MAX_EXAMPLES, "data.n_train", f"in 1..{MAX_EXAMPLES}", d.n_train)
+    _check(0 < d.n_test <= MAX_EXAMPLES, "data.n_test", f"in 1..{MAX_EXAMPLES}", d.n_test)
+    _check(0 < m.base_channels <= MAX_WIDTH, "model.base_channels", f"in 1..{MAX_WIDTH}", m.base_channels)
+    _check(0 < len(m.channel_mult) <= 8 and all(0 < c <= 64 for c in m.channel_mult), "model.channel_mult",
+           "a list of 1 to 8 integers in 1..64", m.channel_mult)
     _check(all(r > 0 for r in m.attn_resolutions), "model.attn_resolutions", "a list of positive integers",
            m.attn_resolutions)
-    _check(m.num_res_blocks >= 1, "model.num_res_blocks", ">= 1", m.num_res_blocks)
-    _check(m.num_heads >= 1, "model.num_heads", ">= 1", m.num_heads)
+    _check(1 <= m.num_res_blocks <= 16, "model.num_res_blocks", "in 1..16", m.num_res_blocks)
+    _check(1 <= m.num_heads <= 64, "model.num_heads", "in 1..64", m.num_heads)
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "in [0, 1)", m.dropout)
-    _check(m.num_classes >= 0, "model.num_classes", ">= 0", m.num_classes)
-    _check(m.hidden > 0, "model.hidden", "> 0", m.hidden)
-    _check(m.depth >= 1, "model.depth", ">= 1", m.depth)
-    _check(m.norm_groups >= 1, "model.norm_groups", ">= 1", m.norm_groups)
-    _check(df.T >= 1, "diffusion.T", ">= 1", df.T)
+    _check(0 <= m.num_classes <= 100_000, "model.num_classes", "in 0..100000", m.num_classes)
+    _check(0 < m.hidden <= MAX_WIDTH * 16, "model.hidden", f"in 1..{MAX_WIDTH * 16}", m.hidden)
+    _check(1 <= m.depth <= 64, "model.depth", "in 1..64", m.depth)
+    _check(1 <= m.norm_groups <= MAX_WIDTH, "model.norm_groups", f"in 1..{MAX_WIDTH}", m.norm_groups)
+    _check(1 <= df.T <= MAX_SAMPLE_STEPS, "diffusion.T", f"in 1..{MAX_SAMPLE_STEPS}", df.T)
     _check(0.0 < df.beta_start < 1.0, "diffusion.beta_start", "in (0, 1)", df.beta_start)
     _check(df.beta_start < df.beta_end < 1.0, "diffusion.beta_end", f"in (beta_start = {df.beta_start}, 1)",
            df.beta_end)
     _check(df.cosine_s >= 0.0, "diffusion.cosine_s", ">= 0", df.cosine_s)
     _check(lo.min_snr_gamma > 0.0, "loss.min_snr_gamma", "> 0", lo.min_snr_gamma)
     _validate_objective(df, lo)
-    _check(t.steps > 0, "train.steps", "> 0", t.steps)
-    _check(t.batch_size > 0, "train.batch_size", "> 0", t.batch_size)
+    _check(0 < t.steps < 10**8, "train.steps", "in 1..99999999", t.steps)
+    _check(0 < t.batch_size <= MAX_BATCH_SIZE, "train.batch_size", f"in 1..{MAX_BATCH_SIZE}", t.batch_size)
     _check(t.lr > 0.0, "train.lr", "> 0", t.lr)
     _check(t.weight_decay >= 0.0, "train.weight_decay", ">= 0", t.weight_decay)
     _check(t.warmup_steps >= 0, "train.warmup_steps", ">= 0", t.warmup_steps)
     _check(t.grad_clip >= 0.0, "train.grad_clip", ">= 0 (0 = no clipping)", t.grad_clip)
     _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "in [0, 1)", t.ema_decay)
-    _check(t.grad_accum >= 1, "train.grad_accum", ">= 1", t.grad_accum)
+    _check(1 <= t.grad_accum <= 1024, "train.grad_accum", "in 1..1024", t.grad_accum)
     _check(t.log_every >= 1, "train.log_every", ">= 1", t.log_every)
     _check(t.sample_every >= 0, "train.sample_every", ">= 0 (0 = never)", t.sample_every)
     _check(t.checkpoint_every >= 0, "train.checkpoint_every", ">= 0 (0 = only at the end)", t.checkpoint_every)
-    _check(t.n_sample >= 1, "train.n_sample", ">= 1", t.n_sample)
+    _check(1 <= t.n_sample <= 1024, "train.n_sample", "in 1..1024", t.n_sample)
     _check(0.0 <= t.class_dropout <= 1.0, "train.class_dropout", "in [0, 1]", t.class_dropout)
     _check(t.time_limit_s >= 0.0, "train.time_limit_s", ">= 0 (0 = none)", t.time_limit_s)
     s.check(T=df.T)
     _check(s.guidance == 1.0 or m.num_classes > 0, "sample.guidance",
            "1.0 for an unconditional model (guidance needs model.num_classes > 0)", s.guidance)
     v = cfg.vae
-    _check(v.latent_dim >= 1, "vae.latent_dim", ">= 1", v.latent_dim)
-    _check(v.hierarchy >= 1, "vae.hierarchy", ">= 1", v.hierarchy)
-    _check(v.latent_channels >= 1, "vae.latent_channels", ">= 1", v.latent_channels)
+    _check(1 <= v.latent_dim <= MAX_WIDTH * 16, "vae.latent_dim", f"in 1..{MAX_WIDTH * 16}", v.latent_dim)
+    _check(1 <= v.hierarchy <= 64, "vae.hierarchy", "in 1..64", v.hierarchy)
+    _check(1 <= v.latent_channels <= MAX_WIDTH, "vae.latent_channels", f"in 1..{MAX_WIDTH}", v.latent_channels)
     _check(v.kl_weight >= 0.0, "vae.kl_weight", ">= 0", v.kl_weight)
-    _check(v.iwae_k >= 1, "vae.iwae_k", ">= 1", v.iwae_k)
+    _check(1 <= v.iwae_k <= 10_000, "vae.iwae_k", "in 1..10000", v.iwae_k)
     _check(m.kind != "latent_unet" or bool(cfg.latent.autoencoder_run.strip()), "latent.autoencoder_run",
            "the run folder of a trained autoencoder", cfg.latent.autoencoder_run)
     _check(m.kind != "controlnet" or bool(cfg.controlnet.base_run.strip()), "controlnet.base_run",

@@ -25,3 +25,7 @@ class TrainingError(DiffusekitError):
 
 class OutputError(DiffusekitError):
     """A destination that cannot be written (not a folder, not ours, read-only, full); the message names it."""
+
+
+class CheckpointFormatWarning(UserWarning):
+    """A checkpoint of an older format that loads but cannot be verified as fully as the current one."""

@@ -14,6 +14,7 @@ import errno
 import importlib
 import os
 import sys
+import warnings
 from typing import Sequence
 
 from diffusekit.cli.flags import build_parser
@@ -40,8 +41,14 @@ def _os_error(exc: OSError) -> str:
     return f"{where}: {reason}" + (f" ({hint[exc.errno]})" if exc.errno in hint else "")
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line each (the library warns, for example, about an older checkpoint format)."""
+    print(f"diffusekit: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _robust_streams()
+    warnings.showwarning = _one_line_warning
     args = build_parser().parse_args(argv)
     try:
         # each command's module is imported when it runs: --help and a bad flag answer without importing torch

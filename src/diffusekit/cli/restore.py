@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from diffusekit.cli.common import device_from_flag
 from diffusekit.errors import ConfigError
+from diffusekit.io.atomic import read_input_file
 from diffusekit.runs.restore import RestoreSettings, restore_run
+from diffusekit.sampling.catalog import DEFAULT_MASK
 from diffusekit.sampling.settings import parse_seeds
 
 __all__ = ["run", "settings_from_args", "format_metrics"]
@@ -17,14 +18,14 @@ __all__ = ["run", "settings_from_args", "format_metrics"]
 def settings_from_args(args: argparse.Namespace) -> RestoreSettings:
     """``RestoreSettings`` from the flags (or from ``--settings``); ConfigError naming the flag."""
     if args.settings:
+        text = read_input_file(args.settings, "settings file", flag="--settings")
         try:
-            text = Path(args.settings).read_bytes()[:2**24].decode("utf-8")
             return RestoreSettings.from_json(text)
-        except (OSError, UnicodeDecodeError, ConfigError) as exc:
+        except ConfigError as exc:
             raise ConfigError(f"--settings {args.settings}: cannot read restore settings ({exc})") from None
     if args.task is None:
         raise ConfigError("--task is required (inpaint, outpaint, superres or colorize) unless --settings is given")
-    if args.mask is not None and args.task not in ("inpaint", "outpaint"):
+    if args.mask is not None and args.task not in DEFAULT_MASK:
         raise ConfigError(f"--mask applies to inpaint and outpaint, not --task {args.task}")
     if args.factor is not None and args.task != "superres":
         raise ConfigError(f"--factor applies to superres, not --task {args.task}")
@@ -38,7 +39,7 @@ def settings_from_args(args: argparse.Namespace) -> RestoreSettings:
 
 def format_metrics(m: dict) -> str:
     """One line: PSNR on the unknown region (beside A+ y), classifier accuracy where there is one."""
-    where = "the unknown pixels" if m["task"] in ("inpaint", "outpaint") else "all pixels"
+    where = "the unknown pixels" if m["task"] in DEFAULT_MASK else "all pixels"
     text = (f"{m['task']} with {m['method']} (U={m['resample']}): PSNR {m['psnr']:.2f} dB on {where} "
             f"(A+ y: {m['psnr_pinv']:.2f} dB)")
     if "accuracy" in m:

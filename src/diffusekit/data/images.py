@@ -9,6 +9,7 @@ machine and every call.
 from __future__ import annotations
 
 import functools
+import stat
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from diffusekit.budget import fits, gib
 from diffusekit.data.dataset import ArrayDataset
 from diffusekit.errors import DataError
 
@@ -140,10 +142,13 @@ def read_image(path: str | Path, image_size: int, channels: int = 1, max_pixels:
     """
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
-            raise DataError(f"{path}: empty file (0 bytes)")
+        st = path.stat()
     except OSError as exc:
         raise DataError(f"{path}: cannot read file ({_first_line(exc)})") from None
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block the read; a folder is not an image
+        raise DataError(f"{path}: is not a regular file")
+    if st.st_size == 0:
+        raise DataError(f"{path}: empty file (0 bytes)")
     bomb = (Image.DecompressionBombError, Image.DecompressionBombWarning)
     try:
         with warnings.catch_warnings():
@@ -205,5 +210,10 @@ def load_image_folder(root: str | Path, image_size: int = 32, channels: int = 1,
     if channels not in (1, 3):
         raise DataError(f"data.channels must be 1 or 3, got {channels!r}")
     files = list_images(root)
+    needed = len(files) * channels * image_size**2 * (1 + 4)  # 8-bit pixels, then float32
+    ok, free = fits(needed)
+    if not ok:
+        raise DataError(f"data.path = {str(root)!r}: {len(files)} images at data.image_size = {image_size} need about "
+                        f"{gib(needed)} in memory; {gib(free)} is free here (lower data.image_size or use fewer images)")
     pixels = np.stack([read_image(p, image_size, channels, max_pixels) for p in files])
     return ArrayDataset(_to_unit_range(pixels, 256), None, levels=256, num_classes=0, name=f"folder:{Path(root).name}")

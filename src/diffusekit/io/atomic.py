@@ -13,12 +13,47 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Iterable
 
-from diffusekit.errors import OutputError
+from diffusekit.errors import ConfigError, OutputError
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "OutputFolder", "describe_os_error"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "OutputFolder", "describe_os_error", "process_alive",
+           "read_input_file"]
+
+MAX_INPUT_BYTES = 16 * 2**20  # a config or settings file is a few kB
+
+
+def read_input_file(path: Path | str, what: str, limit: int = MAX_INPUT_BYTES, flag: str = "") -> str:
+    """The text of a small input file the user names (a config, a settings.json), read safely: a missing
+    file, a folder, a FIFO or device (reading would block), an oversized or non-UTF-8 file are one-line
+    ``ConfigError``s naming it (after ``flag``, when the file came from one); a UTF-8 byte-order mark is
+    dropped."""
+    path = Path(path)
+    if flag:
+        try:
+            return read_input_file(path, what, limit)
+        except ConfigError as exc:
+            raise ConfigError(f"{flag} {exc}") from None
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the {what} ({describe_os_error(exc)})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{path}: is a folder, not a {what}")
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{path}: is not a regular file (a {what} must be one)")
+    if st.st_size > limit:
+        raise ConfigError(f"{path}: is {st.st_size} bytes, too large for a {what} (at most {limit})")
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the {what} is not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the {what} ({describe_os_error(exc)})") from None
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -108,7 +143,7 @@ class OutputFolder:
         prefix = f".{self.final.name}."
         for p in self.final.parent.glob(f".{self.final.name}.*"):
             pid, _, suffix = p.name[len(prefix):].partition(".")
-            if suffix in ("partial", "old") and pid.isdigit() and not _alive(int(pid)) and p.is_dir():
+            if suffix in ("partial", "old") and pid.isdigit() and not process_alive(int(pid)) and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
 
     def commit(self) -> Path:
@@ -137,7 +172,8 @@ class OutputFolder:
             self.discard()
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (this process counts)."""
     if pid == os.getpid():
         return True
     try:

@@ -2,7 +2,8 @@
 
 A checkpoint ``step-00001200`` is two files in ``<run>/checkpoints/``:
 ``step-00001200.safetensors`` (all tensors) and ``step-00001200.json`` (format version, step, the
-SHA-256 of the tensor file, the list of tensor keys and any metadata). The tensor file is written
+SHA-256 of the tensor file, the list of tensor keys, any metadata, and ``record_sha256``: the SHA-256 of
+all of that, so an edit anywhere in the record, the recorded config included, is refused as damage). The tensor file is written
 first, then the JSON, then ``latest.json`` is pointed at it; each write goes to a temporary file in
 the same folder, is fsynced and renamed over the target (and the folder fsynced), so a crash at any
 moment leaves ``latest.json`` naming a complete checkpoint. Older checkpoints are pruned only after
@@ -10,9 +11,13 @@ the pointer moved. Leftovers of interrupted writes (temporary files, a tensor fi
 record) are ignored by readers and removed by the next writer (``clean_leftovers``).
 
 Loading trusts nothing it reads: nothing is ever unpickled (safetensors has no code path to do so);
-files must be regular files inside the run (no symlinks, no names outside the folder); the record's
-types, step and format version are checked; the tensor file must match the recorded SHA-256 and key
-list, have a sane header and contain only finite floating-point values. Every failure is a
+files must be regular files inside the run (no symlinks, no FIFOs or devices, no names outside the
+folder); the record must match its own hash and its types, step and format version are checked; the
+tensor file must match the recorded SHA-256 and key list, have a sane header and contain only finite
+floating-point values. (A hash detects damage and hand edits; it is not a signature: whoever can write
+the run folder can write a whole new checkpoint.) Records of format 1, written before the record hash,
+still load, with a warning that their record is not verified; the next checkpoint of a resumed run is
+format 2. Every failure is a
 ``CheckpointError`` whose message starts with the offending file. ``check_state`` compares a state
 dict against a module's before anything is copied in, so no partially loaded model escapes.
 """
@@ -21,7 +26,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,14 +39,15 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from diffusekit.errors import CheckpointError
-from diffusekit.io.atomic import atomic_write_bytes, atomic_write_text
+from diffusekit.errors import CheckpointError, CheckpointFormatWarning
+from diffusekit.io.atomic import atomic_write_bytes, atomic_write_text, process_alive
 
 __all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint",
            "latest_checkpoint", "list_checkpoints", "clean_leftovers", "check_state", "load_module_state",
            "non_finite_keys"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the record carries the hash of its own contents (record_sha256)
+READABLE_VERSIONS = (1, 2)
 _NAME = re.compile(r"^step-(\d{8})$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
@@ -46,7 +55,11 @@ MAX_RECORD_BYTES = 64 * 1024 * 1024  # a checkpoint record (config + metadata) i
 
 
 def _ckpt_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    """``<run>/checkpoints``, refused when it is a symlink (writes and cleanup would leave the run)."""
+    folder = Path(run_dir) / "checkpoints"
+    if folder.is_symlink():
+        raise CheckpointError(f"{folder}: is a symlink; the checkpoints folder must be a real folder in the run")
+    return folder
 
 
 def non_finite_keys(tensors: Mapping[str, Tensor]) -> list[str]:
@@ -55,15 +68,30 @@ def non_finite_keys(tensors: Mapping[str, Tensor]) -> list[str]:
                   if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all()))
 
 
+# files a run folder's writer makes (their temporary copies ``.<name>.<pid>.tmp`` are leftovers to clean)
+RUN_FILES = ("config.toml", "log.jsonl", "summary.json", "summary.txt", "samples.png", "loss_curve.png", "latest.json")
+_TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
+
+
+def _our_leftover(p: Path) -> bool:
+    """A temporary file ``atomic_write_bytes`` made for a file of the run, by a process that is gone."""
+    m = _TMP.match(p.name)
+    if m is None or not (p.is_file() or p.is_symlink()) or process_alive(int(m.group("pid"))):
+        return False
+    name = m.group("name")
+    return name in RUN_FILES or re.fullmatch(r"step-\d{8}\.(json|safetensors)", name) is not None
+
+
 def clean_leftovers(run_dir: Path) -> list[Path]:
-    """Remove what interrupted writes leave behind: temporary ``.*.tmp`` files in the run folder and
-    its checkpoints folder, and tensor files whose record was never written (or was pruned first).
+    """Remove what interrupted writes of the run leave behind: the temporary copies of the run's own files
+    (``.<name>.<pid>.tmp`` of a process that has ended; nothing else, whatever its name) in the run folder
+    and its checkpoints folder, and tensor files whose record was never written (or was pruned first).
     Only the process that writes the run may call this (a reader could race the writer)."""
     run_dir = Path(run_dir)
     removed: list[Path] = []
     for folder in (run_dir, _ckpt_dir(run_dir)):
         if folder.is_dir():
-            removed += [p for p in folder.glob(".*.tmp") if p.is_file() or p.is_symlink()]
+            removed += [p for p in folder.glob(".*.tmp") if _our_leftover(p)]
     folder = _ckpt_dir(run_dir)
     if folder.is_dir():
         removed += [p for p in folder.glob("step-*.safetensors")
@@ -93,6 +121,7 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, Tensor], meta: 
     atomic_write_bytes(folder / f"{name}.safetensors", blob)
     record = {"format_version": FORMAT_VERSION, "step": step, "sha256": hashlib.sha256(blob).hexdigest(),
               "keys": sorted(clean), "meta": meta}
+    record["record_sha256"] = record_hash(record)
     atomic_write_text(folder / f"{name}.json", json.dumps(record, indent=1, sort_keys=True, allow_nan=False))
     atomic_write_text(folder / "latest.json", json.dumps({"name": name, "step": step}))
     if keep > 0:
@@ -122,9 +151,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     ``CheckpointError`` naming latest.json."""
     folder = _ckpt_dir(run_dir)
     pointer = folder / "latest.json"
-    if pointer.is_symlink():
-        raise CheckpointError(f"{pointer}: is a symlink; checkpoint files must be regular files in the run folder")
-    if pointer.exists():
+    if pointer.is_symlink() or pointer.exists():
+        _regular_file(pointer, "pointer to the latest checkpoint")
         try:
             text = pointer.read_bytes()[:4096].decode("utf-8")
             name = json.loads(text)["name"]
@@ -140,10 +168,25 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def _regular_file(p: Path, what: str) -> None:
-    if p.is_symlink():
+    """A regular file (not a symlink, FIFO or device: reading those could block or leave the run)."""
+    try:
+        mode = os.lstat(p).st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"{p}: {what} is missing") from None
+    except OSError as exc:
+        raise CheckpointError(f"{p}: {what} cannot be read ({exc.strerror})") from None
+    if stat.S_ISLNK(mode):
         raise CheckpointError(f"{p}: is a symlink; checkpoint files must be regular files in the run folder")
-    if not p.is_file():
-        raise CheckpointError(f"{p}: {what} is missing")
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{p}: {what} is not a regular file")
+
+
+def record_hash(record: dict[str, Any]) -> str:
+    """SHA-256 of a checkpoint record without its ``record_sha256`` field (canonical JSON: sorted keys,
+    no whitespace, NaN refused), as hex."""
+    body = {k: v for k, v in record.items() if k != "record_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 def _read_record(json_path: Path, expected_step: int | None) -> dict[str, Any]:
@@ -156,8 +199,20 @@ def _read_record(json_path: Path, expected_step: int | None) -> dict[str, Any]:
                                           record["keys"], record["meta"])
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{json_path}: not a diffusekit checkpoint record ({exc.__class__.__name__})") from None
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise CheckpointError(f"{json_path}: format version {version!r} is not supported (expected {FORMAT_VERSION})")
+    if version >= 2:
+        try:
+            matches = record.get("record_sha256") == record_hash(record)
+        except (TypeError, ValueError):
+            matches = False
+        if not matches:
+            raise CheckpointError(f"{json_path}: the record does not match its hash (edited or damaged); a checkpoint "
+                                  "record cannot be changed by hand (to change settings, pass --set to sample or "
+                                  "evaluate, or train a new run)")
+    else:
+        warnings.warn(f"{json_path}: checkpoint format 1 has no hash of its record, so its config is not verified "
+                      "(resuming the run writes format 2)", CheckpointFormatWarning, stacklevel=3)
     problems = []
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         problems.append(f"step {step!r} is not a non-negative integer")

@@ -7,7 +7,7 @@ from torch import nn
 
 from diffusekit.errors import ConfigError
 from diffusekit.nn.mlp import MLPDenoiser
-from diffusekit.nn.unet import UNet
+from diffusekit.nn.unet import UNet, unet_fit_problems
 from diffusekit.parameterization import Denoiser
 
 __all__ = ["build_network", "build_unet", "check_unet_fits", "build_denoiser"]
@@ -44,24 +44,11 @@ def build_unet(m, in_channels: int, size: int, num_classes: int = 0, context_dim
 
 def check_unet_fits(m, size: int) -> None:
     """One-line ConfigErrors naming the key, for U-Net settings that cannot fit ``size``-pixel images."""
-    halvings = len(m.channel_mult) - 1
-    if size % 2**halvings:
-        raise ConfigError(f"model.channel_mult = {m.channel_mult} halves the image {halvings} times, so the image "
-                          f"size must be divisible by {2**halvings}; the data has {size}x{size} images "
-                          "(change data.image_size or model.channel_mult)")
-    widths = [m.base_channels * k for k in m.channel_mult]
-    if any(w % m.norm_groups for w in widths):
-        raise ConfigError(f"model.norm_groups = {m.norm_groups} must divide every channel width "
-                          f"(model.base_channels x model.channel_mult = {widths})")
-    sizes = [size // 2**i for i in range(halvings + 1)]
-    unknown = sorted(set(m.attn_resolutions) - set(sizes))
-    if unknown:
-        raise ConfigError(f"model.attn_resolutions = {m.attn_resolutions}: {unknown} match no level of "
-                          f"{size}x{size} images (level sizes {sizes})")
-    attended = [w for w, s in zip(widths, sizes) if s in m.attn_resolutions] + widths[-1:]
-    if any(w % m.num_heads for w in attended):
-        raise ConfigError(f"model.num_heads = {m.num_heads} must divide the channel widths with attention "
-                          f"({sorted(set(attended))})")
+    problems = unet_fit_problems(size, m.channel_mult, m.base_channels, m.norm_groups, m.attn_resolutions, m.num_heads)
+    if problems:
+        name, why = problems[0]
+        hint = " (change data.image_size or model.channel_mult)" if name == "channel_mult" else ""
+        raise ConfigError(f"model.{name} = {why}{hint}")
 
 
 def build_denoiser(cfg, data_shape: tuple[int, ...]) -> Denoiser:

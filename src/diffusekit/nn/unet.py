@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from diffusekit.nn.embeddings import EmbeddingKind, embedding_mlp, make_time_embedding, noise_level_vector
 
-__all__ = ["UNet", "ResBlock", "AttentionBlock", "Downsample", "Upsample"]
+__all__ = ["unet_fit_problems", "UNet", "ResBlock", "AttentionBlock", "Downsample", "Upsample"]
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -214,6 +214,32 @@ def encoder_path(net: nn.Module, h: Tensor, gain_shift, context: Tensor | None,
     return skips, net.mid2(h, next(gain_shift))
 
 
+
+def unet_fit_problems(image_size: int, channel_mult: Sequence[int], base_channels: int, norm_groups: int,
+                      attn_resolutions: Sequence[int], num_heads: int) -> list[tuple[str, str]]:
+    """Why a U-Net with these settings cannot be built for ``image_size`` inputs: (argument, reason) pairs,
+    empty when it fits. The image is halved len(channel_mult) - 1 times; group norm needs ``norm_groups``
+    to divide every width; attention levels must exist and their widths split into ``num_heads``."""
+    halvings = len(channel_mult) - 1
+    if image_size % 2**halvings:
+        return [("channel_mult", f"{list(channel_mult)} halves the image {halvings} times, so the image size must be "
+                                 f"divisible by {2**halvings}; the images are {image_size}x{image_size}")]
+    widths = [base_channels * m for m in channel_mult]
+    problems = []
+    if any(w % norm_groups for w in widths):
+        problems.append(("norm_groups", f"{norm_groups} must divide every channel width (base_channels x "
+                                        f"channel_mult = {widths})"))
+    sizes = [image_size // 2**i for i in range(halvings + 1)]
+    unknown = sorted(set(attn_resolutions) - set(sizes))
+    if unknown:
+        problems.append(("attn_resolutions", f"{list(attn_resolutions)}: {unknown} match no level of "
+                                             f"{image_size}x{image_size} images (level sizes {sizes})"))
+    attended = [w for w, size in zip(widths, sizes) if size in attn_resolutions] + widths[-1:]
+    if any(w % num_heads for w in attended):
+        problems.append(("num_heads", f"{num_heads} must divide the channel widths with attention "
+                                      f"({sorted(set(attended))})"))
+    return problems
+
 class UNet(nn.Module):
     """DDPM U-Net mapping (x, c_noise = logsnr) to a tensor shaped like x (see module docstring).
 
@@ -244,17 +270,12 @@ class UNet(nn.Module):
         levels = len(channel_mult)
         if levels < 1 or num_res_blocks < 1:
             raise ValueError("UNet needs at least one level and one residual block per level")
-        if image_size % 2 ** (levels - 1):
-            raise ValueError(f"image_size {image_size} must be divisible by 2**{levels - 1}")
+        problems = unet_fit_problems(image_size, channel_mult, base_channels, norm_groups, attn_resolutions, num_heads)
+        if problems:
+            name, why = problems[0]
+            raise ValueError(f"{name}: {why}")
         widths = [base_channels * m for m in channel_mult]
-        if any(w % norm_groups for w in widths):
-            raise ValueError(
-                f"channel widths {widths} must be divisible by norm_groups={norm_groups}"
-            )
         sizes = [image_size // 2**i for i in range(levels)]
-        unknown = sorted(set(attn_resolutions) - set(sizes))
-        if unknown:
-            raise ValueError(f"attn_resolutions {unknown} match no level; level sizes are {sizes}")
         self.in_channels, self.image_size, self.levels = in_channels, image_size, levels
         self.out_channels = in_channels if out_channels is None else out_channels
         self.num_classes, self.context_dim = num_classes, context_dim

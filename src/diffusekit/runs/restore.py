@@ -152,8 +152,13 @@ def noise_seed(seed: int, index: int) -> int:
 def read_mask(path: str | Path, size: tuple[int, int]) -> Tensor:
     """A mask image -> bool (H, W), True where the pixel is known (the file's dark pixels, < 128)."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO or device would block; a folder is no mask
+        raise DataError(f"--mask {path}: is not a regular file")
     try:
         with Image.open(path) as img:
+            if img.size != (size[1], size[0]):  # checked before any pixel is decoded
+                raise DataError(f"--mask {path}: mask is {img.size[0]}x{img.size[1]} pixels but the model's images "
+                                f"are {size[1]}x{size[0]}")
             img.load()
             gray = np.asarray(img.convert("L"))
     except FileNotFoundError:

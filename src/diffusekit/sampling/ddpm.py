@@ -36,13 +36,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffusekit.parameterization import Callback, DenoiserFn
+from diffusekit.sampling.catalog import VARIANCES
 from diffusekit.sampling.grids import Spacing, sampling_schedule
 from diffusekit.schedules import DiscreteSchedule
 
 __all__ = ["sample_ddpm", "predict_x0_eps", "step_iterator", "NoiseFn"]
 
 NoiseFn = Callable[[], Tensor]
-Variance = Literal["beta", "beta_tilde"]
+Variance = Literal[VARIANCES]  # type: ignore[valid-type]  (the names of sampling/catalog.py)
 
 
 def predict_x0_eps(denoiser: DenoiserFn, x: Tensor, logsnr: Tensor, cond: Any, alpha: float, sigma: float,
@@ -99,7 +100,7 @@ def sample_ddpm(
     floats, so the arithmetic happens in x's dtype.
     """
     _check_common(x_T, clip_x0)
-    if variance not in ("beta", "beta_tilde"):
+    if variance not in VARIANCES:
         raise ValueError(f"variance must be 'beta' or 'beta_tilde', got {variance!r}")
     sched = sampling_schedule(schedule, steps, spacing)
     # per-step scalars, indexed by the respaced step i = 0..S (entry 0 unused)

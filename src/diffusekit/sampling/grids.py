@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from diffusekit.sampling.catalog import SPACINGS
 from diffusekit.schedules import DiscreteSchedule, respace
 
 __all__ = ["Spacing", "SPACINGS", "timestep_grid", "sampling_schedule"]
 
-Spacing = Literal["leading", "linspace", "trailing"]
-SPACINGS: tuple[str, ...] = ("leading", "linspace", "trailing")
+Spacing = Literal[SPACINGS]  # type: ignore[valid-type]  (the names of sampling/catalog.py)
 
 
 def timestep_grid(T: int, steps: int, spacing: Spacing = "trailing") -> Tensor:

@@ -39,14 +39,14 @@ import torch
 from torch import Tensor
 
 from diffusekit.parameterization import Callback, DenoiserFn, append_dims
+from diffusekit.sampling.catalog import GRIDS
 from diffusekit.sde import SDE
 
 __all__ = ["Grid", "GRIDS", "time_grid", "resolve_times", "inverse_logsnr", "ve_denoise", "sample_euler", "sample_heun",
            "sample_rk45", "dopri5", "ODEStats"]
 
 F64 = torch.float64
-Grid = Literal["time", "logsnr", "karras", "time_trailing", "logsnr_trailing", "karras_trailing"]
-GRIDS: tuple[str, ...] = ("time", "logsnr", "karras", "time_trailing", "logsnr_trailing", "karras_trailing")
+Grid = Literal[GRIDS]  # type: ignore[valid-type]  (the names of sampling/catalog.py)
 
 
 # --------------------------------------------------------------------------------------------

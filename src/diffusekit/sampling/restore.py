@@ -55,6 +55,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffusekit.parameterization import Callback, DenoiserFn
+from diffusekit.sampling.catalog import VARIANCES
 from diffusekit.sampling.ddpm import NoiseFn, Variance, _check_common, predict_x0_eps
 from diffusekit.sampling.grids import Spacing, sampling_schedule
 from diffusekit.schedules import DiscreteSchedule
@@ -231,7 +232,7 @@ def _walk(denoiser: DenoiserFn, sched: DiscreteSchedule, x: Tensor, noise: Noise
 def _prepare(x_T: Tensor, op: LinearDegradation, y: Tensor, schedule: DiscreteSchedule, steps: int | None,
              spacing: Spacing, variance: Variance, clip_x0: float | None, resample: int, jump: int):
     _check_common(x_T, clip_x0)
-    if variance not in ("beta", "beta_tilde"):
+    if variance not in VARIANCES:
         raise ValueError(f"variance must be 'beta' or 'beta_tilde', got {variance!r}")
     if not isinstance(op, LinearDegradation):
         raise TypeError(f"op must be a LinearDegradation, got {type(op).__name__}")

@@ -7,12 +7,13 @@ number of classes), ``data_position`` (epoch, offset), ``ema_updates``, ``world_
 ``optimizer_state`` (the fields of each parameter's state) and ``param_groups``.
 
 ``training_tensors`` / ``training_meta`` write them; ``read_resume`` checks every piece against the
-trainer that resumes (its module, optimizer, data size and process count) and returns them, or raises
-a ``CheckpointError`` naming the file and the missing or misfitting piece.
+trainer that resumes (its config, module, optimizer, data and process count) and returns them, or raises
+a one-line error naming the file and the missing or misfitting piece.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ from diffusekit.errors import CheckpointError, ConfigError
 from diffusekit.io.checkpoint import check_state, load_checkpoint
 from diffusekit.train.ema import EMA
 
-__all__ = ["rng_key", "training_tensors", "training_meta", "ResumePoint", "read_resume"]
+__all__ = ["rng_key", "training_tensors", "training_meta", "data_fingerprint", "check_same_run", "ResumePoint",
+           "read_resume", "RESUMABLE_CHANGES"]
 
 META_KEYS = ("config", "data_position", "ema_updates", "param_groups", "world_size", "optimizer_state")
 
@@ -54,6 +56,15 @@ def training_tensors(net: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer,
     return out
 
 
+def data_fingerprint(data: ArrayDataset) -> str:
+    """SHA-256 (hex, 16 digits) of the training examples and labels: an image added to or removed from a
+    folder dataset changes it, and with it the split a run would train and be evaluated on."""
+    digest = hashlib.sha256(data.x.detach().cpu().contiguous().numpy().tobytes())
+    if data.labels is not None:
+        digest.update(data.labels.cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def training_meta(cfg: Config, data: ArrayDataset, position: dict[str, int], ema: EMA, world_size: int,
                   net: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The metadata of a training checkpoint (see the module docstring)."""
@@ -61,7 +72,7 @@ def training_meta(cfg: Config, data: ArrayDataset, position: dict[str, int], ema
     return {"config": config_to_dict(cfg), "data_position": position, "ema_updates": ema.updates,
             "world_size": world_size,
             "data": {"name": data.name, "shape": list(data.shape), "levels": data.levels,
-                     "num_classes": data.num_classes},
+                     "num_classes": data.num_classes, "fingerprint": data_fingerprint(data)},
             "optimizer_state": {names[id(p)]: sorted(st) for p, st in optimizer.state.items()},
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]}
 
@@ -79,10 +90,34 @@ class ResumePoint:
     rngs: dict[str, Tensor]  # this rank's states
 
 
-def read_resume(ckpt: Path, net: nn.Module, optimizer: torch.optim.Optimizer, n_examples: int, world_size: int,
-                rank: int, rng_template: dict[str, Tensor]) -> ResumePoint:
-    """Load checkpoint ``ckpt`` and check that it continues this trainer exactly (see the module docstring);
-    ``rng_template`` holds this rank's current RNG states (names, shapes and dtypes to expect)."""
+# the config sections a resumed run may change: how long and how it trains, and how it samples; the rest
+# (data, model, diffusion, loss and the family sections) define the model being trained
+RESUMABLE_CHANGES = ("train", "sample")
+
+
+def check_same_run(cfg: Config, recorded: dict[str, Any], source: str) -> None:
+    """A ConfigError naming the first key outside ``RESUMABLE_CHANGES`` where ``cfg`` differs from the
+    config the checkpoint was trained with (an edited config.toml or a --set would otherwise resume a
+    different model on the old weights)."""
+    now = config_to_dict(cfg)
+    then = config_to_dict(config_from_dict(recorded))
+    for section, table in now.items():
+        if section in RESUMABLE_CHANGES:
+            continue
+        for key, value in table.items():
+            if then[section][key] != value:
+                raise ConfigError(f"--resume: {section}.{key} is {value!r} but the run was trained with "
+                                  f"{then[section][key]!r} ({source}); a resumed run keeps its data, model, diffusion "
+                                  f"and loss settings (only [{'] and ['.join(RESUMABLE_CHANGES)}] may change)")
+
+
+def read_resume(ckpt: Path, net: nn.Module, optimizer: torch.optim.Optimizer, data: ArrayDataset, world_size: int,
+                rank: int, rng_template: dict[str, Tensor], cfg: Config | None = None) -> ResumePoint:
+    """Load checkpoint ``ckpt`` and check that it continues this trainer exactly (see the module docstring):
+    the same config but for [train] and [sample] (``cfg``), the same training data (its fingerprint, when
+    the checkpoint has one), every piece present and fitting; ``rng_template`` holds this rank's current
+    RNG states (names, shapes and dtypes to expect)."""
+    n_examples = len(data)
     tensors, record = load_checkpoint(ckpt)
     st_file, js_file = f"{ckpt}.safetensors", f"{ckpt}.json"
     meta, step = record["meta"], int(record["step"])
@@ -94,6 +129,13 @@ def read_resume(ckpt: Path, net: nn.Module, optimizer: torch.optim.Optimizer, n_
         config_from_dict(meta["config"])
     except (ConfigError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{js_file}: recorded config is invalid ({exc})") from None
+    if cfg is not None:
+        check_same_run(cfg, meta["config"], js_file)
+    recorded_data = meta.get("data", {}).get("fingerprint") if isinstance(meta.get("data"), dict) else None
+    if recorded_data is not None and recorded_data != data_fingerprint(data):
+        raise CheckpointError(f"{js_file}: the training data changed since this run started (data.name = "
+                              f"{cfg.data.name if cfg else '?'!r}, now {n_examples} examples): resuming would train "
+                              "on a different split; restore the data or start a new run")
     if meta["world_size"] != world_size:
         raise CheckpointError(f"{js_file}: written by {meta['world_size']} processes, resumed with {world_size}; "
                               "exact resume needs every rank's RNG state (use the same --nproc_per_node)")

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from diffusekit.budget import TRAIN_COPIES, activation_bytes, fits, gib, parameter_bytes
 from diffusekit.config import Config, save_config
 from diffusekit.data.dataset import ArrayDataset
 from diffusekit.data.registry import load_dataset
@@ -42,6 +43,7 @@ from diffusekit.families import family_for_config
 from diffusekit.families.base import Objective
 from diffusekit.io.atomic import atomic_write_text
 from diffusekit.io.checkpoint import clean_leftovers, latest_checkpoint, list_checkpoints, save_checkpoint
+from diffusekit.io.runfolder import claim_run_folder
 from diffusekit.train import distributed as ddp
 from diffusekit.train.distributed import DistInfo
 from diffusekit.train.ema import EMA
@@ -117,13 +119,19 @@ class Trainer:
         self.dist = dist or DistInfo.from_env()
         tc = cfg.train
         self.device = resolve_device(tc.device, self.dist.local_rank)
-        self.owns_process_group = ddp.init_process_group(self.dist, self.device)
+        self.lock = claim_run_folder(self.run_dir, resume) if self.dist.is_main else None
+        try:
+            self.owns_process_group = ddp.init_process_group(self.dist, self.device)
+        except BaseException:
+            self._release_lock()
+            raise
         try:
             self._setup(cfg, resume)
         except BaseException:
             self.model = None
             if self.owns_process_group:
                 ddp.destroy_process_group()
+            self._release_lock()
             raise
 
     def _setup(self, cfg, resume: bool) -> None:
@@ -134,6 +142,7 @@ class Trainer:
         torch.manual_seed(derive_seed(tc.seed, "global", 0))  # the same initial weights on every rank
         self.objective = build_objective(cfg, self.data)
         self.net = self.objective.module.to(self.device)  # trained, EMA'd and checkpointed
+        self._check_memory()
         if self.dist.rank != 0:
             torch.manual_seed(derive_seed(tc.seed, "global", self.dist.rank))  # rank-own dropout
         self.model = ddp.wrap_module(self.net, self.device) if self.dist.distributed else self.net
@@ -156,14 +165,39 @@ class Trainer:
                                     "continue it or choose another --out")
             self._truncate_log(0)
 
+    def _check_memory(self) -> None:
+        """Refuse, in one line naming the key, a batch or model that cannot train in this machine's free
+        memory: parameters with their gradient, EMA and AdamW moments, and a batch's activations measured
+        on one example (``budget.activation_bytes``; x3 for what the backward pass keeps and makes)."""
+        tc = self.cfg.train
+        labels = None if self.labels is None else self.labels[:1]
+        with torch.random.fork_rng(devices=[]):
+            per_example = activation_bytes(self.net, lambda: self.objective.loss(
+                self.net, self.x[:1], labels, torch.Generator().manual_seed(0)))
+        params = parameter_bytes(self.net) * TRAIN_COPIES
+        batch = per_example * 3 * tc.batch_size
+        ok, free = fits(params + batch, self.device)
+        if not ok:
+            key = f"train.batch_size = {tc.batch_size}" if batch > params else "the model's size (model.base_channels, ...)"
+            raise ConfigError(f"{key}: training needs about {gib(params + batch)} (parameters with gradients, EMA and "
+                              f"optimizer {gib(params)}, activations of a batch {gib(batch)}); {gib(free)} is free on "
+                              f"{self.device.type}. Lower train.batch_size (train.grad_accum keeps the effective batch) "
+                              "or the model's size")
+
     def close(self) -> None:
-        """Leave the process group this trainer joined. The DDP wrapper is released first: tearing
-        it down after the group is gone can block forever in its destructor."""
+        """Leave the process group this trainer joined and release the run's lock. The DDP wrapper is
+        released first: tearing it down after the group is gone can block forever in its destructor."""
         self.model = self.net
         gc.collect()
         if self.owns_process_group:
             ddp.destroy_process_group()
             self.owns_process_group = False
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # -- state ---------------------------------------------------------------------------------
     def _rng_tensors(self) -> dict[str, Tensor]:
@@ -179,6 +213,7 @@ class Trainer:
         return training_tensors(self.net, self.ema, self.optimizer, rngs)
 
     def state_meta(self) -> dict[str, Any]:
+        """The checkpoint's metadata (``train.state.training_meta``), the data's fingerprint included."""
         return training_meta(self.cfg, self.data, self.stream.state(), self.ema, self.dist.world_size, self.net,
                              self.optimizer)
 
@@ -188,8 +223,8 @@ class Trainer:
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
             raise CheckpointError(f"{self.run_dir}: --resume given but no complete checkpoint was found")
-        point = read_resume(ckpt, self.net, self.optimizer, len(self.data), self.dist.world_size, self.dist.rank,
-                            self._rng_tensors())
+        point = read_resume(ckpt, self.net, self.optimizer, self.data, self.dist.world_size, self.dist.rank,
+                            self._rng_tensors(), self.cfg)
         self.net.load_state_dict(point.model, strict=True)
         self.ema.shadow = {k: v.to(self.device) for k, v in point.ema.items()}
         self.ema.updates = point.ema_updates
@@ -207,12 +242,13 @@ class Trainer:
         if not (self.dist.is_main and self.log_path.exists()):
             return
         keep = []
-        for ln in self.log_path.read_text().splitlines():
+        for raw in self.log_path.read_bytes().splitlines():
             try:
+                ln = raw.decode("utf-8")
                 if ln.strip() and json.loads(ln)["step"] <= step:
                     keep.append(ln)
             except (ValueError, KeyError, TypeError):
-                continue  # a line cut short by a crash
+                continue  # a line cut short by a crash, or damaged (UnicodeDecodeError is a ValueError)
         atomic_write_text(self.log_path, "".join(ln + "\n" for ln in keep))
 
     def save(self) -> None:
@@ -234,6 +270,8 @@ class Trainer:
         return self.x[idx], None if self.labels is None else self.labels[idx]
 
     def _stopped_here(self) -> str:
+        if not list_checkpoints(self.run_dir):
+            return "stopped before any checkpoint was written (lower train.lr or check the data)"
         return f"stopped, the last good checkpoint in {self.run_dir / 'checkpoints'} is kept"
 
     def train_step(self) -> tuple[float, float]:
