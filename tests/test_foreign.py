@@ -1,4 +1,4 @@
-"""A diffusers UNet2DModel folder as a diffusekit denoiser (foreign.py), checked against diffusers itself."""
+"""A diffusers UNet2DModel folder as a diffusekit denoiser (families/diffusers.py), checked against diffusers itself."""
 
 import math
 

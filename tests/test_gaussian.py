@@ -74,7 +74,7 @@ def test_posterior_equals_bayes_rule_by_quadrature(name):
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])
 def test_posterior_mean_forms_agree(name):
-    """mu_q written in x_0 equals mu_q written in eps (seed 000's reparameterized form)."""
+    """mu_q written in x_0 equals mu_q written in eps (the reparameterized form of Vidal's lecture, "Deep Generative Models")."""
     sch = make_schedule(name, 1000)
     g = torch.Generator().manual_seed(2)
     n = 4096

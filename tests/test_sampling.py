@@ -277,7 +277,7 @@ def test_ddpm_matches_diffusers_step_by_step(variance, steps, spacing):
 
     diffusers' tables are upcast to float64 first, as ours are: with its float32 alphas_cumprod,
     beta_t = 1 - abar_t / abar_{t-1} cancels to ~1e-3 relative error near t = 0 and its steps there
-    differ from the float64 ones by up to 1e-4 (PITFALLS 6). diffusers also adds sqrt(beta) z at a
+    differ from the float64 ones by up to 1e-4 (diffusers builds its tables in float32). diffusers also adds sqrt(beta) z at a
     trailing grid's last step (k > 0); ours, like Algorithm 2, adds none, so fixed_large is
     compared on grids that end at k = 0."""
     diffusers, sch, mix = _diffusers_setup()
@@ -307,7 +307,7 @@ def test_ddpm_matches_diffusers_step_by_step(variance, steps, spacing):
 @pytest.mark.parametrize("spacing,steps", [("leading", 50), ("leading", 7), ("trailing", 50)])
 def test_ddim_matches_diffusers_step_by_step(eta, spacing, steps):
     """DDIMScheduler(set_alpha_to_one=True) reads alpha_bar at k - T // S, which is the previous grid
-    point for leading grids and for trailing grids when S divides T (otherwise it is not: PITFALLS 1)."""
+    point for leading grids and for trailing grids when S divides T (otherwise it is not: the off-by-one of diffusers #2585, #10003)."""
     diffusers, sch, mix = _diffusers_setup()
     ref = diffusers.DDIMScheduler(num_train_timesteps=1000, set_alpha_to_one=True, clip_sample=False,
                                   timestep_spacing=spacing)

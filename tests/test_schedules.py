@@ -24,7 +24,7 @@ def test_tables_match_diffusers(name, theirs):
     ref = diffusers_scheduler(theirs)
     ours = S.make_schedule(name, 1000)
     # diffusers stores alpha_bar in float32; 1 - alpha_bar then loses ~4 digits near t = 1
-    # (PITFALLS 6), so the derived tables are rebuilt in float64 from its betas by its formulas.
+    # (float32, unlike ours), so the derived tables are rebuilt in float64 from its betas by its formulas.
     torch.testing.assert_close(ours.alpha_bar[1:], ref.alphas_cumprod.double(), rtol=0, atol=1e-6)
     ab = torch.cumprod(1 - ref.betas.double(), 0)
     ab_prev = torch.cat([torch.ones(1, dtype=F64), ab[:-1]])

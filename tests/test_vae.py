@@ -409,7 +409,7 @@ def test_cli_evaluate_quality(capsys, tmp_path, monkeypatch, digits_cache):
     assert (run / "eval" / "samples.png").is_file()
 
 
-# -- diffusion is an MHVAE with a fixed linear-Gaussian encoder (seed 000) --------------------------
+# -- diffusion is an MHVAE with a fixed linear-Gaussian encoder (Vidal, "Deep Generative Models") --------------------------
 def test_diffusion_as_an_mhvae_both_decompositions_agree():
     """Encoder q(z_t | z_{t-1}) = N(sqrt(1 - beta_t) z_{t-1}, beta_t I) fixed; any Gaussian decoder.
     The MHVAE decomposition of this module and the notes' diffusion decomposition (reconstruction,

@@ -233,7 +233,7 @@ class VAEConfig:
 
 @dataclass
 class LatentConfig:
-    """Text-to-image latent diffusion (model.kind = "latent_unet", diffusekit.latent): a U-Net with
+    """Text-to-image latent diffusion (model.kind = "latent_unet", families.text_latent): a U-Net with
     cross-attention over MiniLM caption features denoises the latents of a trained autoencoder run;
     captions come from the labels (model.num_classes = 10), train.class_dropout is the caption dropout."""
 
@@ -242,7 +242,7 @@ class LatentConfig:
 
 @dataclass
 class ControlNetConfig:
-    """ControlNet (model.kind = "controlnet", diffusekit.control): a trainable copy of the encoder of
+    """ControlNet (model.kind = "controlnet", families.controlnet): a trainable copy of the encoder of
     the frozen U-Net of ``base_run`` learns to steer it with a control image computed from each example."""
 
     base_run: str = "runs/digits_class"  # run folder of a trained model.kind = "unet" run (kept frozen)
