@@ -23,6 +23,10 @@ class TrainingError(DiffusekitError):
     """Training cannot go on (for example, a non-finite loss); the message names the step."""
 
 
+class SamplingError(DiffusekitError):
+    """Sampling produced values that cannot be written or scored (NaN or infinity)."""
+
+
 class OutputError(DiffusekitError):
     """A destination that cannot be written (not a folder, not ours, read-only, full); the message names it."""
 

@@ -39,7 +39,7 @@ from diffusekit.evaluate.samples import score_samples
 from diffusekit.io.atomic import atomic_write_text
 from diffusekit.likelihood import fit_reverse_log_variances, nats_to_bits_per_dim, vlb_estimate, vlb_exact
 from diffusekit.likelihood_ode import ode_nll
-from diffusekit.sampling.generate import TrajectoryRecorder, generate
+from diffusekit.sampling.generate import TrajectoryRecorder, check_finite, generate
 from diffusekit.sampling.settings import SampleSettings
 from diffusekit.sde import vp_from_schedule
 from diffusekit.viz import save_trajectory_strip
@@ -137,6 +137,7 @@ def sample_quality(run, test, settings, progress: bool) -> tuple[dict[str, Any],
     x = generate(run.denoiser, run.schedule, run.data_shape, settings, progress=progress, stats=stats,
                  num_classes=num_classes)
     seconds = time.time() - t0
+    check_finite(x, "quality samples")
     out = score_samples(x, run.cfg.data, test, run.levels, stats.get("labels"))
     if num_classes > 0:
         out["guidance"] = settings.guidance

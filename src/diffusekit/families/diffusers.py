@@ -28,6 +28,7 @@ Weights are read only from ``diffusion_pytorch_model.safetensors``; a folder wit
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,11 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from diffusekit.config import Config
+from diffusekit.budget import fits, gib
+from diffusekit.config import MAX_IMAGE_SIZE, MAX_SAMPLE_STEPS, MAX_WIDTH, Config
 from diffusekit.errors import CheckpointError, ConfigError
 from diffusekit.families.diffusion import DiffusionModel
+from diffusekit.io.atomic import read_input_file
 from diffusekit.parameterization import Denoiser
 from diffusekit.schedules import DiscreteSchedule, cosine_betas
 
@@ -52,9 +55,10 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    text = read_input_file(path, "JSON config")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        data = json.loads(text)
+    except ValueError as e:
         raise ConfigError(f"{path}: cannot read JSON ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object")
@@ -70,14 +74,20 @@ def diffusers_betas(config: dict[str, Any], source: str = "scheduler config") ->
     capped at 0.999 (``schedules.cosine_betas``); ``trained_betas`` in the config wins over all three.
     """
     T = config.get("num_train_timesteps", 1000)
-    if not isinstance(T, int) or isinstance(T, bool) or T < 1:
-        raise ConfigError(f"{source}: num_train_timesteps must be a positive integer, got {T!r}")
+    if not isinstance(T, int) or isinstance(T, bool) or not 1 <= T <= MAX_SAMPLE_STEPS:
+        raise ConfigError(f"{source}: num_train_timesteps must be an integer in 1..{MAX_SAMPLE_STEPS}, got {T!r}")
     if config.get("rescale_betas_zero_snr"):
         raise ConfigError(f"{source}: rescale_betas_zero_snr = true (beta_T = 1, infinite noise) is not supported")
-    if config.get("trained_betas") is not None:
-        return torch.as_tensor(config["trained_betas"], dtype=F64).flatten()
+    trained = config.get("trained_betas")
+    if trained is not None:
+        if not (isinstance(trained, list) and 0 < len(trained) <= MAX_SAMPLE_STEPS and all(_number(b) for b in trained)):
+            raise ConfigError(f"{source}: trained_betas must be a list of at most {MAX_SAMPLE_STEPS} numbers")
+        return torch.as_tensor(trained, dtype=F64).flatten()
     name = config.get("beta_schedule", "linear")
-    start, end = float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02))
+    start, end = config.get("beta_start", 1e-4), config.get("beta_end", 0.02)
+    for key, value in (("beta_start", start), ("beta_end", end)):
+        if not (_number(value) and 0 < value < 1):
+            raise ConfigError(f"{source}: {key} must be a number in (0, 1), got {value!r}")
     if name == "linear":
         return torch.linspace(start, end, T, dtype=F64)
     if name == "scaled_linear":
@@ -85,6 +95,33 @@ def diffusers_betas(config: dict[str, Any], source: str = "scheduler config") ->
     if name == "squaredcos_cap_v2":
         return cosine_betas(T, s=0.008, max_beta=0.999)
     raise ConfigError(f"{source}: unsupported beta_schedule {name!r}; supported: {', '.join(BETA_SCHEDULES)}")
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_unet_config(config: dict[str, Any], path: Path) -> None:
+    """The keys of a UNet2DModel config.json that fix its size, type-checked and bounded (one line naming
+    the file and key): a config with block_out_channels of 200000 is refused before any allocation."""
+    def integer(v: Any, lo: int, hi: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+    size = config.get("sample_size", 32)
+    rules = (
+        ("sample_size", integer(size, 1, MAX_IMAGE_SIZE) or (isinstance(size, list) and len(size) == 2 and all(
+            integer(v, 1, MAX_IMAGE_SIZE) for v in size)), f"an integer (or two) in 1..{MAX_IMAGE_SIZE}"),
+        ("in_channels", integer(config.get("in_channels", 3), 1, 64), "an integer in 1..64"),
+        ("out_channels", integer(config.get("out_channels", 3), 1, 128), "an integer in 1..128"),
+        ("block_out_channels", isinstance(config.get("block_out_channels", [64]), list) and 0 < len(
+            config.get("block_out_channels", [64])) <= 8 and all(integer(c, 1, MAX_WIDTH) for c in config.get(
+                "block_out_channels", [64])), f"a list of 1 to 8 integers in 1..{MAX_WIDTH}"),
+        ("layers_per_block", integer(config.get("layers_per_block", 2), 1, 16), "an integer in 1..16"),
+        ("norm_num_groups", integer(config.get("norm_num_groups", 32), 1, MAX_WIDTH), f"an integer in 1..{MAX_WIDTH}"),
+    )
+    for key, ok, want in rules:
+        if not ok:
+            raise ConfigError(f"{path}: {key} must be {want}, got {config.get(key)!r}")
 
 
 def diffusers_schedule(config: dict[str, Any], source: str = "scheduler config") -> DiscreteSchedule:
@@ -169,7 +206,20 @@ def _load_unet(model_dir: Path) -> nn.Module:
     if config.get("time_embedding_type", "positional") != "positional":
         raise ConfigError(f"{config_path}: time_embedding_type {config['time_embedding_type']!r} is not supported "
                           "(positional only: the timestep must be a DDPM step)")
-    unet = UNet2DModel.from_config(config)
+    _check_unet_config(config, config_path)
+    try:
+        with torch.device("meta"):  # the size first, on a weightless copy: nothing is allocated yet
+            n_params = sum(p.numel() for p in UNet2DModel.from_config(config).parameters())
+        ok, free = fits(n_params * 4)
+        if not ok:
+            raise ConfigError(f"{config_path}: the U-Net has {n_params} parameters ({gib(n_params * 4)}); "
+                              f"{gib(free)} is free here")
+        unet = UNet2DModel.from_config(config)
+    except ConfigError:
+        raise
+    except Exception as e:  # diffusers' own errors for a config it cannot build (wrong types, bad combinations)
+        raise ConfigError(f"{config_path}: diffusers cannot build a UNet2DModel from it "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     try:
         state = load_file(str(weights))
         unet.load_state_dict(state, strict=True)
@@ -219,6 +269,7 @@ def data_shape(path: str | Path) -> tuple[int, int, int]:
     folder = Path(path)
     config_path = _find(folder, "unet", "config.json")
     config = _read_json(config_path)
+    _check_unet_config(config, config_path)
     size = config.get("sample_size", 32)
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     return int(config.get("in_channels", 3)), int(h), int(w)

@@ -33,6 +33,7 @@ from diffusekit.families.base import EvaluateSettings, Evaluation, Model, Sample
 from diffusekit.families.diffusion import quality_rows
 from diffusekit.io.checkpoint import load_module_state
 from diffusekit.io.runfolder import RunCheckpoint
+from diffusekit.sampling.generate import check_finite
 from diffusekit.sampling.settings import MAX_SEEDS, settings_from_json, settings_to_json
 from diffusekit.vae.metrics import active_units, bound, neg_bound_per_example, reconstruction_quality
 from diffusekit.vae.models import DecoderLikelihood, HierarchicalVAE, build_hierarchical_vae
@@ -205,6 +206,7 @@ def evaluate(model: VAEModel, settings: EvaluateSettings, out_dir: Path, progres
             t0 = time.time()
             samples = ancestral(model.module, range(settings.seed, settings.seed + n), model.cfg.vae.sample_noise)
             seconds = time.time() - t0
+            check_finite(samples, "quality samples")
             q = score_samples(samples, model.cfg.data, test, model.levels)
             q.update(sampling_seconds=seconds, seconds_per_sample=seconds / n, n_samples=n,
                      sampler="ancestral, " + ("draw of p(x|z)" if model.cfg.vae.sample_noise else "E[x|z]"))

@@ -101,18 +101,19 @@ class RunLock:
     operating system releases it when the process ends, however it ends."""
 
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / LOCK
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        self.path, self.fd = Path(run_dir) / LOCK, None
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(self.fd, 32, 0).decode("ascii", "replace").strip() or "?"
-            os.close(self.fd)
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
             alive = holder.isdigit() and process_alive(int(holder))
             raise TrainingError(f"{run_dir}: another diffusekit process (pid {holder}{'' if alive else '?'}) is "
                                 "writing this run; wait for it to end or choose another --out") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
 
     def release(self) -> None:
         if self.fd is not None:

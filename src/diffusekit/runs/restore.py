@@ -44,8 +44,8 @@ from diffusekit.evaluate.features import evaluate_accuracy, load_feature_net
 from diffusekit.evaluate.samples import FEATURE_DATASETS
 from diffusekit.families import read_run
 from diffusekit.io.atomic import OutputFolder, atomic_write_bytes, atomic_write_text
-from diffusekit.runs.sample import check_finite
 from diffusekit.sampling.catalog import DEFAULT_MASK, MASKS, RESTORE_METHODS, RESTORE_TASKS, SPACINGS, VARIANCES
+from diffusekit.sampling.generate import check_finite
 from diffusekit.sampling.noise import PerSampleNoise
 from diffusekit.sampling.restore import (Colorization, Inpaint, LinearDegradation, SuperResolution, sample_ddnm,
                                          sample_repaint)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from diffusekit.errors import SamplingError
 from diffusekit.parameterization import Callback, DenoiserFn
 from diffusekit.sampling.catalog import SamplerSpec, default_grid, sampler_spec
 from diffusekit.sampling.guidance import ClassifierFreeGuidance, class_labels_for, null_class_labels
@@ -25,7 +26,7 @@ from diffusekit.sampling.settings import SampleSettings
 from diffusekit.schedules import DiscreteSchedule
 from diffusekit.sde import vp_from_schedule
 
-__all__ = ["generate", "run_sampler", "sampler_function", "TrajectoryRecorder"]
+__all__ = ["generate", "run_sampler", "sampler_function", "TrajectoryRecorder", "check_finite"]
 
 
 class TrajectoryRecorder:
@@ -166,3 +167,12 @@ def generate(denoiser: DenoiserFn, schedule: DiscreteSchedule, shape: Sequence[i
     return torch.cat(out)
 
 
+
+
+def check_finite(x: Tensor, what: str = "samples") -> None:
+    """A ``SamplingError`` (one line: how many, and what to try) when any of ``x`` is NaN or infinite, so
+    that no such sample is ever written or scored as if it were one."""
+    bad = (~torch.isfinite(x.reshape(x.shape[0], -1))).any(1)
+    if bool(bad.any()):
+        raise SamplingError(f"{int(bad.sum())} of {x.shape[0]} {what} are not finite (NaN or infinity); nothing was "
+                            "written. Lower the guidance, step size or clip value, or check the checkpoint")
