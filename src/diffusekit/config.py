@@ -427,6 +427,17 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, name, value
 
 
+def json_object(text: str, what: str) -> dict[str, Any]:
+    """``text`` parsed as a JSON object; a ConfigError naming ``what`` for anything else."""
+    try:
+        d = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{what}: not JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{what}: must be a JSON object, got {type(d).__name__}")
+    return d
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     text = read_input_file(path, "config file")
     try:

@@ -46,6 +46,15 @@ def _device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto (a GPU when there is one)")
 
 
+def _outputs(p: argparse.ArgumentParser, command: str, default_out: str) -> None:
+    """The flags of a command that writes a folder of outputs from a run (sample, restore)."""
+    p.add_argument("--batch-size", type=int, default=64, help="examples per network call (changes no output)")
+    p.add_argument("--settings", type=Path, help=f"settings.json of an earlier `{command}` call: reproduce it exactly")
+    p.add_argument("--out", type=Path, help=f"output folder (default: <run>/{default_out})")
+    _device(p)
+    _common(p)
+
+
 def _sampler_flags(p: argparse.ArgumentParser) -> None:
     names = ", ".join(f"{name} ({row.summary})" for name, row in SAMPLERS.items())
     p.add_argument("--sampler", choices=list(SAMPLERS), default=None, help=f"the sampler: {names}")
@@ -106,11 +115,7 @@ def _sample(sub) -> None:
     ema = p.add_mutually_exclusive_group()
     ema.add_argument("--ema", dest="ema", action="store_true", default=True, help="use EMA weights (default)")
     ema.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--settings", type=Path, help="settings.json of an earlier `sample` call: reproduce it exactly")
-    p.add_argument("--out", type=Path, help="output folder (default: <run>/samples-<sampler>-<steps>)")
-    _device(p)
-    _common(p)
+    _outputs(p, "sample", "samples-<sampler>-<steps>")
 
 
 def _evaluate(sub) -> None:
@@ -171,11 +176,7 @@ def _restore(sub) -> None:
     p.add_argument("--images", type=Path, nargs="+", default=None, help="restore these image files instead")
     p.add_argument("--split", choices=["test", "train"], default="test")
     p.add_argument("--no-ema", dest="ema", action="store_false", default=True, help="use the raw weights")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--settings", type=Path, help="settings.json of an earlier `restore`: reproduce it exactly")
-    p.add_argument("--out", type=Path, help="output folder (default: <run>/restore-<task>-<method>)")
-    _device(p)
-    _common(p)
+    _outputs(p, "restore", "restore-<task>-<method>")
 
 
 def _demo(sub) -> None:

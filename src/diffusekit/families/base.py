@@ -24,11 +24,12 @@ from torch import Tensor, nn
 
 from diffusekit.config import Config
 from diffusekit.data.dataset import ArrayDataset
-from diffusekit.errors import ConfigError
+from diffusekit.errors import CheckpointError, ConfigError
+from diffusekit.io.runfolder import RunCheckpoint, read_run_checkpoint
 from diffusekit.sampling.catalog import BOUND_VARIANCES, EVAL_METRICS
 
 __all__ = ["Objective", "Model", "SampleRequest", "Samples", "EvaluateSettings", "Evaluation", "Family",
-           "CONDITIONING_FLAGS", "check_labels_and_guidance"]
+           "CONDITIONING_FLAGS", "check_labels_and_guidance", "load_run_dependency"]
 
 
 class Objective(Protocol):
@@ -95,6 +96,26 @@ def check_labels_and_guidance(model: Model, settings: Any, key: Callable[[str], 
     if bad:
         raise ConfigError(f"{key('classes')}: class {bad[0]} is out of range for run {model.source} "
                           f"(model.num_classes = {model.num_classes}: classes 0..{model.num_classes - 1})")
+
+
+def load_run_dependency(path: str | Path, where: str, wanted: str, kind_ok: Callable[[RunCheckpoint], bool],
+                        load: Callable[..., Model], data_shape: tuple[int, ...] | None, role: str,
+                        device: str | torch.device = "cpu") -> Model:
+    """The EMA model of another run a family builds on (ControlNet's base, text-to-image's autoencoder),
+    named by config key ``where``: a missing or damaged run, one of another kind than ``wanted`` or one on
+    images of another shape is a one-line ``CheckpointError`` naming the key."""
+    try:
+        rc = read_run_checkpoint(path)
+        if not kind_ok(rc):
+            raise CheckpointError(f"{path} is a model.kind = {rc.kind!r} (loss.objective = {rc.cfg.loss.objective!r}) "
+                                  f"run, not {wanted}")
+        model = load(rc, use_ema=True, device=device)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+    if data_shape is not None and tuple(model.data_shape) != tuple(data_shape):
+        raise CheckpointError(f"{where}: {role} images of shape {tuple(model.data_shape)}, the data has "
+                              f"{tuple(data_shape)}")
+    return model
 
 
 # the request fields, with the flag that sets each (for messages)

@@ -30,11 +30,11 @@ from diffusekit.config import Config
 from diffusekit.data.dataset import ArrayDataset
 from diffusekit.data.images import read_image
 from diffusekit.data.registry import load_dataset
-from diffusekit.errors import CheckpointError, ConfigError
+from diffusekit.errors import ConfigError
 from diffusekit.families import diffusion
-from diffusekit.families.base import EvaluateSettings, Evaluation, Model, SampleRequest, Samples
+from diffusekit.families.base import EvaluateSettings, Evaluation, Model, SampleRequest, Samples, load_run_dependency
 from diffusekit.io.checkpoint import load_module_state
-from diffusekit.io.runfolder import RunCheckpoint, read_run_checkpoint
+from diffusekit.io.runfolder import RunCheckpoint
 from diffusekit.nn.controlnet import ControlledUNet, ControlNet
 from diffusekit.parameterization import Denoiser
 from diffusekit.sampling.generate import generate
@@ -77,18 +77,10 @@ def edge_correlation(a: Tensor, b: Tensor) -> Tensor:
 
 def _load_base(cfg: Config, data_shape: tuple[int, ...] | None) -> diffusion.DiffusionModel:
     """The frozen base: the EMA weights of ``controlnet.base_run``, a discrete-time unet run."""
-    where = f"controlnet.base_run = {cfg.controlnet.base_run!r}"
-    try:
-        rc = read_run_checkpoint(cfg.controlnet.base_run)
-        if rc.kind != "unet" or rc.cfg.loss.objective != "discrete":
-            raise CheckpointError("the base must be a discrete-time model.kind = 'unet' run")
-        base = diffusion.load(rc, use_ema=True)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{where}: {exc}") from None
-    if data_shape is not None and tuple(base.data_shape) != tuple(data_shape):
-        raise CheckpointError(f"{where}: the base models images of shape {tuple(base.data_shape)}, "
-                              f"the data has {tuple(data_shape)}")
-    return base
+    return load_run_dependency(cfg.controlnet.base_run, f"controlnet.base_run = {cfg.controlnet.base_run!r}",
+                               "a discrete-time model.kind = 'unet' run",
+                               lambda rc: rc.kind == "unet" and rc.cfg.loss.objective == "discrete", diffusion.load,
+                               data_shape, "the base models")
 
 
 class ControlObjective(diffusion.DiffusionObjective):

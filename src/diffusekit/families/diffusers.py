@@ -27,7 +27,6 @@ Weights are read only from ``diffusion_pytorch_model.safetensors``; a folder wit
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from diffusekit.budget import fits, gib
-from diffusekit.config import MAX_IMAGE_SIZE, MAX_SAMPLE_STEPS, MAX_WIDTH, Config
+from diffusekit.config import MAX_IMAGE_SIZE, MAX_SAMPLE_STEPS, MAX_WIDTH, Config, json_object
 from diffusekit.errors import CheckpointError, ConfigError
 from diffusekit.families.diffusion import DiffusionModel
 from diffusekit.io.atomic import read_input_file
@@ -55,14 +54,7 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    text = read_input_file(path, "JSON config")
-    try:
-        data = json.loads(text)
-    except ValueError as e:
-        raise ConfigError(f"{path}: cannot read JSON ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return data
+    return json_object(read_input_file(path, "JSON config"), str(path))
 
 
 def diffusers_betas(config: dict[str, Any], source: str = "scheduler config") -> Tensor:

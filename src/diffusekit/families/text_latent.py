@@ -34,10 +34,10 @@ from diffusekit.errors import CheckpointError, ConfigError
 from diffusekit.evaluate.features import load_feature_net
 from diffusekit.evaluate.quality import _snap_to_levels, image_quality
 from diffusekit.families import vae
-from diffusekit.families.base import EvaluateSettings, Evaluation, Model, SampleRequest, Samples
+from diffusekit.families.base import EvaluateSettings, Evaluation, Model, SampleRequest, Samples, load_run_dependency
 from diffusekit.families.diffusion import build_schedule, check_class_labels, drop_labels, grid_columns
 from diffusekit.io.checkpoint import check_state, load_module_state
-from diffusekit.io.runfolder import RunCheckpoint, read_run_checkpoint
+from diffusekit.io.runfolder import RunCheckpoint
 from diffusekit.latent.model import KIND, LatentCodec, build_latent_net, codec_fingerprint, latent_scale
 from diffusekit.latent.sampling import prompt_features, sample_latents
 from diffusekit.losses import diffusion_loss, sample_timesteps
@@ -62,17 +62,8 @@ def load_codec(path: str | Path, data_shape: tuple[int, ...] | None = None, devi
     if not path.is_dir():
         raise CheckpointError(f"{where}: autoencoder run folder {path} does not exist (train it: diffusekit train "
                               f"--config configs/autoencoder_mnist.toml --out {path})")
-    try:
-        rc = read_run_checkpoint(path)
-        if rc.kind != "autoencoder":
-            raise CheckpointError(f"{path} is a model.kind = {rc.kind!r} run, not an autoencoder")
-        run = vae.load(rc, use_ema=True, device=device)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{where}: {exc}") from None
-    if data_shape is not None and tuple(run.data_shape) != tuple(data_shape):
-        raise CheckpointError(f"{where}: the autoencoder codes images of shape {tuple(run.data_shape)}, the data "
-                              f"has {tuple(data_shape)}")
-    return run
+    return load_run_dependency(path, where, "an autoencoder", lambda rc: rc.kind == "autoencoder", vae.load,
+                               data_shape, "the autoencoder codes", device)
 
 
 def check_config(cfg: Config) -> None:

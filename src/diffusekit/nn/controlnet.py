@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusekit.nn.embeddings import noise_level_vector
+from diffusekit.nn.embeddings import noise_and_class_embedding
 from diffusekit.nn.unet import Downsample, UNet, encoder_path, zero_init
 
 __all__ = ["ControlNet", "ControlledUNet", "HintEncoder"]
@@ -87,25 +87,11 @@ class ControlNet(nn.Module):
             raise ValueError(f"ControlNet: control must have shape {expected} (B, hint channels, H, W of x), "
                              f"got {got}")
 
-    def _embedding(self, c_noise: Tensor, class_labels: Tensor | None, batch: int) -> Tensor:
-        emb = self.time_mlp(self.time_embed(noise_level_vector(c_noise, batch, "ControlNet")))
-        if self.class_embed is None:
-            if class_labels is not None:
-                raise ValueError("class_labels given, but the base UNet was built with num_classes=0")
-            return emb
-        if class_labels is None:  # null label, as in the base
-            class_labels = torch.full((batch,), self.num_classes, device=emb.device)
-        elif class_labels.shape != (batch,) or class_labels.is_floating_point():
-            raise ValueError(f"class_labels must be an integer tensor of shape ({batch},) with values in "
-                             f"0..{self.num_classes} ({self.num_classes} = null), got {class_labels.dtype} "
-                             f"{tuple(class_labels.shape)}")
-        return emb + self.class_embed(class_labels)
-
     def forward(self, x: Tensor, c_noise: Tensor, control: Tensor, class_labels: Tensor | None = None,
                 context: Tensor | None = None, context_mask: Tensor | None = None) -> list[Tensor]:
         """(B, C, H, W), (B,) logsnr, (B, C_hint, H, W) -> residuals shaped as ``base.residual_shapes``."""
         self._check_control(x, control)
-        emb = self._embedding(c_noise, class_labels, x.shape[0])
+        emb = noise_and_class_embedding(self, c_noise, class_labels, x.shape[0], "base UNet")
         gain_shift = iter(self.emb_proj(F.silu(emb)).split(self.emb_split, dim=1))
         skips, middle = encoder_path(self, self.conv_in(x) + self.hint(control), gain_shift, context, context_mask)
         return [conv(f) for conv, f in zip(self.zero_convs, skips + [middle])]

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = [
+__all__ = ["noise_and_class_embedding", 
     "SinusoidalEmbedding",
     "FourierEmbedding",
     "make_time_embedding",
@@ -118,3 +118,24 @@ def make_time_embedding(kind: EmbeddingKind, dim: int) -> nn.Module:
 def embedding_mlp(in_dim: int, out_dim: int) -> nn.Sequential:
     """Linear-SiLU-Linear from the features to the embedding width (DDPM's ``temb`` layers)."""
     return nn.Sequential(nn.Linear(in_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
+
+
+def noise_and_class_embedding(net: nn.Module, c_noise: Tensor, class_labels: Tensor | None, batch: int,
+                              owner: str) -> Tensor:
+    """The conditioning vector of a denoiser network ``net`` (with ``time_embed``, ``time_mlp``,
+    ``class_embed`` and ``num_classes``): the embedded noise level, plus the class embedding when the
+    network is class-conditional. Missing labels mean the null label ``num_classes`` (the unconditional
+    model of classifier-free guidance); labels given to an unconditional network, or not an integer
+    vector of the batch, are a ValueError naming ``owner``."""
+    emb = net.time_mlp(net.time_embed(noise_level_vector(c_noise, batch, owner)))
+    if net.class_embed is None:
+        if class_labels is not None:
+            raise ValueError(f"class_labels given, but the {owner} was built with num_classes=0")
+        return emb
+    if class_labels is None:
+        class_labels = torch.full((batch,), net.num_classes, device=emb.device)
+    elif class_labels.shape != (batch,) or class_labels.is_floating_point():
+        raise ValueError(f"class_labels must be an integer tensor of shape ({batch},) with values in "
+                         f"0..{net.num_classes} ({net.num_classes} = null), got {class_labels.dtype} "
+                         f"{tuple(class_labels.shape)}")
+    return emb + net.class_embed(class_labels)

@@ -14,13 +14,13 @@ The output layer is zero-initialised, so the untrained network outputs exactly z
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusekit.nn.embeddings import EmbeddingKind, embedding_mlp, make_time_embedding, noise_level_vector
+from diffusekit.nn.embeddings import EmbeddingKind, embedding_mlp, make_time_embedding, noise_and_class_embedding
 
 __all__ = ["MLPDenoiser"]
 
@@ -62,33 +62,16 @@ class MLPDenoiser(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(
-        self,
-        x: Tensor,
-        c_noise: Tensor,
-        class_labels: Tensor | None = None,
-        context: Tensor | None = None,
-        residuals: Sequence[Tensor] | None = None,
-    ) -> Tensor:
-        if context is not None or residuals is not None:
-            raise ValueError("MLPDenoiser supports neither context nor residuals; use UNet")
+    def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None, **unsupported: Any) -> Tensor:
+        """``unsupported`` conditioning (context, residuals) must be None: an MLP takes neither."""
+        if any(v is not None for v in unsupported.values()):
+            raise ValueError(f"MLPDenoiser supports neither {' nor '.join(sorted(unsupported))}; use UNet")
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(
                 f"MLPDenoiser expects x of shape (B, {self.dim}), got {tuple(x.shape)}"
             )
         batch = x.shape[0]
-        emb = self.time_mlp(self.time_embed(noise_level_vector(c_noise, batch, "MLPDenoiser")))
-        if self.class_embed is not None:
-            if class_labels is None:
-                class_labels = torch.full((batch,), self.num_classes, device=x.device)
-            elif class_labels.shape != (batch,) or class_labels.is_floating_point():
-                raise ValueError(
-                    f"class_labels must be an integer tensor of shape ({batch},), "
-                    f"got {class_labels.dtype} {tuple(class_labels.shape)}"
-                )
-            emb = emb + self.class_embed(class_labels)
-        elif class_labels is not None:
-            raise ValueError("class_labels given, but MLPDenoiser was built with num_classes=0")
+        emb = noise_and_class_embedding(self, c_noise, class_labels, batch, "MLPDenoiser")
         gain_shift = self.emb_proj(F.silu(emb)).view(batch, self.depth, 2, self.hidden)
 
         h = self.inp(x)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusekit.nn.embeddings import EmbeddingKind, embedding_mlp, make_time_embedding, noise_level_vector
+from diffusekit.nn.embeddings import EmbeddingKind, embedding_mlp, make_time_embedding, noise_and_class_embedding
 
 __all__ = ["unet_fit_problems", "UNet", "ResBlock", "AttentionBlock", "Downsample", "Upsample"]
 
@@ -371,22 +371,6 @@ class UNet(nn.Module):
                     f"residuals[{i}] ({what}) must have shape {shape}, got {tuple(r.shape)}"
                 )
 
-    def _embedding(self, c_noise: Tensor, class_labels: Tensor | None, batch: int) -> Tensor:
-        emb = self.time_mlp(self.time_embed(noise_level_vector(c_noise, batch, "UNet")))
-        if self.class_embed is None:
-            if class_labels is not None:
-                raise ValueError("class_labels given, but the UNet was built with num_classes=0")
-            return emb
-        if class_labels is None:  # all null: the unconditional model of classifier-free guidance
-            class_labels = torch.full((batch,), self.num_classes, device=emb.device)
-        elif class_labels.shape != (batch,) or class_labels.is_floating_point():
-            raise ValueError(
-                f"class_labels must be an integer tensor of shape ({batch},) with values in "
-                f"0..{self.num_classes} ({self.num_classes} = null), got {class_labels.dtype} "
-                f"{tuple(class_labels.shape)}"
-            )
-        return emb + self.class_embed(class_labels)
-
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -422,7 +406,7 @@ class UNet(nn.Module):
         if residuals is not None:
             self._check_residuals(x, residuals)
 
-        emb = self._embedding(c_noise, class_labels, batch)
+        emb = noise_and_class_embedding(self, c_noise, class_labels, batch, "UNet")
         gain_shift = iter(self.emb_proj(F.silu(emb)).split(self._emb_split, dim=1))
 
         skips, h = encoder_path(self, self.conv_in(x), gain_shift, context, context_mask)

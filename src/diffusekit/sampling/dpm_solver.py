@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from diffusekit.parameterization import Callback, DenoiserFn
-from diffusekit.sampling.ode import Grid, _check, _start, grid_sigmas, resolve_times, ve_denoise
+from diffusekit.sampling.ode import Grid, finish, model_x0, walk
 from diffusekit.sde import SDE
 
 __all__ = ["sample_dpmpp_2m"]
@@ -43,17 +43,10 @@ def sample_dpmpp_2m(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, times: Tensor |
     """DPM-Solver++(2M) from the prior draw ``x_T`` of ``sde`` at t_max to clean data, ``steps``
     network calls on ``time_grid(sde, steps, grid)``; with ``denoise_final`` False the last step is
     skipped and x at t_min returned (x = a(t_min) y)."""
-    _check(x_T)
-    times = resolve_times(sde, times, steps, grid)
-    steps = len(times)
-    sig = grid_sigmas(sde, times)
-    y = _start(sde, x_T, times)
-    last = steps if denoise_final else steps - 1
+    times, sig, y = walk(sde, x_T, times, steps, grid)
     x0_prev, h_prev = None, None
-    for i in range(last):
-        x0 = ve_denoise(denoiser, y, sig[i], cond)
-        if callback is not None:
-            callback({"i": i, "t": float(times[i]), "x": y, "x0": x0, "sigma": sig[i]})
+    for i in range(len(times) if denoise_final else len(times) - 1):
+        x0 = model_x0(denoiser, y, i, times, sig, cond, callback)
         ratio = sig[i + 1] / sig[i]  # e^{-h_i}
         if x0_prev is None or sig[i + 1] == 0.0:
             d = x0
@@ -64,4 +57,4 @@ def sample_dpmpp_2m(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, times: Tensor |
             h_prev = math.log(sig[i] / sig[i + 1])
         y = d + ratio * (y - d)
         x0_prev = x0
-    return y if denoise_final else y * float(sde.mean_coef(times[-1]))
+    return finish(sde, y, times, denoise_final)

@@ -150,6 +150,28 @@ def _check(x_T: Tensor) -> None:
         raise TypeError(f"x_T must be a floating-point tensor, got {x_T.dtype}")
 
 
+def walk(sde: SDE, x_T: Tensor, times: Tensor | None, steps: int | None, grid: Grid) -> tuple[Tensor, list[float], Tensor]:
+    """What a fixed-grid solver of the probability-flow ODE starts from: the grid (``resolve_times``), its
+    sigmas with the final 0, and y at t_max."""
+    _check(x_T)
+    times = resolve_times(sde, times, steps, grid)
+    return times, grid_sigmas(sde, times), _start(sde, x_T, times)
+
+
+def model_x0(denoiser: DenoiserFn, y: Tensor, i: int, times: Tensor, sig: list[float], cond: Any,
+             callback: Callback | None) -> Tensor:
+    """The model's x0_hat at grid point i, reported to ``callback`` (i, t, x, x0, sigma)."""
+    x0 = ve_denoise(denoiser, y, sig[i], cond)
+    if callback is not None:
+        callback({"i": i, "t": float(times[i]), "x": y, "x0": x0, "sigma": sig[i]})
+    return x0
+
+
+def finish(sde: SDE, y: Tensor, times: Tensor, denoise_final: bool) -> Tensor:
+    """The solver's output: clean data y, or x = a(t) y at the last grid time when not ``denoise_final``."""
+    return y if denoise_final else y * float(sde.mean_coef(times[-1]))
+
+
 
 # --------------------------------------------------------------------------------------------
 # Fixed-step solvers
@@ -163,18 +185,11 @@ def sample_euler(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, times: Tensor | No
     (y_i - x0_hat_i) / sigma_i. ``steps`` network calls. ``x_T`` is the prior draw of ``sde`` at
     t_max. With ``denoise_final`` False the last step (to sigma = 0) is skipped and x at t_min
     returned (x = a(t_min) y)."""
-    _check(x_T)
-    times = resolve_times(sde, times, steps, grid)
-    steps = len(times)
-    sig = grid_sigmas(sde, times)
-    y = _start(sde, x_T, times)
-    last = steps if denoise_final else steps - 1
-    for i in range(last):
-        x0 = ve_denoise(denoiser, y, sig[i], cond)
-        if callback is not None:
-            callback({"i": i, "t": float(times[i]), "x": y, "x0": x0, "sigma": sig[i]})
+    times, sig, y = walk(sde, x_T, times, steps, grid)
+    for i in range(len(times) if denoise_final else len(times) - 1):
+        x0 = model_x0(denoiser, y, i, times, sig, cond, callback)
         y = x0 + (sig[i + 1] / sig[i]) * (y - x0)  # = y + (sig[i+1] - sig[i]) (y - x0) / sig[i]
-    return y if denoise_final else y * float(sde.mean_coef(times[-1]))
+    return finish(sde, y, times, denoise_final)
 
 
 @torch.no_grad()
@@ -184,23 +199,16 @@ def sample_heun(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, times: Tensor | Non
     """Heun's 2nd-order method on the probability-flow ODE in (y, sigma) (Karras et al. 2022,
     Algorithm 2, deterministic): an Euler predictor, then the trapezoidal correction with the slope at
     the new point; the last step to sigma = 0 is a plain Euler step. 2 steps - 1 network calls."""
-    _check(x_T)
-    times = resolve_times(sde, times, steps, grid)
-    steps = len(times)
-    sig = grid_sigmas(sde, times)
-    y = _start(sde, x_T, times)
-    last = steps if denoise_final else steps - 1
-    for i in range(last):
-        x0 = ve_denoise(denoiser, y, sig[i], cond)
-        if callback is not None:
-            callback({"i": i, "t": float(times[i]), "x": y, "x0": x0, "sigma": sig[i]})
+    times, sig, y = walk(sde, x_T, times, steps, grid)
+    for i in range(len(times) if denoise_final else len(times) - 1):
+        x0 = model_x0(denoiser, y, i, times, sig, cond, callback)
         d = (y - x0) / sig[i]
         y_next = y + (sig[i + 1] - sig[i]) * d
         if sig[i + 1] > 0:
             d_next = (y_next - ve_denoise(denoiser, y_next, sig[i + 1], cond)) / sig[i + 1]
             y_next = y + (sig[i + 1] - sig[i]) * 0.5 * (d + d_next)
         y = y_next
-    return y if denoise_final else y * float(sde.mean_coef(times[-1]))
+    return finish(sde, y, times, denoise_final)
 
 
 # --------------------------------------------------------------------------------------------

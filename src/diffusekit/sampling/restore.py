@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +59,9 @@ from diffusekit.sampling.catalog import VARIANCES
 from diffusekit.sampling.ddpm import NoiseFn, Variance, _check_common, predict_x0_eps
 from diffusekit.sampling.grids import Spacing, sampling_schedule
 from diffusekit.schedules import DiscreteSchedule
+
+if TYPE_CHECKING:  # annotations only: typing.Unpack is Python 3.11+
+    from typing import Unpack
 
 __all__ = ["LinearDegradation", "Inpaint", "SuperResolution", "Colorization", "resample_path", "sample_repaint",
            "sample_ddnm"]
@@ -245,25 +248,55 @@ def _prepare(x_T: Tensor, op: LinearDegradation, y: Tensor, schedule: DiscreteSc
     return y, y_up, sched, std, resample_path(sched.T, resample, jump)
 
 
+class RestoreOptions(TypedDict, total=False):
+    """The keyword options of ``sample_repaint`` and ``sample_ddnm``: ``steps`` (None: the full chain),
+    ``spacing`` ("trailing"), ``resample`` (U, 1: none) and ``jump`` (j, 10), ``variance`` ("beta_tilde"),
+    ``clip_x0`` (None), ``cond``, ``callback`` and ``progress`` (False), as in ``sample_ddpm``."""
+
+    steps: int | None
+    spacing: Spacing
+    resample: int
+    jump: int
+    variance: Variance
+    clip_x0: float | None
+    cond: Any
+    callback: Callback | None
+    progress: bool
+
+
 @torch.no_grad()
-def sample_repaint(
-    denoiser: DenoiserFn,
-    schedule: DiscreteSchedule,
-    x_T: Tensor,
-    noise: NoiseFn,
-    op: LinearDegradation,
-    y: Tensor,
-    *,
-    steps: int | None = None,
-    spacing: Spacing = "trailing",
-    resample: int = 1,
-    jump: int = 10,
-    variance: Variance = "beta_tilde",
-    clip_x0: float | None = None,
-    cond: Any = None,
-    callback: Callback | None = None,
-    progress: bool = False,
-) -> Tensor:
+def _restore(method: str, denoiser: DenoiserFn, schedule: DiscreteSchedule, x_T: Tensor, noise: NoiseFn,
+             op: LinearDegradation, y: Tensor, *, steps: int | None = None, spacing: Spacing = "trailing",
+             resample: int = 1, jump: int = 10, variance: Variance = "beta_tilde", clip_x0: float | None = None,
+             cond: Any = None, callback: Callback | None = None, progress: bool = False) -> Tensor:
+    """The reverse walk shared by the two samplers; ``method`` picks the step (see each sampler)."""
+    y, y_up, sched, std, path = _prepare(x_T, op, y, schedule, steps, spacing, variance, clip_x0, resample, jump)
+    coef_x0, coef_xt = sched.posterior_mean_coef_x0.tolist(), sched.posterior_mean_coef_xt.tolist()
+    alpha, sigma = sched.alpha.tolist(), sched.sigma.tolist()
+
+    def repaint_step(i: int, x: Tensor, x0: Tensor) -> Tensor:
+        x_prev = x.mul(coef_xt[i]).add_(x0, alpha=coef_x0[i])  # mu_q(x_i, x0_hat)
+        measured = y_up.mul(alpha[i - 1])  # alpha_{i-1} A+ y (+ sigma_{i-1} z below)
+        if i > 1:
+            z = noise()
+            x_prev.add_(z, alpha=std[i])
+            measured.add_(z, alpha=sigma[i - 1])
+        return op.merge(x_prev, measured)
+
+    def ddnm_step(i: int, x: Tensor, x0: Tensor) -> Tensor:
+        x0 = op.merge(x0, y_up)  # (I - P) x0_hat + A+ y
+        x_prev = x.mul(coef_xt[i]).add_(x0, alpha=coef_x0[i])
+        if i > 1:
+            x_prev.add_(noise(), alpha=std[i])
+        return x_prev
+
+    step = repaint_step if method == "repaint" else ddnm_step
+    x = _walk(denoiser, sched, x_T, noise, path, step, cond, clip_x0, callback, progress, method)
+    return op.consistent(x, y)
+
+
+def sample_repaint(denoiser: DenoiserFn, schedule: DiscreteSchedule, x_T: Tensor, noise: NoiseFn,
+                   op: LinearDegradation, y: Tensor, **options: Unpack[RestoreOptions]) -> Tensor:
     """RePaint (Lugmayr et al. 2022) for y = op.A(x), generalised from masks to A A^T = c I.
 
     Each reverse step i -> i-1 (on the table respaced to ``steps`` with ``spacing``, as in
@@ -276,42 +309,11 @@ def sample_repaint(
     ``op.consistent(x, y)`` (exact known pixels for ``Inpaint``). ``callback`` receives dict(i, t, x,
     x0, eps) before each reverse step (i counts network calls).
     """
-    y, y_up, sched, std, path = _prepare(x_T, op, y, schedule, steps, spacing, variance, clip_x0, resample, jump)
-    coef_x0, coef_xt = sched.posterior_mean_coef_x0.tolist(), sched.posterior_mean_coef_xt.tolist()
-    alpha, sigma = sched.alpha.tolist(), sched.sigma.tolist()
-
-    def step(i: int, x: Tensor, x0: Tensor) -> Tensor:
-        x_prev = x.mul(coef_xt[i]).add_(x0, alpha=coef_x0[i])  # mu_q(x_i, x0_hat)
-        measured = y_up.mul(alpha[i - 1])  # alpha_{i-1} A+ y (+ sigma_{i-1} z below)
-        if i > 1:
-            z = noise()
-            x_prev.add_(z, alpha=std[i])
-            measured.add_(z, alpha=sigma[i - 1])
-        return op.merge(x_prev, measured)
-
-    x = _walk(denoiser, sched, x_T, noise, path, step, cond, clip_x0, callback, progress, "repaint")
-    return op.consistent(x, y)
+    return _restore("repaint", denoiser, schedule, x_T, noise, op, y, **options)
 
 
-@torch.no_grad()
-def sample_ddnm(
-    denoiser: DenoiserFn,
-    schedule: DiscreteSchedule,
-    x_T: Tensor,
-    noise: NoiseFn,
-    op: LinearDegradation,
-    y: Tensor,
-    *,
-    steps: int | None = None,
-    spacing: Spacing = "trailing",
-    resample: int = 1,
-    jump: int = 10,
-    variance: Variance = "beta_tilde",
-    clip_x0: float | None = None,
-    cond: Any = None,
-    callback: Callback | None = None,
-    progress: bool = False,
-) -> Tensor:
+def sample_ddnm(denoiser: DenoiserFn, schedule: DiscreteSchedule, x_T: Tensor, noise: NoiseFn,
+                op: LinearDegradation, y: Tensor, **options: Unpack[RestoreOptions]) -> Tensor:
     """Null-space projection of the predicted x0 (DDNM, Wang et al. 2023), then the posterior step.
 
     Each reverse step i -> i-1: x0_hat <- x0_hat + A+ (y - A x0_hat) (so A x0_hat = y; with
@@ -320,15 +322,4 @@ def sample_ddnm(
     (the paper's time travel). At i = 1, x_0 = x0_hat, and the output is ``op.consistent(x, y)``.
     ``callback`` receives dict(i, t, x, x0, eps) with the denoiser's own x0 before the projection.
     """
-    y, y_up, sched, std, path = _prepare(x_T, op, y, schedule, steps, spacing, variance, clip_x0, resample, jump)
-    coef_x0, coef_xt = sched.posterior_mean_coef_x0.tolist(), sched.posterior_mean_coef_xt.tolist()
-
-    def step(i: int, x: Tensor, x0: Tensor) -> Tensor:
-        x0 = op.merge(x0, y_up)  # (I - P) x0_hat + A+ y
-        x_prev = x.mul(coef_xt[i]).add_(x0, alpha=coef_x0[i])
-        if i > 1:
-            x_prev.add_(noise(), alpha=std[i])
-        return x_prev
-
-    x = _walk(denoiser, sched, x_T, noise, path, step, cond, clip_x0, callback, progress, "ddnm")
-    return op.consistent(x, y)
+    return _restore("ddnm", denoiser, schedule, x_T, noise, op, y, **options)

@@ -17,7 +17,7 @@ import re
 from dataclasses import InitVar, asdict, dataclass, field, fields
 from typing import Any, Callable
 
-from diffusekit.config import SampleConfig
+from diffusekit.config import SampleConfig, json_object
 from diffusekit.errors import ConfigError
 
 __all__ = ["SampleSettings", "MAX_SEEDS", "MAX_BATCH", "settings_to_json", "settings_from_json", "parse_int_list",
@@ -73,12 +73,7 @@ def settings_to_json(settings: Any, extra: dict[str, Any] | None = None) -> str:
 def settings_from_json(cls: type, text: str, what: str, **kwargs: Any) -> Any:
     """``cls(**settings, **kwargs)`` from JSON written by ``settings_to_json`` ("extra" ignored); a
     non-object or an unknown key is a ConfigError naming ``what`` settings."""
-    try:
-        d = json.loads(text)
-    except ValueError as exc:
-        raise ConfigError(f"not JSON ({exc})") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{what} settings must be a JSON object")
+    d = json_object(text, f"{what} settings")
     d.pop("extra", None)
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - names)

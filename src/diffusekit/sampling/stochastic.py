@@ -67,17 +67,10 @@ def _em_step(sde: SDE, x: Tensor, t: float, dt: float, score: Tensor, z: Tensor)
 def sample_euler_maruyama(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, noise: NoiseFn, times: Tensor | None = None,
                           *, steps: int | None = None, grid: Grid = "time", cond: Any = None, callback: Callback | None = None) -> Tensor:
     """Euler-Maruyama on the reverse SDE from the prior draw ``x_T`` at t_max: ``steps`` network
-    calls, steps - 1 noisy steps on ``times`` (or ``time_grid(sde, steps, grid)``) and the denoising step."""
-    _check(x_T)
-    times = resolve_times(sde, times, steps, grid).tolist()
-    steps = len(times)
-    x = x_T
-    for i, t in enumerate(times):
-        pred = predict(denoiser, sde, x, t, cond)
-        if callback is not None:
-            callback({"i": i, "t": t, "x": x, "x0": pred.x0})
-        x = pred.x0 if i == steps - 1 else _em_step(sde, x, t, t - times[i + 1], pred.score, noise())
-    return x
+    calls, steps - 1 noisy steps on ``times`` (or ``time_grid(sde, steps, grid)``) and the denoising step: the
+    predictor-corrector sampler without its corrector."""
+    return sample_pc(denoiser, sde, x_T, noise, times, steps=steps, corrector_steps=0, grid=grid, cond=cond,
+                     callback=callback)
 
 
 @torch.no_grad()

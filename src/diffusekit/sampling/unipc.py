@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 
 from diffusekit.parameterization import Callback, DenoiserFn
-from diffusekit.sampling.ode import Grid, _check, _start, grid_sigmas, resolve_times, ve_denoise
+from diffusekit.sampling.ode import Grid, _check, finish, model_x0, walk
 from diffusekit.sde import SDE
 
 __all__ = ["sample_unipc", "phi", "unipc_coefficients", "Coefficients", "COEFFICIENTS"]
@@ -127,17 +127,13 @@ def sample_unipc(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, times: Tensor | No
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
     if coefficients not in COEFFICIENTS:
         raise ValueError(f"unknown UniPC coefficients {coefficients!r}; choose one of {COEFFICIENTS}")
-    times = resolve_times(sde, times, steps, grid)
+    times, sig, y = walk(sde, x_T, times, steps, grid)
     steps = len(times)
-    sig = grid_sigmas(sde, times)
     lams = [-math.log(s) for s in sig[:-1]]  # half log-SNR l = -log s at each grid time
-    y = _start(sde, x_T, times)
     ms: list[Tensor] = []  # model values m_0..m_i (the last `order` are kept)
     q_prev, y_base = 0, y  # order of the predictor step that led to the current point, and its start
     for i in range(steps):
-        m = ve_denoise(denoiser, y, sig[i], cond)
-        if callback is not None:
-            callback({"i": i, "t": float(times[i]), "x": y, "x0": m, "sigma": sig[i]})
+        m = model_x0(denoiser, y, i, times, sig, cond, callback)
         if corrector and i > 0:  # UniC on the step i-1 -> i, with the model value at the predicted y_i
             h = lams[i] - lams[i - 1]
             points = [((lams[i - 1 - j] - lams[i - 1]) / h, ms[-1 - j]) for j in range(1, q_prev)] + [(1.0, m)]
@@ -154,4 +150,4 @@ def sample_unipc(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, times: Tensor | No
         y_base = y  # the corrector of the next point restarts from here
         y = _update(y, m, sig[i + 1] / sig[i], h, points, coefficients)
         q_prev = q
-    return y if denoise_final else y * float(sde.mean_coef(times[-1]))
+    return finish(sde, y, times, denoise_final)
