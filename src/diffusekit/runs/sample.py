@@ -1,0 +1,164 @@
+"""Sampling a run folder (``diffusekit sample``): settings, the destination, the samples, the files.
+
+``sample_run`` reads the run once (``families.read_run``), builds the settings from its ``[sample]``
+config with the call's overrides (or reads an earlier ``settings.json``), checks what the call asks
+against what the model takes, checks the destination, then samples and writes (``write_samples``)
+into a folder that is complete or absent: ``grid.png``, ``sample_<seed>.png`` per image,
+``samples.npz`` (``x`` in the data range and ``seeds``) and ``settings.json`` (the settings, plus the
+run, checkpoint and request under "extra"), which reproduces the samples exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from diffusekit.config import Config
+from diffusekit.errors import ConfigError
+from diffusekit.families import FAMILIES, Family, read_run
+from diffusekit.families.base import CONDITIONING_FLAGS, Model, SampleRequest, Samples, check_labels_and_guidance
+from diffusekit.io.atomic import OutputFolder, atomic_write_bytes, atomic_write_text, read_input_file
+from diffusekit.sampling.generate import check_finite
+from diffusekit.sampling.settings import SampleSettings
+from diffusekit.viz import image_grid, png_bytes, save_samples_figure
+
+__all__ = ["SampleResult", "sample_run", "write_samples", "read_settings_file", "check_conditioning",
+           "check_size", "MAX_SAMPLE_BYTES"]
+
+MAX_SAMPLE_BYTES = 8 * 2**30  # the samples of one call are held in memory (float32): refuse more than 8 GiB
+
+
+@dataclass
+class SampleResult:
+    out: Path
+    settings: Any
+    samples: Samples
+    seconds: float
+
+
+def _key(overrides: dict[str, Any], names: dict[str, str] | None) -> Callable[[str], str]:
+    names = names or {}
+    return lambda f: names.get(f, f) if f in overrides else f"sample.{f}"
+
+
+def read_settings_file(family: Family, path: Path) -> Any:
+    """An earlier call's ``settings.json`` for this family, checked like flags; one line naming the file."""
+    text = read_input_file(path, "settings file", flag="--settings")
+    if family.read_settings is not None:
+        return family.read_settings(text, f"--settings {path}")
+    return SampleSettings.from_json(text, source=f"--settings {path}")
+
+
+def _request_from_file(request: SampleRequest, path: Path) -> SampleRequest:
+    """Fill what the call did not ask from what ``settings.json`` recorded (prompts, hints, scale)."""
+    try:
+        extra = json.loads(read_input_file(path, "settings file", flag="--settings")).get("extra", {})
+    except (ConfigError, ValueError, AttributeError):
+        return request
+    if not isinstance(extra, dict):
+        return request
+    prompts = extra.get("prompts")
+    if request.prompts is None and isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts):
+        request.prompts = prompts
+    source = extra.get("control_from")
+    if request.control_from is None and request.control_images is None:
+        if isinstance(source, str):
+            request.control_from = source
+        elif isinstance(source, list) and all(isinstance(p, str) for p in source):
+            request.control_images = [Path(p) for p in source]
+    scale = extra.get("control_scale")
+    if request.control_scale is None and isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        request.control_scale = float(scale)
+    return request
+
+
+def check_conditioning(family: Family, model: Model, settings: Any, request: SampleRequest,
+                       key: Callable[[str], str]) -> None:
+    """One-line ConfigErrors for what the model does not take: prompts or hints, guidance, class labels."""
+    for name in request.given():
+        if name not in family.conditioning:
+            takers = [f"{f.name} runs (model.kind = {', '.join(repr(k) for k in f.kinds)})"
+                      for f in FAMILIES if name in f.conditioning]
+            raise ConfigError(f"{CONDITIONING_FLAGS[name]} applies to {' and '.join(takers)}; {model.source} is a "
+                              f"{family.name} run")
+    check_labels_and_guidance(model, settings, key, family.guidance, "prompts" in family.conditioning)
+
+
+def check_size(n: int, data_shape: Sequence[int], flag: str = "--seeds") -> None:
+    """Refuse a call whose samples would not fit in memory (float32, held at once)."""
+    size = n * math.prod(data_shape) * 4
+    if size > MAX_SAMPLE_BYTES:
+        raise ConfigError(f"{flag}: {n} samples of shape {tuple(data_shape)} need {size / 2**30:.1f} GiB in memory "
+                          f"(at most {MAX_SAMPLE_BYTES / 2**30:.0f} GiB); sample in smaller calls")
+
+
+def sample_run(run: Path | str, overrides: dict[str, Any] | None = None, request: SampleRequest | None = None,
+               settings_file: Path | None = None, out: Path | None = None, names: dict[str, str] | None = None,
+               device: str | torch.device = "cpu", progress: bool = True) -> SampleResult:
+    """Sample run folder ``run`` (see the module docstring). ``overrides`` are the settings the call gives
+    (unset ones come from the run's ``[sample]``); ``names`` spell them for messages (``{"steps":
+    "--steps"}``); ``settings_file`` reproduces an earlier call instead."""
+    overrides, request = dict(overrides or {}), request or SampleRequest()
+    family, source = read_run(run)
+    cfg = getattr(source, "cfg", None)
+    if settings_file is not None:
+        settings = read_settings_file(family, Path(settings_file))
+        request = _request_from_file(request, Path(settings_file))
+        key = lambda f: f"--settings {settings_file}: {f}"  # noqa: E731
+    else:
+        key = _key(overrides, names)
+        cfg = cfg or Config()
+        settings = (family.settings(cfg, overrides, key) if family.settings is not None
+                    else SampleSettings.from_config(cfg.sample, key=key, **overrides))
+    model = family.load(source, settings.use_ema, device)
+    schedule = getattr(model, "schedule", None)
+    if isinstance(settings, SampleSettings):
+        settings.check(key, T=schedule.T if schedule is not None else None)
+    check_conditioning(family, model, settings, request, key)
+    if model.num_classes > 0 and settings.classes is None:  # every class in turn, recorded so settings.json reproduces
+        settings = settings.replace(classes=list(range(model.num_classes)))
+    check_size(len(settings.seeds), model.data_shape)
+    out = Path(out) if out is not None else model.source / model.sample_dir_name(settings)
+    folder = OutputFolder(out, "settings.json", "sample folder")
+    try:
+        t0 = time.time()
+        samples = family.sample(model, settings, request, device, progress)
+        seconds = time.time() - t0
+        check_finite(samples.x, "samples")
+        write_samples(samples.x, settings.seeds, folder.path, settings, model.levels,
+                      extra={**model.provenance(), **samples.extra}, nrow=samples.nrow)
+    except BaseException:
+        folder.discard()
+        raise
+    folder.commit()
+    return SampleResult(out, settings, samples, seconds)
+
+
+def write_samples(x: Tensor, seeds: Sequence[int], out_dir: Path | str, settings: Any, levels: int | None = None,
+                  extra: dict[str, Any] | None = None, nrow: int | None = None) -> Path:
+    """Write samples to ``out_dir`` (each file atomically; see the module docstring for the files)."""
+    x = x.detach().cpu()
+    seeds = [int(s) for s in seeds]
+    if x.shape[0] != len(seeds):
+        raise ValueError(f"{x.shape[0]} samples but {len(seeds)} seeds")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_samples_figure(x, out / "grid.png", levels=levels, nrow=nrow)
+    if x.ndim == 4:
+        for seed, img in zip(seeds, x):
+            atomic_write_bytes(out / f"sample_{seed}.png", png_bytes(image_grid(img[None], pad=0, upscale=1,
+                                                                               levels=levels)))
+    buf = io.BytesIO()
+    np.savez(buf, x=x.to(torch.float32).numpy(), seeds=np.asarray(seeds, dtype=np.int64))
+    atomic_write_bytes(out / "samples.npz", buf.getvalue())
+    atomic_write_text(out / "settings.json", settings.to_json(extra=extra or {}) + "\n")
+    return out
