@@ -10,7 +10,6 @@ traceback instead.
 
 from __future__ import annotations
 
-import errno
 import importlib
 import os
 import sys
@@ -19,6 +18,7 @@ from typing import Sequence
 
 from diffusekit.cli.flags import build_parser
 from diffusekit.errors import DiffusekitError
+from diffusekit.io.atomic import describe_os_error
 
 __all__ = ["main", "build_parser"]
 
@@ -34,11 +34,7 @@ def _robust_streams() -> None:
 
 
 def _os_error(exc: OSError) -> str:
-    where = exc.filename if exc.filename is not None else "a file"
-    reason = os.strerror(exc.errno) if exc.errno else str(exc)
-    hint = {errno.ENOSPC: "free some space or write elsewhere", errno.EROFS: "write to another place",
-            errno.EACCES: "check the permissions or write elsewhere", errno.ENAMETOOLONG: "use a shorter name"}
-    return f"{where}: {reason}" + (f" ({hint[exc.errno]})" if exc.errno in hint else "")
+    return f"{exc.filename if exc.filename is not None else 'a file'}: {describe_os_error(exc)}"
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -88,13 +88,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def describe_os_error(exc: OSError) -> str:
-    """A short reason for an OSError (``"no space left on device"``, ``"read-only file system"``...)."""
-    reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"{reason}: free some space or write elsewhere"
-    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return f"{reason}: choose a writable place"
-    return reason
+    """A short reason for an OSError and what to do ("No space left on device (free some space or write
+    elsewhere)")."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    hints = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some space or write elsewhere",
+             errno.EROFS: "write to another place", errno.EACCES: "check the permissions or write elsewhere",
+             errno.EPERM: "check the permissions or write elsewhere", errno.ENAMETOOLONG: "use a shorter name"}
+    return reason + (f" ({hints[exc.errno]})" if exc.errno in hints else "")
 
 
 class OutputFolder:

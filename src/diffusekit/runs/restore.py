@@ -47,8 +47,14 @@ from diffusekit.io.atomic import OutputFolder, atomic_write_bytes, atomic_write_
 from diffusekit.sampling.catalog import DEFAULT_MASK, MASKS, RESTORE_METHODS, RESTORE_TASKS, SPACINGS, VARIANCES
 from diffusekit.sampling.generate import check_finite
 from diffusekit.sampling.noise import PerSampleNoise
-from diffusekit.sampling.restore import (Colorization, Inpaint, LinearDegradation, SuperResolution, sample_ddnm,
-                                         sample_repaint)
+from diffusekit.sampling.restore import (
+    Colorization,
+    Inpaint,
+    LinearDegradation,
+    SuperResolution,
+    sample_ddnm,
+    sample_repaint,
+)
 from diffusekit.sampling.settings import MAX_BATCH, MAX_SEEDS, settings_from_json, settings_to_json
 from diffusekit.viz import image_grid, png_bytes
 

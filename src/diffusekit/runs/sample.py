@@ -24,7 +24,7 @@ from torch import Tensor
 
 from diffusekit.config import Config
 from diffusekit.errors import ConfigError
-from diffusekit.families import FAMILIES, Family, read_run
+from diffusekit.families import Family, families_taking, read_run
 from diffusekit.families.base import CONDITIONING_FLAGS, Model, SampleRequest, Samples, check_labels_and_guidance
 from diffusekit.io.atomic import OutputFolder, atomic_write_bytes, atomic_write_text, read_input_file
 from diffusekit.sampling.generate import check_finite
@@ -50,20 +50,19 @@ def _key(overrides: dict[str, Any], names: dict[str, str] | None) -> Callable[[s
     return lambda f: names.get(f, f) if f in overrides else f"sample.{f}"
 
 
-def read_settings_file(family: Family, path: Path) -> Any:
-    """An earlier call's ``settings.json`` for this family, checked like flags; one line naming the file."""
+def read_settings_file(family: Family, path: Path, request: SampleRequest) -> tuple[Any, SampleRequest]:
+    """An earlier call's ``settings.json`` for this family, checked like flags (one line naming the file),
+    and ``request`` with what the call did not ask filled from what the file recorded."""
     text = read_input_file(path, "settings file", flag="--settings")
     if family.read_settings is not None:
-        return family.read_settings(text, f"--settings {path}")
-    return SampleSettings.from_json(text, source=f"--settings {path}")
+        settings = family.read_settings(text, f"--settings {path}")
+    else:
+        settings = SampleSettings.from_json(text, source=f"--settings {path}")
+    return settings, _request_from_extra(request, json.loads(text).get("extra", {}))
 
 
-def _request_from_file(request: SampleRequest, path: Path) -> SampleRequest:
+def _request_from_extra(request: SampleRequest, extra: Any) -> SampleRequest:
     """Fill what the call did not ask from what ``settings.json`` recorded (prompts, hints, scale)."""
-    try:
-        extra = json.loads(read_input_file(path, "settings file", flag="--settings")).get("extra", {})
-    except (ConfigError, ValueError, AttributeError):
-        return request
     if not isinstance(extra, dict):
         return request
     prompts = extra.get("prompts")
@@ -87,7 +86,7 @@ def check_conditioning(family: Family, model: Model, settings: Any, request: Sam
     for name in request.given():
         if name not in family.conditioning:
             takers = [f"{f.name} runs (model.kind = {', '.join(repr(k) for k in f.kinds)})"
-                      for f in FAMILIES if name in f.conditioning]
+                      for f in families_taking(name)]
             raise ConfigError(f"{CONDITIONING_FLAGS[name]} applies to {' and '.join(takers)}; {model.source} is a "
                               f"{family.name} run")
     check_labels_and_guidance(model, settings, key, family.guidance, "prompts" in family.conditioning)
@@ -111,8 +110,7 @@ def sample_run(run: Path | str, overrides: dict[str, Any] | None = None, request
     family, source = read_run(run)
     cfg = getattr(source, "cfg", None)
     if settings_file is not None:
-        settings = read_settings_file(family, Path(settings_file))
-        request = _request_from_file(request, Path(settings_file))
+        settings, request = read_settings_file(family, Path(settings_file), request)
         key = lambda f: f"--settings {settings_file}: {f}"  # noqa: E731
     else:
         key = _key(overrides, names)
