@@ -130,7 +130,8 @@ def _evaluate(sub) -> None:
     p.add_argument("--variance", choices=list(BOUND_VARIANCES), default="fitted",
                    help="reverse variances of the bound: fitted to the train split for the model's means "
                         "(default), or the fixed beta_tilde / beta")
-    p.add_argument("--n-samples", type=int, default=None, help="samples for the quality score (default: split size, <= 1000)")
+    p.add_argument("--n-samples", type=int, default=None,
+                   help="samples for the quality score (default 1000: fewer make fd_ratio too noisy to rank by)")
     p.add_argument("--sampler", choices=list(SAMPLERS), default=None)
     p.add_argument("--steps", type=int, default=None, help="sampling steps for the quality score (0 = T)")
     p.add_argument("--guidance", type=float, default=None, metavar="S",

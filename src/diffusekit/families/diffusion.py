@@ -43,6 +43,9 @@ __all__ = ["build_schedule", "check_class_labels", "drop_labels", "DiffusionObje
            "sample", "evaluate", "preview_settings", "grid_columns"]
 
 
+DEFAULT_QUALITY_SAMPLES = 1000  # fewer make fd_ratio too noisy to rank by (see evaluate.quality)
+
+
 def build_schedule(diffusion_cfg) -> DiscreteSchedule:
     """The discrete schedule named by ``[diffusion]`` (float64 tables)."""
     name, T = diffusion_cfg.schedule, diffusion_cfg.T
@@ -171,7 +174,7 @@ def evaluate(model: DiffusionModel, settings: EvaluateSettings, out_dir: Path, p
     """The bound (and the continuous bound of a continuous run), the PF-ODE likelihood and the sample
     quality of ``settings.metrics``, with pictures written to ``out_dir``."""
     test = load_dataset(model.cfg.data, settings.split)
-    n = settings.n_samples or min(len(test), 1000)
+    n = settings.n_samples or DEFAULT_QUALITY_SAMPLES
     sampling = evaluation_sample_settings(model, settings, n)
     sampling.check(settings.key, T=model.schedule.T)
     check_labels_and_guidance(model, sampling, settings.key)
@@ -272,15 +275,25 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     return rows + quality_rows(result.get("quality", {}))
 
 
-QUALITY_KEYS = ("guidance", "fd", "fd_train_test", "fd_ratio", "class_accuracy", "confidence", "class_entropy_bits",
+QUALITY_KEYS = ("guidance", "fd", "fd_train_test", "fd_ratio", "fd_ratio_interval", "kid", "kid_train_test",
+                "class_accuracy", "confidence", "class_entropy_bits",
                 "class_histogram", "classifier_test_accuracy", "feature_space", "sliced_wasserstein",
                 "sliced_wasserstein_train_test", "sliced_wasserstein_ratio", "mmd", "mmd_train_test", "oracle_nll",
                 "oracle_entropy", "seconds_per_sample", "skipped")
 
 
+def _quality_value(q: dict[str, Any], key: str) -> str:
+    value = q[key]
+    if key in ("kid", "kid_train_test"):
+        return f"{value:.5f} ± {q[key + '_stderr']:.5f}"
+    if key == "fd_ratio_interval":
+        return f"[{value[0]:.3f}, {value[1]:.3f}] (95% bootstrap)"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
 def quality_rows(q: dict[str, Any]) -> list[tuple[str, str]]:
     """The sample-quality numbers (``evaluate.quality``) as rows, in a fixed order."""
-    return [(key, f"{q[key]:.4f}" if isinstance(q[key], float) else str(q[key])) for key in QUALITY_KEYS if key in q]
+    return [(key, _quality_value(q, key)) for key in QUALITY_KEYS if key in q]
 
 
 GUIDE = """How to read the numbers:
@@ -291,8 +304,12 @@ GUIDE = """How to read the numbers:
 - fd is the Fréchet distance of the samples to the held-out split in the feature space of diffusekit's
   own classifier; fd_train_test is the same distance for real training images (as many as there are
   samples), so fd_ratio = fd / fd_train_test near 1 means the samples are as close to the test split as
-  real data is. confidence is the classifier's mean top probability on the samples, class_entropy_bits
-  the entropy of their predicted classes (log2 10 = 3.32 when all ten are equally frequent).
+  real data is. fd_ratio_interval is its 95% bootstrap interval (redrawing the samples and the real
+  images): two models or samplers differ only where these intervals do not overlap. kid is the kernel
+  distance of the same features (unbiased at any number of samples, ± its standard error), kid_train_test
+  the same for real images (about 0). confidence is the classifier's mean top probability on the samples,
+  class_entropy_bits the entropy of their predicted classes (log2 10 = 3.32 when all ten are equally
+  frequent).
 - class_accuracy (class-conditional runs) is the classifier's accuracy on the samples against the labels
   they were drawn for (cycling through the classes, at classifier-free guidance scale `guidance`); compare
   it with the classifier's accuracy on real test images, classifier_test_accuracy.

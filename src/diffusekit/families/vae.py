@@ -30,7 +30,7 @@ from diffusekit.errors import CheckpointError, ConfigError
 from diffusekit.evaluate.baselines import categorical_baseline, gaussian_baseline
 from diffusekit.evaluate.samples import score_samples
 from diffusekit.families.base import EvaluateSettings, Evaluation, Model, SampleRequest, Samples
-from diffusekit.families.diffusion import quality_rows
+from diffusekit.families.diffusion import DEFAULT_QUALITY_SAMPLES, quality_rows
 from diffusekit.io.checkpoint import load_module_state
 from diffusekit.io.runfolder import RunCheckpoint
 from diffusekit.sampling.generate import check_finite
@@ -202,7 +202,7 @@ def evaluate(model: VAEModel, settings: EvaluateSettings, out_dir: Path, progres
             _check_decoder_units(model.cfg, model.levels, "the bound in bits/dim")
             result.update(_bounds(model, test, settings))
         if "fd" in settings.metrics:
-            n = settings.n_samples or min(len(test), 1000)
+            n = settings.n_samples or DEFAULT_QUALITY_SAMPLES
             t0 = time.time()
             samples = ancestral(model.module, range(settings.seed, settings.seed + n), model.cfg.vae.sample_noise)
             seconds = time.time() - t0
