@@ -177,7 +177,9 @@ def image_quality(samples: Tensor, dataset_name: str, levels: int | None = None,
     - ``classifier_test_accuracy`` (of the feature net on the test split) and ``n_samples``;
     - ``fd_ratio_interval``: a 95% bootstrap interval of ``fd_ratio`` (``fd_ratio_interval``);
     - ``kid`` with ``kid_stderr`` (``kid``) against the test split, and ``kid_train_test``, the same for
-      as many real train images: near 0, the level a perfect sampler reaches;
+      as many real train images: the level a perfect sampler reaches on this test split (not exactly 0:
+      the split is one finite draw, and the standard errors are over the samples, the split held
+      fixed); ``kid_excess`` = kid - kid_train_test with its standard error, the number to rank by;
     - with ``labels`` (N,), the classes a conditional model was asked for: ``class_accuracy``, the
       fraction of samples the classifier assigns to their requested class (the quality measure of a
       conditional model; compare it with ``classifier_test_accuracy`` on real data).
@@ -214,7 +216,8 @@ def image_quality(samples: Tensor, dataset_name: str, levels: int | None = None,
             "fd_ratio": fd / fd_train_test if fd_train_test > 0 else float("inf"),
             "fd_ratio_interval": list(fd_ratio_interval(f_samples, f_train, stats_test, seed=seed)),
             "kid": kid_value, "kid_stderr": kid_stderr, "kid_train_test": kid_real,
-            "kid_train_test_stderr": kid_real_stderr,
+            "kid_train_test_stderr": kid_real_stderr, "kid_excess": kid_value - kid_real,
+            "kid_excess_stderr": math.sqrt(kid_stderr**2 + kid_real_stderr**2),
             "n_train_for_calibration": n_train, "n_test": len(test),
             "confidence": probs.max(1).values.mean().item(),
             "class_histogram": counts.tolist(), "class_entropy_bits": _class_entropy_bits(counts),

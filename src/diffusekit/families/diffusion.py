@@ -275,7 +275,7 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     return rows + quality_rows(result.get("quality", {}))
 
 
-QUALITY_KEYS = ("guidance", "fd", "fd_train_test", "fd_ratio", "fd_ratio_interval", "kid", "kid_train_test",
+QUALITY_KEYS = ("guidance", "fd", "fd_train_test", "fd_ratio", "fd_ratio_interval", "kid", "kid_train_test", "kid_excess",
                 "class_accuracy", "confidence", "class_entropy_bits",
                 "class_histogram", "classifier_test_accuracy", "feature_space", "sliced_wasserstein",
                 "sliced_wasserstein_train_test", "sliced_wasserstein_ratio", "mmd", "mmd_train_test", "oracle_nll",
@@ -284,7 +284,7 @@ QUALITY_KEYS = ("guidance", "fd", "fd_train_test", "fd_ratio", "fd_ratio_interva
 
 def _quality_value(q: dict[str, Any], key: str) -> str:
     value = q[key]
-    if key in ("kid", "kid_train_test"):
+    if key in ("kid", "kid_train_test", "kid_excess"):
         return f"{value:.5f} ± {q[key + '_stderr']:.5f}"
     if key == "fd_ratio_interval":
         return f"[{value[0]:.3f}, {value[1]:.3f}] (95% bootstrap)"
@@ -306,8 +306,9 @@ GUIDE = """How to read the numbers:
   samples), so fd_ratio = fd / fd_train_test near 1 means the samples are as close to the test split as
   real data is. fd_ratio_interval is its 95% bootstrap interval (redrawing the samples and the real
   images): two models or samplers differ only where these intervals do not overlap. kid is the kernel
-  distance of the same features (unbiased at any number of samples, ± its standard error), kid_train_test
-  the same for real images (about 0). confidence is the classifier's mean top probability on the samples,
+  distance of the same features (unbiased at any number of samples, ± its standard error over the
+  samples), kid_train_test the same for real training images (the level of real data on this finite test
+  split, not exactly 0), and kid_excess their difference, the number to rank by. confidence is the classifier's mean top probability on the samples,
   class_entropy_bits the entropy of their predicted classes (log2 10 = 3.32 when all ten are equally
   frequent).
 - class_accuracy (class-conditional runs) is the classifier's accuracy on the samples against the labels
