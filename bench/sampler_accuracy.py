@@ -23,6 +23,17 @@ x_T (Dormand-Prince at rtol = atol = 1e-8, checked against scipy in the tests), 
 solver error. Prints a table and JSON.
 
     .venv/bin/python bench/sampler_accuracy.py --nfe 5,10,20,50 [--n 4000]
+
+With ``--family`` it runs over every target of ``oracle.mixture_family()`` (1 to 16 dimensions) at 3, 5,
+10 and 20 network calls (``--calls``): every sampler of the catalog through the library's own dispatch
+(``sampling.generate.generate`` with ``SampleSettings``; calls translated into steps by the catalog's
+``calls`` column, rounded down: heun 2 steps - 1, pc 2 steps, langevin one step per level + 1; rk45 is
+adaptive and left out) against the best of the diffusers configurations of ``--nfe`` on the same linear
+T = 1000 table, exact denoiser and x_T (the library's first per-seed draw). Metric: sliced W2 to the exact
+mixture; "floor" is the median over 3 draws of n exact samples, the noise level of the metric. Also the
+largest sample norm over the data's largest (20000 draws), per side. Prints a table and JSON.
+
+    .venv/bin/python bench/sampler_accuracy.py --family [--calls 3,5,10,20] [--n 2000]
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 import warnings
 from typing import Callable
@@ -258,6 +270,93 @@ def nfe_table(args) -> None:
                       "ode_rms_by_nfe": ode_err, "best_by_nfe": best, "seconds": seconds}, indent=1))
 
 
+# -- the mixture family: every catalog sampler at small budgets ----------------------------------------------
+def _catalog_settings(name: str, calls: int, n: int):
+    """(SampleSettings, network calls it costs) for catalog sampler ``name`` within ``calls``, or None."""
+    from diffusekit.sampling.settings import SampleSettings
+
+    extra: dict = {}
+    if name == "heun":
+        steps, cost = (calls + 1) // 2, 2 * ((calls + 1) // 2) - 1
+    elif name == "pc":
+        steps, cost = calls // 2, 2 * (calls // 2)
+    elif name == "langevin":
+        steps, cost, extra = calls - 1, calls, {"langevin_steps": 1}
+    else:
+        steps, cost = calls, calls
+    if steps < 1:
+        return None
+    return SampleSettings(sampler=name, steps=steps, seeds=list(range(n)), batch_size=n, **extra), cost
+
+
+def family_table(args) -> None:
+    from diffusekit.oracle import mixture_family
+    from diffusekit.sampling.catalog import SAMPLERS
+    from diffusekit.sampling.generate import generate
+    from diffusekit.sampling.noise import PerSampleNoise
+
+    budgets = [int(c) for c in args.calls.split(",")]
+    sch = make_schedule("linear", T)
+    ours_names = [name for name in SAMPLERS if name != "rk45"]
+    results, norms, floors, seconds = {}, {}, {}, {}
+    for target, mix in mixture_family().items():
+        t0 = time.perf_counter()
+        data_norm = mix.sample(20000, torch.Generator().manual_seed(1)).norm(dim=1).max().item()
+        floors[target] = round(statistics.median(
+            sw2_to_mixture(mix.sample(args.n, torch.Generator().manual_seed(300 + r)), mix) for r in range(3)), 5)
+        x_T = PerSampleNoise(list(range(args.n)), (mix.dim,), dtype=F64)()  # what generate draws first
+        theirs = {k: v for k, v in fast_solvers(mix, sch, x_T).items() if k.startswith("diffusers")}
+        res, nrm = results.setdefault(target, {}), norms.setdefault(target, {})
+        for calls in budgets:
+            row, nrow = res.setdefault(str(calls), {}), nrm.setdefault(str(calls), {})
+            for name in ours_names:
+                made = _catalog_settings(name, calls, args.n)
+                if made is None:
+                    continue
+                settings, cost = made
+                x = generate(mix.denoiser, sch, (mix.dim,), settings, progress=False, dtype=F64)
+                key = name if cost == calls else f"{name} ({cost} calls)"
+                row[key] = round(sw2_to_mixture(x, mix), 4)
+                nrow[key] = round(x.norm(dim=1).max().item() / data_norm, 3)
+            best = None
+            for k, fn in theirs.items():
+                x = fn(calls)
+                if x is None or not bool(torch.isfinite(x).all()):
+                    continue
+                d = sw2_to_mixture(x, mix)
+                nrow[k] = round(x.norm(dim=1).max().item() / data_norm, 3)
+                if best is None or d < best[1]:
+                    best = (k, d)
+            if best is not None:
+                row["diffusers best"] = round(best[1], 4)
+                row["diffusers best is"] = best[0]
+        seconds[target] = round(time.perf_counter() - t0, 1)
+        print(f"{target}: floor {floors[target]:.4f}, {seconds[target]} s", flush=True, file=sys.stderr)
+    cols = ours_names + ["diffusers best"]
+    print(f"sliced W2 to the exact mixture by network calls (n = {args.n}; linear T = {T}; floor = n exact samples; "
+          "* = one call under the budget: heun at even, pc at odd budgets)")
+    for target, res in results.items():
+        print(f"\n{target} (floor {floors[target]:.4f})")
+        print(f"{'calls':>5}  " + "  ".join(f"{c:>9}" for c in cols) + "  diffusers best is")
+        for calls, row in res.items():
+            cells = []
+            for c in cols:
+                fewer = next((k for k in row if k.startswith(c + " (")), None)  # one call under the budget
+                v = row.get(c, row.get(fewer))
+                cells.append(f"{v:>8.4f}{'*' if fewer else ' '}" if isinstance(v, float) else f"{'-':>9}")
+            print(f"{calls:>5}  " + "  ".join(cells) + f"  {row.get('diffusers best is', '-')}")
+    worst_ours = max(v for t in norms.values() for r in t.values() for k, v in r.items()
+                     if not k.startswith("diffusers"))
+    print(json.dumps({"bench": "sampler_accuracy_family", "data": "oracle.mixture_family()",
+                      "schedule": f"linear, T={T}",
+                      "model": "exact oracle", "n": args.n, "x_T": "generate's per-seed draws (seeds 0..n-1)",
+                      "metric": "sliced W2 (64 projections) to the exact mixture",
+                      "note": "heun uses 2 steps - 1 calls and pc 2 steps: at an even or odd budget they spend one "
+                              "call less (marked in sw2_by_calls)",
+                      "floor": floors, "sw2_by_calls": results, "max_norm_over_data_max": norms,
+                      "worst_max_norm_ratio_ours": worst_ours, "seconds": seconds}, indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=4000, help="samples per sampler")
@@ -266,9 +365,14 @@ def main() -> None:
     p.add_argument("--only", default="", help="comma-separated sampler names (default: all)")
     p.add_argument("--replicates", type=int, default=3, help="noise seeds averaged for stochastic samplers")
     p.add_argument("--nfe", default="", help="e.g. 5,10,20,50: compare the fast solvers at these budgets instead")
+    p.add_argument("--family", action="store_true", help="every catalog sampler on oracle.mixture_family() instead")
+    p.add_argument("--calls", default="3,5,10,20", help="network-call budgets of --family")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)  # thousands of tiny ops: one thread is faster and steadier
+    if args.family:
+        family_table(args)
+        return
     if args.nfe:
         nfe_table(args)
         return

@@ -10,6 +10,11 @@ If x_0 ~ sum_k w_k N(mu_k, S_k) and x_t = alpha x_0 + sigma eps, then (for any s
 because (x_0, eps, x_t) are jointly Gaussian within each component. These are the exact answers
 that samplers, losses and likelihood bounds are tested against (EDM2's toy example idea). All
 arithmetic is float64; inputs of other dtypes are cast and outputs cast back.
+
+``default_mixture(D)`` is the one target most tests use; ``mixture_family()`` is a fixed set of harder
+ones (1 to 16 dimensions, unequal weights and widths, separated and overlapping modes, a component of
+standard deviation 0.02, a 16-d one with widths over two decades) on which samplers are checked for
+robustness at small budgets (tests/test_sampler_robustness.py, ``bench/sampler_accuracy.py --family``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from torch import Tensor
 from diffusekit.parameterization import Prediction, from_eps_x0
 from diffusekit.schedules import alpha_sigma_from_logsnr
 
-__all__ = ["GaussianMixture", "default_mixture", "linear_posterior"]
+__all__ = ["GaussianMixture", "default_mixture", "mixture_family", "linear_posterior"]
 
 F64 = torch.float64
 
@@ -193,3 +198,56 @@ def default_mixture(dim: int = 2) -> GaussianMixture:
         A = torch.randn(dim, dim, generator=g, dtype=F64) / math.sqrt(dim)
         covs.append(scale**2 * (0.5 * torch.eye(dim, dtype=F64) + 0.5 * A @ A.T / (1 + (A @ A.T).diagonal().mean())))
     return GaussianMixture(weights, means, torch.stack(covs))
+
+
+def _rotation(dim: int, g: torch.Generator) -> Tensor:
+    """A fixed random orthogonal matrix (QR of a Gaussian matrix, signs fixed by R's diagonal)."""
+    q, r = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=F64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def _isotropic(means: Tensor, stds: list[float], weights: list[float]) -> GaussianMixture:
+    dim = means.shape[1]
+    covs = torch.stack([s**2 * torch.eye(dim, dtype=F64) for s in stds])
+    return GaussianMixture(torch.tensor(weights, dtype=F64), means, covs)
+
+
+def mixture_family() -> dict[str, GaussianMixture]:
+    """A fixed family of Gaussian-mixture targets for robustness checks, name -> mixture (float64, the same
+    on every call). Every one has unequal weights and widths; all lie within a norm of about 3.
+
+    - ``"1d-separated"``: three well-separated modes, weights (0.2, 0.5, 0.3), means (-2, 0.3, 2.2),
+      standard deviations (0.3, 0.15, 0.5).
+    - ``"1d-narrow"``: overlapping modes, one of standard deviation 0.02 inside a broad one: weights
+      (0.6, 0.25, 0.15), means (0, 0.4, -0.8), standard deviations (0.6, 0.02, 0.2).
+    - ``"2d-default"``: ``default_mixture(2)`` (separated, correlated covariances).
+    - ``"2d-overlap"``: four overlapping isotropic modes within a radius of 0.7, weights
+      (0.4, 0.3, 0.2, 0.1), standard deviations (0.5, 0.3, 0.2, 0.02).
+    - ``"8d-separated"``: five modes at distance 2 from the origin in fixed random directions, weights
+      (0.35, 0.25, 0.2, 0.15, 0.05), isotropic standard deviations (0.1, 0.3, 0.05, 0.2, 0.02).
+    - ``"16d-anisotropic"``: three modes (means of norm 1.5, weights 0.5, 0.3, 0.2), each with its own
+      rotated covariance whose standard deviations are spaced geometrically from 0.01 to 1 (a factor of
+      10^4 between the largest and smallest variance).
+    """
+    g = torch.Generator().manual_seed(2024)
+    family = {
+        "1d-separated": _isotropic(torch.tensor([[-2.0], [0.3], [2.2]], dtype=F64), [0.3, 0.15, 0.5], [0.2, 0.5, 0.3]),
+        "1d-narrow": _isotropic(torch.tensor([[0.0], [0.4], [-0.8]], dtype=F64), [0.6, 0.02, 0.2], [0.6, 0.25, 0.15]),
+        "2d-default": default_mixture(2),
+        "2d-overlap": _isotropic(torch.tensor([[0.0, 0.0], [0.5, 0.3], [-0.4, 0.5], [0.2, -0.6]], dtype=F64),
+                                 [0.5, 0.3, 0.2, 0.02], [0.4, 0.3, 0.2, 0.1]),
+    }
+    directions = torch.randn(5, 8, generator=g, dtype=F64)
+    family["8d-separated"] = _isotropic(2.0 * directions / directions.norm(dim=1, keepdim=True),
+                                        [0.1, 0.3, 0.05, 0.2, 0.02], [0.35, 0.25, 0.2, 0.15, 0.05])
+    widths = torch.logspace(-2, 0, 16, dtype=F64)
+    means = torch.randn(3, 16, generator=g, dtype=F64)
+    covs = []
+    for _ in range(3):
+        rot = _rotation(16, g)
+        covs.append(rot @ torch.diag(widths**2) @ rot.T)
+    covs_t = torch.stack(covs)
+    family["16d-anisotropic"] = GaussianMixture(torch.tensor([0.5, 0.3, 0.2], dtype=F64),
+                                                1.5 * means / means.norm(dim=1, keepdim=True),
+                                                0.5 * (covs_t + covs_t.transpose(1, 2)))
+    return family

@@ -5,7 +5,7 @@
 - ``generate``: ``generate`` (batched over seeds, dispatched through the catalog) and ``TrajectoryRecorder``.
 - ``ddpm`` (ancestral sampling), ``ddim`` (DDIM and its inversion), ``grids`` (discrete timestep grids).
 - ``ode`` (Euler, Heun, adaptive RK45 on the probability-flow ODE; time grids), ``dpm_solver``
-  (DPM-Solver++(2M)), ``unipc`` (UniPC), ``stochastic`` (Euler-Maruyama, predictor-corrector, annealed Langevin).
+  (DPM-Solver++(2M)), ``unipc`` (UniPC), ``stochastic`` (the reverse SDE, predictor-corrector, annealed Langevin).
 - ``noise`` (``PerSampleNoise``: sample i depends only on seed i).
 - ``guidance`` (classifier-free guidance as a denoiser wrapper), ``restore`` (degradation operators,
   RePaint and DDNM).

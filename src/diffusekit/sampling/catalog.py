@@ -49,19 +49,24 @@ _ROWS = (
                 {"spacing": "spacing", "eta": "eta", "clip_x0": "clip_x0"}),
     SamplerSpec("euler", "ode.sample_euler", "ode", "Euler on the probability-flow ODE (Karras et al. 2022, Alg. 1)",
                 grid="karras"),
-    SamplerSpec("heun", "ode.sample_heun", "ode", "Heun on the probability-flow ODE (Karras et al. 2022, Alg. 2)",
-                grid="karras", calls="2 steps - 1"),
+    SamplerSpec("heun", "ode.sample_heun", "ode",
+                "Heun on the probability-flow ODE (Karras et al. 2022, Alg. 2; the exponential-integrator step "
+                "ETD2RK where Alg. 2 would extrapolate)", grid="karras", calls="2 steps - 1"),
     SamplerSpec("rk45", "ode.sample_rk45", "adaptive", "adaptive Dormand-Prince 5(4) on the probability-flow ODE",
                 {"rtol": "rtol", "atol": "atol"}, calls="adaptive (rtol, atol)"),
     SamplerSpec("dpmpp_2m", "dpm_solver.sample_dpmpp_2m", "ode", "DPM-Solver++(2M) (Lu et al. 2022)", grid="logsnr"),
     SamplerSpec("unipc", "unipc.sample_unipc", "ode", "UniPC predictor-corrector (Zhao et al. 2023)",
                 {"order": "order"}, grid="logsnr_trailing"),
-    SamplerSpec("sde", "stochastic.sample_euler_maruyama", "sde", "Euler-Maruyama on the reverse SDE (Song et al. 2021)",
+    SamplerSpec("sde", "stochastic.sample_euler_maruyama", "sde",
+                "the reverse SDE (Song et al. 2021), first order, exponential integrator (the DDPM posterior step)",
                 grid="time"),
-    SamplerSpec("pc", "stochastic.sample_pc", "sde", "predictor-corrector with a Langevin corrector (Song et al. 2021)",
-                {"snr": "snr", "corrector_steps": "corrector_steps"}, grid="time", calls="steps (1 + corrector_steps)"),
+    SamplerSpec("pc", "stochastic.sample_pc", "sde",
+                "predictor-corrector (Song et al. 2021): Langevin corrector, exponential-integrator reverse-SDE "
+                "predictor", {"snr": "snr", "corrector_steps": "corrector_steps"}, grid="time",
+                calls="steps (1 + corrector_steps)"),
     SamplerSpec("langevin", "stochastic.sample_annealed_langevin", "levels",
-                "annealed Langevin dynamics over geometric noise levels (Song & Ermon 2019)",
+                "annealed Langevin dynamics over geometric noise levels (Song & Ermon 2019), carried between "
+                "levels by the probability-flow ODE",
                 {"steps_each": "langevin_steps", "step_size": "step_size"}, calls="steps x langevin_steps + 1"),
 )
 

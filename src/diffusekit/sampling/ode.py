@@ -20,12 +20,17 @@ step). The ``"*_trailing"`` variants place steps + 1 points the same way and dro
 the last step spans the whole remaining range down to sigma = 0 (diffusers' default placement of N
 timesteps out of T, called "trailing" by Lin et al. 2024, "Common diffusion noise schedules and
 sample steps are flawed"). So N steps cost N network calls for Euler (and DPM-Solver++, UniPC),
-2N - 1 for Heun (the last step is Euler, Karras' Algorithm 2).
+2N - 1 for Heun (the last step is Euler, as in Karras' Algorithm 2).
 
-``sample_rk45`` integrates dy/du = sigma eps_hat = y - x0_hat in u = log sigma with an embedded
-Dormand-Prince 5(4) pair (``dopri5``): every sample has its own step size and error control, so
-sample i depends only on its own x_T (never on the batch), and the number of network calls is
-returned.
+The exact step. In u = log sigma the ODE is dy/du = y - x0_hat(y, u), linear in y, so between two grid
+points (r = sigma_{i+1} / sigma_i = e^{-h}, h > 0 the step in half log-SNR) variation of constants gives
+
+    y_{i+1} = r y_i + int_{u_{i+1}}^{u_i} e^{u_{i+1} - v} x0_hat(v) dv.
+
+For x0_hat = D constant this is y_{i+1} = r y_i + (1 - r) D, the Euler step (which is DDIM's); for
+x0_hat linear in u from D (at u_i) to D' (at u_{i+1}) it adds h phi_2(h) (D' - D), with
+h phi_2(h) = (h - 1 + e^{-h}) / h (``phi``). ``sample_heun`` takes D' at the Euler prediction when
+Karras' trapezoidal step would extrapolate.
 """
 
 from __future__ import annotations
@@ -42,8 +47,8 @@ from diffusekit.parameterization import Callback, DenoiserFn, append_dims
 from diffusekit.sampling.catalog import GRIDS
 from diffusekit.sde import SDE
 
-__all__ = ["Grid", "GRIDS", "time_grid", "resolve_times", "inverse_logsnr", "ve_denoise", "sample_euler", "sample_heun",
-           "sample_rk45", "dopri5", "ODEStats"]
+__all__ = ["Grid", "GRIDS", "time_grid", "resolve_times", "inverse_logsnr", "ve_denoise", "phi", "sample_euler",
+           "sample_heun", "sample_rk45", "dopri5", "ODEStats"]
 
 F64 = torch.float64
 Grid = Literal[GRIDS]  # type: ignore[valid-type]  (the names of sampling/catalog.py)
@@ -173,6 +178,20 @@ def finish(sde: SDE, y: Tensor, times: Tensor, denoise_final: bool) -> Tensor:
 
 
 
+def phi(k: int, h: float) -> float:
+    """phi_k(h) = int_0^1 e^{-h (1 - u)} u^{k-1} / (k-1)! du for k >= 1, h >= 0, the weights of the exact
+    step (module docstring; ``sampling.unipc``): the series sum_j (-h)^j / (j + k)! for h < 1 (no
+    cancellation), else the recursion phi_1 = (1 - e^{-h}) / h, phi_{k+1} = (1/k! - phi_k) / h."""
+    if k < 1 or h < 0:
+        raise ValueError(f"phi needs k >= 1 and h >= 0, got k={k}, h={h}")
+    if h < 1.0:
+        return sum((-h) ** j / math.factorial(j + k) for j in range(30))
+    value = -math.expm1(-h) / h
+    for n in range(1, k):
+        value = (1.0 / math.factorial(n) - value) / h
+    return value
+
+
 # --------------------------------------------------------------------------------------------
 # Fixed-step solvers
 # --------------------------------------------------------------------------------------------
@@ -196,17 +215,40 @@ def sample_euler(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, times: Tensor | No
 def sample_heun(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, times: Tensor | None = None, *,
                 steps: int | None = None, grid: Grid = "karras",
                 cond: Any = None, denoise_final: bool = True, callback: Callback | None = None) -> Tensor:
-    """Heun's 2nd-order method on the probability-flow ODE in (y, sigma) (Karras et al. 2022,
-    Algorithm 2, deterministic): an Euler predictor, then the trapezoidal correction with the slope at
-    the new point; the last step to sigma = 0 is a plain Euler step. 2 steps - 1 network calls."""
+    """Heun's second-order method on the probability-flow ODE, written as a convex combination so that no
+    step size sends samples away. With D = x0_hat(y_i), the Euler (DDIM) prediction y' = D + r (y_i - D),
+    D' = x0_hat(y') and r = sigma_{i+1} / sigma_i = e^{-h},
+
+        y_{i+1} = y' + w (D' - D) = r y_i + (1 - r - w) D + w D'.
+
+    Karras et al. 2022, Algorithm 2 (the trapezoidal rule on dy/dsigma = (y - x0_hat) / sigma) is this
+    with w = (1 - r) / (2 r); its weights are all >= 0 exactly when r >= 1/2, and there it is kept. For
+    r < 1/2 that weight extrapolates without bound (w ~ 1 / (2 r): samples went x10^2-10^4 beyond the
+    data at 3-5 calls), and the step is instead the exponential integrator's (module docstring): the
+    exact integral for x0_hat linear in log sigma from D to D',
+
+        w = h phi_2(h) = (h - 1 + e^{-h}) / h,   0 <= w <= 1 - r   (e^h >= 1 + h),
+
+    the exponential Runge-Kutta method ETD2RK (Cox & Matthews 2002, "Exponential time differencing for
+    stiff systems"; the two-stage method with c_2 = 1 of Hochbruck & Ostermann 2010, "Exponential
+    integrators") on the data-prediction form of the ODE (Lu et al. 2022, DPM-Solver++, eq. 9), i.e.
+    DPM-Solver++(2S) with its second point at the end of the step and the exact weight in place of
+    (1 - r) / 2. Both rules are second order (both w = h / 2 + O(h^2); tested: Karras' by convergence on
+    a Gaussian, ETD2RK by its exactness for x0_hat linear in log sigma); Karras' is kept where it is safe
+    because its error constant is smaller near the data (there x0_hat follows y one to one, so
+    D' inherits the Euler prediction's error, while the noise prediction Karras averages does not):
+    on the mixture family at 35-100 calls it was up to 4 times closer to the exact ODE map. Grids fine
+    enough that every ratio is >= 1/2 give exactly Karras' Algorithm 2. The last step to sigma = 0 is the
+    Euler step y = x0_hat, as in Algorithm 2. 2 steps - 1 network calls."""
     times, sig, y = walk(sde, x_T, times, steps, grid)
     for i in range(len(times) if denoise_final else len(times) - 1):
         x0 = model_x0(denoiser, y, i, times, sig, cond, callback)
-        d = (y - x0) / sig[i]
-        y_next = y + (sig[i + 1] - sig[i]) * d
-        if sig[i + 1] > 0:
-            d_next = (y_next - ve_denoise(denoiser, y_next, sig[i + 1], cond)) / sig[i + 1]
-            y_next = y + (sig[i + 1] - sig[i]) * 0.5 * (d + d_next)
+        r = sig[i + 1] / sig[i]
+        y_next = x0 + r * (y - x0)  # Euler = DDIM: exact for a constant x0_hat
+        if r > 0:
+            h = -math.log(r)
+            w = (1.0 - r) / (2.0 * r) if r >= 0.5 else h * phi(2, h)
+            y_next = y_next + w * (ve_denoise(denoiser, y_next, sig[i + 1], cond) - x0)
         y = y_next
     return finish(sde, y, times, denoise_final)
 

@@ -57,27 +57,14 @@ import torch
 from torch import Tensor
 
 from diffusekit.parameterization import Callback, DenoiserFn
-from diffusekit.sampling.ode import Grid, _check, finish, model_x0, walk
+from diffusekit.sampling.ode import Grid, _check, finish, model_x0, phi, walk
 from diffusekit.sde import SDE
 
-__all__ = ["sample_unipc", "phi", "unipc_coefficients", "Coefficients", "COEFFICIENTS"]
+__all__ = ["sample_unipc", "phi", "unipc_coefficients", "Coefficients", "COEFFICIENTS"]  # phi: from sampling.ode
 
 Coefficients = Literal["solve", "bh1", "bh2"]
 COEFFICIENTS: tuple[str, ...] = ("solve", "bh1", "bh2")
 MAX_ORDER = 3
-
-
-def phi(k: int, h: float) -> float:
-    """phi_k(h) = int_0^1 e^{-h (1 - u)} u^{k-1} / (k-1)! du for k >= 1, h >= 0 (module docstring):
-    the series sum_j (-h)^j / (j + k)! for h < 1 (no cancellation), else the recursion from phi_1."""
-    if k < 1 or h < 0:
-        raise ValueError(f"phi needs k >= 1 and h >= 0, got k={k}, h={h}")
-    if h < 1.0:
-        return sum((-h) ** j / math.factorial(j + k) for j in range(30))
-    value = -math.expm1(-h) / h
-    for n in range(1, k):
-        value = (1.0 / math.factorial(n) - value) / h
-    return value
 
 
 def _b(h: float, coefficients: str) -> float:
