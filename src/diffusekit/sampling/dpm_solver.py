@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from diffusekit.parameterization import Callback, DenoiserFn
+from diffusekit.sampling.catalog import default_grid
 from diffusekit.sampling.ode import Grid, finish, model_x0, walk
 from diffusekit.sde import SDE
 
@@ -38,7 +39,7 @@ __all__ = ["sample_dpmpp_2m"]
 
 @torch.no_grad()
 def sample_dpmpp_2m(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, times: Tensor | None = None, *,
-                    steps: int | None = None, grid: Grid = "logsnr",
+                    steps: int | None = None, grid: Grid = default_grid("dpmpp_2m"),
                     cond: Any = None, denoise_final: bool = True, callback: Callback | None = None) -> Tensor:
     """DPM-Solver++(2M) from the prior draw ``x_T`` of ``sde`` at t_max to clean data, ``steps``
     network calls on ``time_grid(sde, steps, grid)``; with ``denoise_final`` False the last step is

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from diffusekit.parameterization import Callback, DenoiserFn, append_dims
-from diffusekit.sampling.catalog import GRIDS
+from diffusekit.sampling.catalog import GRIDS, default_grid
 from diffusekit.sde import SDE
 
 __all__ = ["Grid", "GRIDS", "time_grid", "resolve_times", "inverse_logsnr", "ve_denoise", "phi", "sample_euler",
@@ -197,7 +197,7 @@ def phi(k: int, h: float) -> float:
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def sample_euler(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, times: Tensor | None = None, *,
-                 steps: int | None = None, grid: Grid = "karras",
+                 steps: int | None = None, grid: Grid = default_grid("euler"),
                  cond: Any = None, denoise_final: bool = True, callback: Callback | None = None) -> Tensor:
     """Euler's method on the probability-flow ODE in (y, sigma) (Karras et al. 2022, Algorithm 1 with
     their VE variables; the same map as DDIM with eta = 0): y_{i+1} = y_i + (sigma_{i+1} - sigma_i)
@@ -213,7 +213,7 @@ def sample_euler(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, times: Tensor | No
 
 @torch.no_grad()
 def sample_heun(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, times: Tensor | None = None, *,
-                steps: int | None = None, grid: Grid = "karras",
+                steps: int | None = None, grid: Grid = default_grid("heun"),
                 cond: Any = None, denoise_final: bool = True, callback: Callback | None = None) -> Tensor:
     """Heun's second-order method on the probability-flow ODE, written as a convex combination so that no
     step size sends samples away. With D = x0_hat(y_i), the Euler (DDIM) prediction y' = D + r (y_i - D),

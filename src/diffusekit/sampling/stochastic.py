@@ -63,6 +63,7 @@ import torch
 from torch import Tensor
 
 from diffusekit.parameterization import Callback, DenoiserFn
+from diffusekit.sampling.catalog import default_grid
 from diffusekit.sampling.ode import Grid, _check, grid_sigmas, time_grid, ve_denoise, walk
 from diffusekit.sde import SDE
 
@@ -128,7 +129,7 @@ def _corrector_time(y: Tensor, x0: Tensor, sigma: float, z: Tensor, snr: float,
 
 @torch.no_grad()
 def sample_euler_maruyama(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, noise: NoiseFn, times: Tensor | None = None,
-                          *, steps: int | None = None, grid: Grid = "time", cond: Any = None,
+                          *, steps: int | None = None, grid: Grid = default_grid("sde"), cond: Any = None,
                           callback: Callback | None = None) -> Tensor:
     """The reverse SDE from the prior draw ``x_T`` by its first-order exponential Euler-Maruyama step
     (module docstring: the linear part and the noise integral exact for a frozen denoiser; the DDPM
@@ -151,7 +152,7 @@ def _langevin(y: Tensor, x0: Tensor, sigma: float, sigma_next: float, c: float |
 @torch.no_grad()
 def sample_pc(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, noise: NoiseFn, times: Tensor | None = None, *,
               steps: int | None = None, snr: float = 0.16,
-              corrector_steps: int = 1, step_rule: Literal["norm", "fixed"] = "fixed", grid: Grid = "time",
+              corrector_steps: int = 1, step_rule: Literal["norm", "fixed"] = "fixed", grid: Grid = default_grid("pc"),
               cond: Any = None, callback: Callback | None = None) -> Tensor:
     """Predictor-corrector sampling (Song et al. 2021, Algorithm 1 with a Langevin corrector), in the VE
     variables: at each grid time, ``corrector_steps`` Langevin steps at that noise level, then the

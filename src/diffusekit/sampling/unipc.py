@@ -57,6 +57,7 @@ import torch
 from torch import Tensor
 
 from diffusekit.parameterization import Callback, DenoiserFn
+from diffusekit.sampling.catalog import default_grid
 from diffusekit.sampling.ode import Grid, _check, finish, model_x0, phi, walk
 from diffusekit.sde import SDE
 
@@ -101,7 +102,7 @@ def _update(y_b: Tensor, m_b: Tensor, ratio: float, h: float, points: list[tuple
 @torch.no_grad()
 def sample_unipc(denoiser: DenoiserFn, sde: SDE, x_T: Tensor, times: Tensor | None = None, *,
                  steps: int | None = None, order: int = 2,
-                 coefficients: Coefficients = "solve", corrector: bool = True, grid: Grid = "logsnr_trailing",
+                 coefficients: Coefficients = "solve", corrector: bool = True, grid: Grid = default_grid("unipc"),
                  cond: Any = None,
                  denoise_final: bool = True, callback: Callback | None = None) -> Tensor:
     """UniPC (UniP-``order`` predictor, UniC corrector; data prediction; ``coefficients`` as in
