@@ -16,13 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_cli import TINY as CLI_TINY
 
 from diffusekit.cli import main
 from diffusekit.io.checkpoint import latest_checkpoint, load_checkpoint, record_hash
 
-TINY = ["--set", "data.name=digits", "--set", "model.base_channels=8", "--set", "model.norm_groups=4",
-        "--set", "diffusion.T=20", "--set", "train.steps=2", "--set", "train.batch_size=8",
-        "--set", "train.sample_every=0", "--set", "train.n_sample=4", "--set", "train.log_every=1"]
+TINY = [*CLI_TINY, "--set", "train.steps=2"]  # the tiny digits run of test_cli, two steps (resumes go further)
 
 
 def cli(capsys, *argv):
@@ -311,9 +310,9 @@ def test_no_non_finite_sample_is_written(run, tmp_path, capsys):
     tensors, record = load_checkpoint(run)
     tensors = {k: (v * 1e30 if k.startswith("ema.") and v.is_floating_point() and v.ndim > 1 else v)
                for k, v in tensors.items()}
-    from safetensors.torch import save as st_save
-
     import hashlib
+
+    from safetensors.torch import save as st_save
 
     blob = st_save(tensors)
     stem = latest_checkpoint(run)
