@@ -88,7 +88,8 @@ class DiffusionConfig:
 
 @dataclass
 class LossConfig:
-    objective: Literal["discrete", "continuous"] = "discrete"  # continuous: VDM's ELBO / Kingma & Gao's L_w
+    # continuous: VDM's ELBO / Kingma & Gao's L_w; progressive, consistency: distil the run of [distill]
+    objective: Literal["discrete", "continuous", "progressive", "consistency"] = "discrete"
     weighting: Literal["simple", "x0", "v", "elbo", "snr", "min_snr", "truncated_snr", "sigmoid", "edm"] = "simple"
     sigmoid_bias: float = 2.0  # weighting = "sigmoid": w(lambda) = sigmoid(sigmoid_bias - lambda)
     min_snr_gamma: float = 5.0
@@ -250,6 +251,20 @@ class ControlNetConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation of a trained discrete-time run (the teacher) into a few-step student
+    (``loss.objective`` = "progressive" | "consistency"; ``families.progressive``, ``families.consistency``).
+    The student has the teacher's architecture ([model], except ``model.prediction``) and [diffusion], and
+    starts from the teacher's EMA weights."""
+
+    teacher_run: str = "runs/demo"  # run folder of a trained discrete-time unet or mlp run (kept frozen)
+    teacher_steps: int = 64  # progressive: the teacher's DDIM steps of the first round; consistency: the ODE grid N
+    student_steps: int = 4  # progressive: the student's steps after the last round (teacher_steps / 2^rounds)
+    steps_per_round: int = 500  # progressive: optimizer steps of each halving round
+    teacher_solver: Literal["ddim", "heun"] = "heun"  # consistency: the teacher's ODE step between grid neighbours
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -260,6 +275,7 @@ class Config:
     vae: VAEConfig = field(default_factory=VAEConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
     controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def validate(self) -> "Config":
         """Range checks across the whole config; raises ``ConfigError`` naming the key. Returns self."""
@@ -510,7 +526,7 @@ def _validate_objective(df: DiffusionConfig, lo: LossConfig) -> None:
     """The keys of the continuous-time objective (``diffusekit.continuous``) and what they exclude."""
     _check(df.logsnr_min < df.logsnr_max, "diffusion.logsnr_max", f"> diffusion.logsnr_min = {df.logsnr_min}",
            df.logsnr_max)
-    if lo.objective == "discrete":
+    if lo.objective != "continuous":  # discrete, and the distillations of a discrete-time teacher
         if df.learned_schedule:
             raise ConfigError("diffusion.learned_schedule = true needs loss.objective = 'continuous'")
         if lo.weighting in ("sigmoid", "edm"):
@@ -593,3 +609,12 @@ def _validate(cfg: Config) -> None:
            "the run folder of a trained autoencoder", cfg.latent.autoencoder_run)
     _check(m.kind != "controlnet" or bool(cfg.controlnet.base_run.strip()), "controlnet.base_run",
            "the run folder of a trained unet", cfg.controlnet.base_run)
+    ds = cfg.distill
+    if lo.objective in ("progressive", "consistency"):
+        _check(bool(ds.teacher_run.strip()), "distill.teacher_run", "the run folder of a trained diffusion run",
+               ds.teacher_run)
+    _check(1 <= ds.teacher_steps <= MAX_SAMPLE_STEPS, "distill.teacher_steps", f"in 1..{MAX_SAMPLE_STEPS}",
+           ds.teacher_steps)
+    _check(1 <= ds.student_steps <= ds.teacher_steps, "distill.student_steps",
+           f"in 1..distill.teacher_steps = {ds.teacher_steps}", ds.student_steps)
+    _check(1 <= ds.steps_per_round < 10**8, "distill.steps_per_round", "in 1..99999999", ds.steps_per_round)
