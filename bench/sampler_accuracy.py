@@ -155,8 +155,10 @@ def sw2_to_mixture(x: torch.Tensor, mix, n_proj: int = 64, grid: int = 8001) -> 
     return ((x @ th.T).T.sort(1).values - quant).pow(2).mean().sqrt().item()
 
 
-def fast_solvers(mix, sch, x_T: torch.Tensor) -> dict[str, Callable[[int], torch.Tensor | None]]:
-    """name -> (NFE -> samples, or None where that NFE cannot be met exactly)."""
+def fast_solvers(mix, sch, x_T: torch.Tensor, table: dict | None = None) -> dict[str, Callable[[int], torch.Tensor | None]]:
+    """name -> (NFE -> samples, or None where that NFE cannot be met exactly). ``table``: the diffusers
+    schedule arguments of ``sch`` (default: the linear T = 1000 table; another schedule passes
+    ``trained_betas``)."""
     import diffusers
 
     from diffusekit.sampling.dpm_solver import sample_dpmpp_2m
@@ -165,7 +167,7 @@ def fast_solvers(mix, sch, x_T: torch.Tensor) -> dict[str, Callable[[int], torch
     from diffusekit.sde import vp_from_schedule
 
     sde = vp_from_schedule(sch)
-    table = dict(num_train_timesteps=T, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+    table = table or dict(num_train_timesteps=T, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
 
     def vp_loop(cls, **cfg):  # schedulers on x in VP space, model at integer timesteps k = t - 1
         def run(nfe: int):

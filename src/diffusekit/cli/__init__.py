@@ -1,4 +1,4 @@
-"""The command line: ``diffusekit train | sample | evaluate | restore | demo``.
+"""The command line: ``diffusekit train | sample | evaluate | restore | tune-grid | demo``.
 
 This package is the only code that sees argparse or prints. ``flags`` parses (torch-free); each
 command is one module (``train``, ``sample``, ...) whose ``run(args)`` turns the flags into typed
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         # each command's module is imported when it runs: --help and a bad flag answer without importing torch
-        command = importlib.import_module(f"diffusekit.cli.{args.command}")
+        command = importlib.import_module(f"diffusekit.cli.{args.command.replace('-', '_')}")  # tune-grid: tune_grid
         return command.run(args)
     except BrokenPipeError:  # the reader went away (`diffusekit ... | head -1`): stop quietly
         try:

@@ -16,6 +16,7 @@ from diffusekit.sampling.catalog import (
     RESTORE_TASKS,
     SAMPLERS,
     SPACINGS,
+    TUNABLE_SAMPLERS,
     VARIANCES,
 )
 
@@ -180,6 +181,24 @@ def _restore(sub) -> None:
     _outputs(p, "restore", "restore-<task>-<method>")
 
 
+def _tune_grid(sub) -> None:
+    p = sub.add_parser("tune-grid", help="optimise the time grid of an ODE sampler for a run at given numbers of "
+                                         "network calls, stored in <run>/grids.json (sample --grid tuned)")
+    p.add_argument("--run", type=Path, required=True, help="run folder written by `diffusekit train`")
+    p.add_argument("--sampler", choices=list(TUNABLE_SAMPLERS), default="unipc",
+                   help="the deterministic ODE sampler whose grid is tuned")
+    p.add_argument("--nfe", required=True, metavar="LIST",
+                   help="network-call budgets, e.g. 5,10 (heun spends 2 steps - 1: odd budgets only)")
+    p.add_argument("--order", type=int, choices=[1, 2, 3], default=2, help="unipc: order of the predictor")
+    p.add_argument("--examples", type=int, default=256,
+                   help="prior draws the grid is tuned on (and as many held-out ones, reported beside)")
+    p.add_argument("--seed", type=int, default=0, help="first seed of the tuning draws (held-out: the next ones)")
+    p.add_argument("--max-evals", type=int, default=None, help="grids tried per start (default: 40 per free time)")
+    p.add_argument("--no-ema", dest="ema", action="store_false", default=True, help="tune on the raw weights")
+    _device(p)
+    _common(p)
+
+
 def _demo(sub) -> None:
     p = sub.add_parser("demo", help="train on the bundled digits, sample and report (a few minutes on 2 CPU cores)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -191,6 +210,6 @@ def _demo(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="diffusekit", description="Diffusion models that are correct, measurable and fast.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_train, _sample, _evaluate, _restore, _demo):
+    for add in (_train, _sample, _evaluate, _restore, _tune_grid, _demo):
         add(sub)
     return parser

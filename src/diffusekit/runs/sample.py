@@ -27,6 +27,8 @@ from diffusekit.errors import ConfigError
 from diffusekit.families import Family, families_taking, read_run
 from diffusekit.families.base import CONDITIONING_FLAGS, Model, SampleRequest, Samples, check_labels_and_guidance
 from diffusekit.io.atomic import OutputFolder, atomic_write_bytes, atomic_write_text, read_input_file
+from diffusekit.runs.grids import tuned_settings
+from diffusekit.sampling.catalog import TUNED_GRID
 from diffusekit.sampling.generate import check_finite
 from diffusekit.sampling.settings import SampleSettings
 from diffusekit.viz import image_grid, png_bytes, save_samples_figure
@@ -118,6 +120,8 @@ def sample_run(run: Path | str, overrides: dict[str, Any] | None = None, request
         settings = (family.settings(cfg, overrides, key) if family.settings is not None
                     else SampleSettings.from_config(cfg.sample, key=key, **overrides))
     model = family.load(source, settings.use_ema, device)
+    if isinstance(settings, SampleSettings) and settings.grid == TUNED_GRID and settings.times is None:
+        settings = tuned_settings(family.name, model, settings, run, key)  # the times of <run>/grids.json
     schedule = getattr(model, "schedule", None)
     if isinstance(settings, SampleSettings):
         settings.check(key, T=schedule.T if schedule is not None else None)

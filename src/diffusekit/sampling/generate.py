@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffusekit.errors import SamplingError
+from diffusekit.errors import ConfigError, SamplingError
 from diffusekit.parameterization import Callback, DenoiserFn
-from diffusekit.sampling.catalog import SamplerSpec, default_grid, sampler_spec
+from diffusekit.sampling.catalog import TUNED_GRID, SamplerSpec, default_grid, sampler_spec
 from diffusekit.sampling.guidance import ClassifierFreeGuidance, class_labels_for, null_class_labels
 from diffusekit.sampling.noise import PerSampleNoise
 from diffusekit.sampling.ode import time_grid
@@ -97,7 +97,13 @@ def run_sampler(denoiser: DenoiserFn, schedule: DiscreteSchedule, noise: PerSamp
         return fn(denoiser, sde, x_T, cond=cond, **options)[0]
     if spec.call == "levels":
         return fn(denoiser, sde, x_T, noise, levels=steps, **options, **common)
-    times = time_grid(sde, steps, default_grid(spec.name) if settings.grid == "auto" else settings.grid)
+    if settings.times is not None:  # grid = "tuned": the explicit times (sampling.tune, the run's grids.json)
+        times = torch.tensor(settings.times, dtype=torch.float64)
+    elif settings.grid == TUNED_GRID:
+        raise ConfigError(f"grid = {TUNED_GRID!r} needs its times (SampleSettings.times); `diffusekit sample` reads "
+                          "them from the run's grids.json (written by `diffusekit tune-grid`)")
+    else:
+        times = time_grid(sde, steps, default_grid(spec.name) if settings.grid == "auto" else settings.grid)
     if spec.call == "sde":
         return fn(denoiser, sde, x_T, noise, times, **options, **common)
     return fn(denoiser, sde, x_T, times, **options, **common)

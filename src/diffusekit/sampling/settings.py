@@ -11,6 +11,7 @@ round-trips it (``to_json`` / ``from_json``). Torch-free, like the config.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import numbers
 import re
@@ -19,6 +20,7 @@ from typing import Any, Callable
 
 from diffusekit.config import SampleConfig, json_object
 from diffusekit.errors import ConfigError
+from diffusekit.sampling.catalog import TUNABLE_SAMPLERS, TUNED_GRID
 
 __all__ = ["SampleSettings", "MAX_SEEDS", "MAX_BATCH", "settings_to_json", "settings_from_json", "parse_int_list",
            "parse_seeds"]
@@ -90,6 +92,21 @@ def _as_int_list(v: Any) -> Any:
     return v
 
 
+def _as_float_list(v: Any) -> Any:
+    """A tuple or list of real numbers (ints included, bools not) as a list of floats; other values as given."""
+    if isinstance(v, (tuple, list)) and all(isinstance(s, numbers.Real) and not isinstance(s, bool) for s in v):
+        return [float(s) for s in v]
+    return v
+
+
+def _times_ok(v: Any, steps: int) -> bool:
+    """``times``: absent, or ``steps`` finite floats in (0, 1], strictly decreasing."""
+    if v is None:
+        return True
+    return (isinstance(v, list) and steps > 0 and len(v) == steps and all(isinstance(t, float) for t in v)
+            and all(0.0 < t <= 1.0 for t in v) and all(a > b for a, b in itertools.pairwise(v)))
+
+
 def _int_list(v: Any, lo: int, hi: int, max_len: int) -> bool:
     return (isinstance(v, list) and 0 < len(v) <= max_len
             and all(isinstance(s, int) and not isinstance(s, bool) and lo <= s < hi for s in v))
@@ -110,6 +127,10 @@ class SampleSettings(SampleConfig):
     Langevin's, ``order`` UniPC's (1-3), ``rtol``/``atol`` RK45's. ``guidance`` is the classifier-free
     guidance scale (eps_uncond + s (eps_cond - eps_uncond); 1 = the conditional model).
 
+    ``times`` is the explicit time grid of ``grid = "tuned"`` (``steps`` floats in (0, 1], strictly
+    decreasing; ``sampling.tune``): ``diffusekit sample --grid tuned`` reads them from the run's
+    ``grids.json`` and records them here, so a ``settings.json`` reproduces the samples without that file.
+
     ``key`` (not stored) names a field in error messages, e.g. ``lambda f: "--" + f.replace("_", "-")``.
     """
 
@@ -117,10 +138,12 @@ class SampleSettings(SampleConfig):
     use_ema: bool = True
     batch_size: int = 64
     classes: list[int] | None = None
+    times: list[float] | None = None
     key: InitVar[Callable[[str], str] | None] = None
 
     def __post_init__(self, key: Callable[[str], str] | None) -> None:
         self.seeds, self.classes = _as_int_list(self.seeds), _as_int_list(self.classes)
+        self.times = _as_float_list(self.times)
         for f in fields(SampleConfig):  # integers given for float settings are stored as floats
             value = getattr(self, f.name)
             if f.type in ("float", "float | None") and isinstance(value, int) and not isinstance(value, bool):
@@ -138,6 +161,12 @@ class SampleSettings(SampleConfig):
              and 1 <= self.batch_size <= MAX_BATCH, f"an integer in 1..{MAX_BATCH}"),
             ("classes", self.classes is None or _int_list(self.classes, 0, 2**31, MAX_SEEDS),
              "absent or a non-empty list of class labels >= 0"),
+            ("grid", self.grid != TUNED_GRID or self.sampler in TUNABLE_SAMPLERS,
+             f"a named grid for sampler {self.sampler!r} ({TUNED_GRID!r} is for {', '.join(TUNABLE_SAMPLERS)})"),
+            ("times", _times_ok(self.times, self.steps),
+             f"absent or a list of steps = {self.steps} times in (0, 1], strictly decreasing"),
+            ("times", self.times is None or self.grid == TUNED_GRID,
+             f"absent unless grid = {TUNED_GRID!r} (the times are the tuned grid)"),
         )
         for name, ok, want in rules:
             if not ok:
