@@ -23,7 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["SamplerSpec", "SAMPLERS", "SAMPLER_NAMES", "DISCRETE_SAMPLERS", "GRIDS", "GRID_CHOICES", "SPACINGS",
+__all__ = ["SamplerSpec", "SAMPLERS", "SAMPLER_NAMES", "DISCRETE_SAMPLERS", "GRIDS", "GRID_CHOICES", "TUNED_GRID",
+           "TUNABLE_SAMPLERS", "SPACINGS",
            "VARIANCES", "EVAL_METRICS", "BOUND_VARIANCES", "RESTORE_TASKS", "RESTORE_METHODS", "MASKS", "DEFAULT_MASK", "sampler_spec", "default_grid"]
 
 CallShape = Literal["discrete", "ode", "sde", "adaptive", "levels"]
@@ -69,15 +70,22 @@ _ROWS = (
                 "annealed Langevin dynamics over geometric noise levels (Song & Ermon 2019), carried between "
                 "levels by the probability-flow ODE",
                 {"steps_each": "langevin_steps", "step_size": "step_size"}, calls="steps x langevin_steps + 1"),
+    SamplerSpec("consistency", "consistency.sample_consistency", "sde",
+                "multistep consistency sampling (Song et al. 2023, Alg. 1): denoise, re-noise to the next time, "
+                "denoise; for consistency-distilled runs", grid="karras_trailing"),
 )
 
 SAMPLERS: dict[str, SamplerSpec] = {row.name: row for row in _ROWS}
 SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
 DISCRETE_SAMPLERS: tuple[str, ...] = tuple(n for n, row in SAMPLERS.items() if row.call == "discrete")
 
-# named time grids of the continuous-time samplers (``sampling.ode.time_grid``); "auto" = the sampler's own
+# named time grids of the continuous-time samplers (``sampling.ode.time_grid``); "auto" = the sampler's own;
+# "tuned" = the times tuned for the run, sampler and budget (``sampling.tune``, stored in <run>/grids.json)
 GRIDS: tuple[str, ...] = ("time", "logsnr", "karras", "time_trailing", "logsnr_trailing", "karras_trailing")
-GRID_CHOICES: tuple[str, ...] = ("auto",) + GRIDS
+TUNED_GRID = "tuned"
+GRID_CHOICES: tuple[str, ...] = ("auto",) + GRIDS + (TUNED_GRID,)
+# the deterministic fixed-grid ODE samplers, whose time grid ``diffusekit tune-grid`` optimises
+TUNABLE_SAMPLERS: tuple[str, ...] = tuple(n for n, row in SAMPLERS.items() if row.call == "ode")
 # which of the T steps a discrete sampler visits (``sampling.grids.timestep_grid``)
 SPACINGS: tuple[str, ...] = ("leading", "linspace", "trailing")
 # the reverse variance of ancestral steps: sigma_t^2 = beta_t or the posterior's beta_tilde_t
