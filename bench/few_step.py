@@ -31,6 +31,7 @@ import torch
 from diffusekit.data.registry import load_dataset
 from diffusekit.evaluate.samples import score_samples
 from diffusekit.families import open_run
+from diffusekit.runs.grids import grid_key, read_grids
 from diffusekit.sampling.catalog import sampler_spec
 from diffusekit.sampling.generate import check_finite, generate
 from diffusekit.sampling.settings import SampleSettings
@@ -51,15 +52,9 @@ def calls_of(sampler: str, steps: int) -> int:
 
 
 def tuned_times(run: Path, sampler: str, calls: int) -> list[float] | None:
-    """The grid ``diffusekit tune-grid`` stored for (sampler, calls), if any."""
-    try:
-        from diffusekit.runs.grids import lookup_tuned_times  # the tuned-grid store (optional here)
-    except ImportError:
-        return None
-    try:
-        return lookup_tuned_times(run, sampler, calls)
-    except Exception:  # noqa: BLE001 - a missing entry just leaves the row out
-        return None
+    """The grid ``diffusekit tune-grid`` stored in ``run`` for (sampler, calls; unipc of order 2), if any."""
+    entry = read_grids(run).get(grid_key(sampler, 2 if sampler == "unipc" else None), {}).get(str(calls))
+    return list(entry["times"]) if entry else None
 
 
 def measure(model, settings: SampleSettings, test, repeat_timing: bool = False) -> dict[str, Any]:
@@ -110,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             steps = steps_for(sampler, calls)
             if steps is None or steps < 1 or calls_of(sampler, steps) != calls:
                 continue  # heun spends an odd number of calls; budgets it cannot meet exactly are left out
-            base = dict(sampler=sampler, steps=steps, seeds=seeds, batch_size=args.batch_size)
+            base = {"sampler": sampler, "steps": steps, "seeds": seeds, "batch_size": args.batch_size}
             add("teacher", teacher, SampleSettings(**base), calls, "auto" if sampler != "ddim" else "trailing")
             if args.tuned and sampler_spec(sampler).call == "ode":
                 times = tuned_times(args.teacher, sampler, calls)

@@ -37,6 +37,7 @@ from diffusekit.sampling.catalog import DISCRETE_SAMPLERS, GRID_CHOICES, SAMPLER
 __all__ = [
     "DATASET_NAMES", "DataConfig", "ModelConfig", "DiffusionConfig", "LossConfig", "TrainConfig", "SampleConfig", "VAEConfig", "LatentConfig", "Config",
     "load_config", "config_from_dict", "config_to_dict", "save_config", "format_config", "parse_override",
+    "progressive_rounds",
 ]
 
 
@@ -262,6 +263,9 @@ class DistillConfig:
     student_steps: int = 4  # progressive: the student's steps after the last round (teacher_steps / 2^rounds)
     steps_per_round: int = 500  # progressive: optimizer steps of each halving round
     teacher_solver: Literal["ddim", "heun"] = "heun"  # consistency: the teacher's ODE step between grid neighbours
+    grid: Literal["karras", "logsnr", "time"] = "karras"  # consistency: spacing of the N grid times (sampling.ode.time_grid)
+    metric: Literal["pseudo_huber", "l2"] = "pseudo_huber"  # consistency: the distance d (Song & Dhariwal 2023, Sec. 3.3)
+    step_weighting: Literal["inverse_step", "uniform"] = "inverse_step"  # consistency: lambda = 1 / (sigma_n+1 - sigma_n) or 1
 
 
 @dataclass
@@ -522,6 +526,35 @@ def _check(ok: bool, key: str, rule: str, value: Any) -> None:
         raise ConfigError(f"{key} must be {rule}; got {value!r}")
 
 
+def progressive_rounds(ds: DistillConfig) -> int:
+    """Rounds of progressive distillation (``families.progressive``): a first round at
+    ``distill.teacher_steps`` (the v-prediction student matches one teacher DDIM step), then one round per
+    halving down to ``distill.student_steps``."""
+    return 1 + (ds.teacher_steps // ds.student_steps).bit_length() - 1
+
+
+def _validate_progressive(cfg: "Config") -> None:
+    """The keys progressive distillation (``families.progressive``) needs beyond their ranges."""
+    ds, t = cfg.distill, cfg.train
+    ratio = ds.teacher_steps // ds.student_steps
+    _check(ds.teacher_steps % ds.student_steps == 0 and ratio & (ratio - 1) == 0, "distill.teacher_steps",
+           f"distill.student_steps = {ds.student_steps} times a power of 2 (each round halves the steps)",
+           ds.teacher_steps)
+    _check(ds.teacher_steps <= cfg.diffusion.T, "distill.teacher_steps", f"<= diffusion.T = {cfg.diffusion.T}",
+           ds.teacher_steps)
+    _check(cfg.model.prediction == "v", "model.prediction",
+           "'v' for loss.objective = 'progressive' (an eps student cannot take 1-4 steps: Salimans & Ho 2022, sec. 4)",
+           cfg.model.prediction)
+    rounds = progressive_rounds(ds)
+    _check(t.steps >= rounds * ds.steps_per_round, "train.steps",
+           f">= {rounds} rounds x distill.steps_per_round = {rounds * ds.steps_per_round} (the last round takes the "
+           "steps past the others)", t.steps)
+    _check((1.0 - t.ema_decay) * ds.steps_per_round >= 2.0 - 1e-9, "train.ema_decay",
+           f"at most 1 - 2 / distill.steps_per_round = {1 - 2 / ds.steps_per_round:.4g} (the average's window "
+           "1 / (1 - decay) must fit twice in a round, or the student's EMA mixes in the previous round's weights)",
+           t.ema_decay)
+
+
 def _validate_objective(df: DiffusionConfig, lo: LossConfig) -> None:
     """The keys of the continuous-time objective (``diffusekit.continuous``) and what they exclude."""
     _check(df.logsnr_min < df.logsnr_max, "diffusion.logsnr_max", f"> diffusion.logsnr_min = {df.logsnr_min}",
@@ -618,3 +651,8 @@ def _validate(cfg: Config) -> None:
     _check(1 <= ds.student_steps <= ds.teacher_steps, "distill.student_steps",
            f"in 1..distill.teacher_steps = {ds.teacher_steps}", ds.student_steps)
     _check(1 <= ds.steps_per_round < 10**8, "distill.steps_per_round", "in 1..99999999", ds.steps_per_round)
+    if lo.objective == "progressive":
+        _validate_progressive(cfg)
+    if lo.objective == "consistency":
+        _check(ds.teacher_steps >= 2, "distill.teacher_steps", ">= 2 with loss.objective = 'consistency' (the N grid "
+               "times of the teacher's ODE)", ds.teacher_steps)

@@ -16,7 +16,7 @@ import torch
 
 from diffusekit.config import Config
 from diffusekit.errors import CheckpointError, ConfigError
-from diffusekit.families import continuous, controlnet, diffusers, diffusion, text_latent, vae
+from diffusekit.families import consistency, continuous, controlnet, diffusers, diffusion, progressive, text_latent, vae
 from diffusekit.families.base import Family, Model
 from diffusekit.io.runfolder import read_run_checkpoint
 
@@ -40,6 +40,13 @@ FAMILIES: tuple[Family, ...] = (
            kinds=(controlnet.KIND,), objective="discrete", build_objective=controlnet.build_objective,
            load=controlnet.load, sample=controlnet.sample, evaluate=controlnet.evaluate,
            conditioning=("control_from", "control_images", "control_scale")),
+    Family("consistency", "consistency distillation of a diffusion run (Song et al. 2023): 1-4 step sampling",
+           kinds=consistency.KINDS, objective="consistency", build_objective=consistency.build_objective,
+           load=consistency.load, sample=diffusion.sample, evaluate=consistency.evaluate),
+    Family("progressive", "progressive distillation of a diffusion run (Salimans & Ho 2022): a v-prediction student "
+           "that halves its DDIM steps each round", kinds=("unet", "mlp"), objective="progressive",
+           build_objective=progressive.ProgressiveObjective, load=progressive.load, sample=progressive.sample,
+           evaluate=diffusion.evaluate),
     Family("diffusers", "a diffusers UNet2DModel + DDPM scheduler folder (sampled by our samplers; not trained here)",
            kinds=(), objective=None, build_objective=None, load=diffusers.load, sample=diffusion.sample),
 )
