@@ -14,7 +14,7 @@ at T = 1000, log-SNR-linear from -10 to 10), with the exact mixture denoiser (no
 - the floor: the median sliced W2 of 3 sets of n exact draws (the noise level of the metric).
 
 Metric: sliced W2 (64 projections) of n samples to the exact mixture (``sampler_accuracy.sw2_to_mixture``).
-Issue 15's targets: the best tuned sampler <= 0.10 at 5 calls and <= 1.3 x the floor at 10 calls, on every
+The targets: the best tuned sampler <= 0.10 at 5 calls and <= 1.3 x the floor at 10 calls, on every
 target.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/tuned_grids.py [--n 4000] [--samplers unipc,dpmpp_2m,heun]

@@ -309,6 +309,17 @@ def test_tune_grid_and_sample_errors_are_one_line(capsys, tmp_path, tiny_run):
             (tiny_run / GRIDS_FILE).write_text(saved)
 
 
+def test_a_tuning_batch_that_cannot_fit_in_memory_is_refused_before_the_work(capsys, tiny_run, monkeypatch):
+    import diffusekit.runs.grids as grids_module
+
+    needed = []
+    monkeypatch.setattr(grids_module, "fits", lambda n, device="cpu": (needed.append(n) or False, 2**30))
+    monkeypatch.setattr(grids_module, "tune_grid", lambda *a, **k: pytest.fail("tuned despite the memory check"))
+    code, _, err = run_cli(capsys, "tune-grid", "--run", tiny_run, "--nfe", "3", "--examples", "5000", "--no-progress")
+    assert_one_line_error(code, err, "--examples 5000", "GiB")
+    assert len(needed) == 1 and needed[0] > 0
+
+
 def test_a_grid_tuned_on_an_older_checkpoint_warns_in_one_line(capsys, tmp_path, tiny_run):
     saved = (tiny_run / GRIDS_FILE).read_text() if (tiny_run / GRIDS_FILE).exists() else None
     write_grids(tiny_run, [entry(nfe=2, times=(1.0, 0.4), step=1)])

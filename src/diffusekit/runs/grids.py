@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from diffusekit.budget import activation_bytes, fits, gib
 from diffusekit.errors import CheckpointError, ConfigError
 from diffusekit.families import read_run
 from diffusekit.families.base import Model
@@ -217,6 +218,21 @@ def _conditioning(model: Model, device: str | torch.device) -> tuple[Any, Callab
     return guided, lambda seeds: {"class_labels": class_labels_for(len(seeds), [s % k for s in seeds], k).to(device)}
 
 
+def _check_memory(model: Model, denoiser, cond_of, batch: int, device: str | torch.device) -> None:
+    """A one-line ConfigError naming --examples when one network call on the whole tuning (or held-out)
+    batch cannot fit in the free memory (activations of one example, measured, times the batch, twice
+    over for the guided halves and the solver's saved states)."""
+    x = torch.zeros((1, *model.data_shape), device=device)
+    logsnr = torch.zeros((), dtype=torch.float64)
+    per_example = activation_bytes(model.denoiser if isinstance(model.denoiser, torch.nn.Module) else torch.nn.Module(),
+                                   lambda: denoiser(x, logsnr, cond_of([0]) if cond_of else None))
+    needed = 2 * per_example * batch
+    ok, free = fits(needed, device)
+    if not ok:
+        raise ConfigError(f"--examples {batch}: one network call on the batch needs about {gib(needed)}, "
+                          f"{gib(free)} is free here; use fewer examples")
+
+
 def tune_run(run: Path | str, settings: TuneSettings, device: str | torch.device = "cpu",
              progress: bool = True) -> tuple[list[TunedGrid], Path]:
     """Tune ``settings.sampler``'s grid at each budget on run folder ``run`` and merge them into its
@@ -227,6 +243,7 @@ def tune_run(run: Path | str, settings: TuneSettings, device: str | torch.device
     read_grids(run_dir)  # a damaged file is refused before the work, not after
     model = family.load(source, settings.use_ema, device)
     denoiser, cond_of = _conditioning(model, device)
+    _check_memory(model, denoiser, cond_of, max(settings.examples, settings.heldout), device)
     results, entries = [], []
     for nfe in settings.nfes:
         tuned = tune_grid(denoiser, model.schedule, settings.sampler, nfe, model.data_shape, order=settings.order,
