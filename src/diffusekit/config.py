@@ -648,8 +648,9 @@ def _validate(cfg: Config) -> None:
                ds.teacher_run)
     _check(1 <= ds.teacher_steps <= MAX_SAMPLE_STEPS, "distill.teacher_steps", f"in 1..{MAX_SAMPLE_STEPS}",
            ds.teacher_steps)
-    _check(1 <= ds.student_steps <= ds.teacher_steps, "distill.student_steps",
-           f"in 1..distill.teacher_steps = {ds.teacher_steps}", ds.student_steps)
+    _check(1 <= ds.student_steps <= (ds.teacher_steps if lo.objective == "progressive" else MAX_SAMPLE_STEPS),
+           "distill.student_steps", f"in 1..distill.teacher_steps = {ds.teacher_steps}" if lo.objective == "progressive"
+           else f"in 1..{MAX_SAMPLE_STEPS}", ds.student_steps)
     _check(1 <= ds.steps_per_round < 10**8, "distill.steps_per_round", "in 1..99999999", ds.steps_per_round)
     if lo.objective == "progressive":
         _validate_progressive(cfg)
