@@ -307,3 +307,21 @@ def test_fd_ratio_interval_covers_one_for_real_data_and_separates_a_bad_sampler(
     bad = fd_ratio_interval(torch.randn(1000, 16, generator=gen) * 1.3, train, stats, reps=100)
     assert real[0] < 1.0 < real[1] and bad[0] > 1.5
     assert intervals_separate(real, bad) and not intervals_separate(real, (real[1] - 1e-9, 10.0))
+
+
+def test_fd_ratio_interval_is_centred_on_the_estimate_for_a_poor_sampler():
+    """The point estimate (fd / fd_train_test on subsets drawn without replacement, as ``image_quality``
+    computes it) must sit well inside its interval, not at the top: redrawing with replacement repeats
+    points, which adds to every FD, and would shift a poor sampler's ratio down."""
+    from diffusekit.evaluate.quality import feature_stats, fd_ratio_interval, frechet_distance
+
+    gen = torch.Generator().manual_seed(1)
+    train, test = torch.randn(1500, 16, generator=gen), torch.randn(400, 16, generator=gen)
+    stats = feature_stats(test)
+    poor = torch.randn(1000, 16, generator=gen) * 1.5 + 0.5
+    fd = frechet_distance(*feature_stats(poor), *stats)
+    calibration = np.mean([frechet_distance(*feature_stats(train[torch.randperm(1500, generator=gen)[:1000]]), *stats)
+                           for _ in range(8)])
+    point = fd / calibration
+    lo, hi = fd_ratio_interval(poor, train, stats, reps=200)
+    assert lo < point < hi and 0.2 < (point - lo) / (hi - lo) < 0.8, (lo, point, hi)
