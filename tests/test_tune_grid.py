@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_cli import TINY, assert_one_line_error, run_cli
 
 from diffusekit.cli import main
 from diffusekit.errors import CheckpointError, ConfigError
@@ -31,23 +32,6 @@ from diffusekit.schedules import make_schedule
 from diffusekit.sde import vp_from_schedule
 
 F64 = torch.float64
-TINY = ["--set", "data.name=digits", "--set", "model.base_channels=8", "--set", "model.norm_groups=4",
-        "--set", "diffusion.T=20", "--set", "train.steps=3", "--set", "train.batch_size=8",
-        "--set", "train.sample_every=0", "--set", "train.n_sample=4", "--set", "train.log_every=1"]
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from diffusekit.sampling.settings import SampleSettings
 from diffusekit.schedules import DiscreteSchedule, make_schedule
 from diffusekit.viz import save_samples_figure
 
-__all__ = ["build_schedule", "check_class_labels", "drop_labels", "DiffusionObjective", "DiffusionModel", "load",
+__all__ = ["build_schedule", "check_class_labels", "drop_labels", "DiffusionObjective", "DiffusionModel", "load_network", "load",
            "sample", "evaluate", "preview_settings", "grid_columns"]
 
 
@@ -138,17 +138,24 @@ class DiffusionModel(Model):
         return f"samples-{settings.sampler}-{settings.steps or self.schedule.T}"
 
 
+def load_network(rc: RunCheckpoint, state: dict[str, Tensor], source: str, what: str) -> nn.Module:
+    """The network of the run's recorded ``[model]`` with ``state`` loaded; the shapes are checked on a
+    weightless ("meta") copy first, so a hostile record allocates nothing, and a model that cannot be
+    built is a one-line CheckpointError naming the record."""
+    try:
+        with torch.device("meta"):
+            check_state(build_network(rc.cfg.model, rc.data_shape).state_dict(), state, source, what)
+        net = build_network(rc.cfg.model, rc.data_shape)
+    except (ConfigError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{rc.path}.json: recorded model cannot be built ({exc})") from None
+    load_module_state(net, state, source, what)
+    return net
+
+
 def load(rc: RunCheckpoint, use_ema: bool = True, device: str | torch.device = "cpu") -> DiffusionModel:
     """A discrete-time run's denoiser and schedule from its newest checkpoint."""
     cfg, data_shape, ckpt = rc.cfg, rc.data_shape, rc.path
-    state, source, what = rc.weights(use_ema)
-    try:  # shapes are checked on a weightless ("meta") copy first: a hostile record allocates nothing
-        with torch.device("meta"):
-            check_state(build_network(cfg.model, data_shape).state_dict(), state, source, what)
-        net = build_network(cfg.model, data_shape)
-    except (ConfigError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"{ckpt}.json: recorded model cannot be built ({exc})") from None
-    load_module_state(net, state, source, what)
+    net = load_network(rc, *rc.weights(use_ema))
     denoiser = Denoiser(net, cfg.model.prediction).to(device).eval()
     return DiffusionModel(rc.run_dir, cfg, data_shape, rc.levels, rc.step, ckpt, denoiser=denoiser,
                           schedule=build_schedule(cfg.diffusion))

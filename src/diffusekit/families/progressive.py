@@ -66,10 +66,9 @@ from torch import Tensor, nn
 
 from diffusekit.config import Config
 from diffusekit.data.dataset import ArrayDataset
-from diffusekit.errors import CheckpointError, ConfigError
+from diffusekit.errors import ConfigError
 from diffusekit.families import diffusion
 from diffusekit.families.base import SampleRequest, Samples, load_run_dependency
-from diffusekit.io.checkpoint import check_state, load_module_state
 from diffusekit.io.runfolder import RunCheckpoint
 from diffusekit.likelihood import mean_flat
 from diffusekit.nn.build import build_network
@@ -270,14 +269,7 @@ def load(rc: RunCheckpoint, use_ema: bool = True, device: str | torch.device = "
     cfg, data_shape = rc.cfg, rc.data_shape
     state, source, what = rc.weights(use_ema)
     student = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
-    what = f"{what} of the student"
-    try:
-        with torch.device("meta"):
-            check_state(build_network(cfg.model, data_shape).state_dict(), student, source, what)
-        net = build_network(cfg.model, data_shape)
-    except (ConfigError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"{rc.path}.json: recorded model cannot be built ({exc})") from None
-    load_module_state(net, student, source, what)
+    net = diffusion.load_network(rc, student, source, f"{what} of the student")
     denoiser = Denoiser(net, "v").to(device).eval()
     return diffusion.DiffusionModel(rc.run_dir, cfg, data_shape, rc.levels, rc.step, rc.path, denoiser=denoiser,
                                     schedule=diffusion.build_schedule(cfg.diffusion))
