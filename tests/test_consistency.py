@@ -183,6 +183,16 @@ def test_student_starts_as_the_teacher_and_checks_its_model(teacher_run):
         build_objective(load_config(None, _student(teacher_run, "model.base_channels=16")), data)
     with pytest.raises(ConfigError, match="diffusion.T"):
         build_objective(load_config(None, _student(teacher_run, "diffusion.T=30")), data)
+    # a student may read the same network in another parameterisation (v: no 1/alpha amplification of the
+    # network's error at high noise), and the boundary condition f(x, t_min) = x / alpha holds for it too
+    v_obj = build_objective(load_config(None, _student(teacher_run, "model.prediction=v")), data)
+    assert v_obj.module.inner.kind == "v"
+    for k, v in teacher.denoiser.net.state_dict().items():
+        assert torch.equal(v_obj.module.inner.net.state_dict()[k], v), k
+    sde = vp_from_schedule(v_obj.schedule)
+    lam = sde.logsnr(sde.t_min)
+    x = data.x[:3]
+    assert torch.equal(v_obj.module(x, lam).x0, x / math.sqrt(torch.sigmoid(lam).item()))
 
 
 def test_interrupted_and_resumed_student_equals_uninterrupted(teacher_run, tmp_path):

@@ -15,7 +15,7 @@ Nothing registers itself on import: the table is the list of families.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Literal, Protocol
 
@@ -29,7 +29,7 @@ from diffusekit.io.runfolder import RunCheckpoint, read_run_checkpoint
 from diffusekit.sampling.catalog import BOUND_VARIANCES, EVAL_METRICS
 
 __all__ = ["Objective", "Model", "SampleRequest", "Samples", "EvaluateSettings", "Evaluation", "Family",
-           "CONDITIONING_FLAGS", "check_labels_and_guidance", "load_run_dependency"]
+           "CONDITIONING_FLAGS", "check_labels_and_guidance", "load_run_dependency", "check_student_architecture"]
 
 
 class Objective(Protocol):
@@ -116,6 +116,19 @@ def load_run_dependency(path: str | Path, where: str, wanted: str, kind_ok: Call
         raise CheckpointError(f"{where}: {role} images of shape {tuple(model.data_shape)}, the data has "
                               f"{tuple(data_shape)}")
     return model
+
+
+def check_student_architecture(cfg: Config, teacher_cfg: Config, teacher_run: str) -> None:
+    """A distilled student repeats its teacher's network and schedule: a one-line ConfigError naming the first
+    key of [model] (but ``prediction``, which a student may change: its network is re-read in the new
+    parameterisation) or [diffusion] where ``cfg`` differs from the teacher's recorded config."""
+    for section in ("model", "diffusion"):
+        ours, theirs = getattr(cfg, section), getattr(teacher_cfg, section)
+        for f in fields(ours):
+            a, b = getattr(ours, f.name), getattr(theirs, f.name)
+            if f.name != "prediction" and a != b:
+                raise ConfigError(f"{section}.{f.name} = {a!r} but the teacher (distill.teacher_run = {teacher_run!r}) "
+                                  f"was trained with {b!r}; the student repeats the teacher's [model] and [diffusion]")
 
 
 # the request fields, with the flag that sets each (for messages)

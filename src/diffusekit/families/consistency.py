@@ -57,11 +57,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffusekit.config import Config, config_to_dict
+from diffusekit.config import Config
 from diffusekit.data.dataset import ArrayDataset
 from diffusekit.errors import CheckpointError, ConfigError
 from diffusekit.families import diffusion
-from diffusekit.families.base import EvaluateSettings, Evaluation, load_run_dependency
+from diffusekit.families.base import EvaluateSettings, Evaluation, check_student_architecture, load_run_dependency
 from diffusekit.io.checkpoint import load_module_state
 from diffusekit.io.runfolder import RunCheckpoint
 from diffusekit.nn.build import build_network
@@ -190,17 +190,6 @@ def distance(a: Tensor, b: Tensor, metric: str = "pseudo_huber") -> Tensor:
     return (diff.square().sum(1) + c * c).sqrt() - c
 
 
-def _check_same_model(cfg: Config, teacher_cfg: Config, where: str) -> None:
-    """One-line ConfigError naming the first [model] or [diffusion] key where the student differs from the
-    teacher's recorded config."""
-    mine, theirs = config_to_dict(cfg), config_to_dict(teacher_cfg)
-    for section in ("model", "diffusion"):
-        for key, value in mine[section].items():
-            if theirs[section][key] != value:
-                raise ConfigError(f"{section}.{key} = {value!r} but the teacher ({where}) has {theirs[section][key]!r}; "
-                                  f"the consistency student repeats the teacher's [model] and [diffusion]")
-
-
 def _load_teacher(cfg: Config, data_shape: tuple[int, ...]) -> tuple[diffusion.DiffusionModel, RunCheckpoint]:
     """The frozen teacher (EMA weights of ``distill.teacher_run``, a discrete-time unet or mlp run) and its
     checkpoint."""
@@ -224,10 +213,9 @@ class ConsistencyObjective:
         diffusion.check_class_labels(cfg, data)
         ds = cfg.distill
         self.cfg, self.data_shape = cfg, tuple(data.shape)
-        where = f"distill.teacher_run = {ds.teacher_run!r}"
         with torch.random.fork_rng(devices=[]):  # loading the teacher leaves the caller's RNG alone
             teacher, rc = _load_teacher(cfg, self.data_shape)
-        _check_same_model(cfg, teacher.cfg, where)
+        check_student_architecture(cfg, teacher.cfg, ds.teacher_run)
         self.teacher = teacher.denoiser.eval().requires_grad_(False)
         self.schedule = teacher.schedule
         sde = vp_from_schedule(self.schedule)

@@ -59,7 +59,6 @@ It was trained for DDIM (eta = 0) at ``distill.student_steps`` steps on the trai
 from __future__ import annotations
 
 import copy
-from dataclasses import fields
 
 import torch
 from torch import Tensor, nn
@@ -68,7 +67,7 @@ from diffusekit.config import Config
 from diffusekit.data.dataset import ArrayDataset
 from diffusekit.errors import ConfigError
 from diffusekit.families import diffusion
-from diffusekit.families.base import SampleRequest, Samples, load_run_dependency
+from diffusekit.families.base import SampleRequest, Samples, check_student_architecture, load_run_dependency
 from diffusekit.io.runfolder import RunCheckpoint
 from diffusekit.likelihood import mean_flat
 from diffusekit.nn.build import build_network
@@ -186,7 +185,7 @@ class ProgressiveObjective:
                                           "a discrete-time (or progressive) model.kind = 'unet' or 'mlp' run",
                                           lambda rc: rc.kind in ("unet", "mlp") and rc.cfg.loss.objective
                                           in TEACHER_KINDS, _load_any, self.data_shape, "the teacher models")
-        check_same_architecture(cfg, teacher.cfg, ds.teacher_run)
+        check_student_architecture(cfg, teacher.cfg, ds.teacher_run)
         self.schedule = teacher.schedule
         self.teacher_kind = teacher.denoiser.kind
         student = build_network(cfg.model, self.data_shape)
@@ -242,20 +241,6 @@ class ProgressiveObjective:
                                   batch_size=max(n, 1))
         return generate(Denoiser(inner.student, "v").eval(), self.schedule, self.data_shape, settings, device=device,
                         progress=False, num_classes=self.cfg.model.num_classes)
-
-
-def check_same_architecture(cfg: Config, teacher_cfg: Config, teacher_run: str) -> None:
-    """A one-line ConfigError naming the first key of [model] (but ``prediction``) or [diffusion] where the
-    student's config differs from the teacher's recorded one."""
-    for section in ("model", "diffusion"):
-        ours, theirs = getattr(cfg, section), getattr(teacher_cfg, section)
-        for f in fields(ours):
-            if f.name == "prediction":
-                continue
-            a, b = getattr(ours, f.name), getattr(theirs, f.name)
-            if a != b:
-                raise ConfigError(f"{section}.{f.name} = {a!r} but the teacher (distill.teacher_run = {teacher_run!r}) "
-                                  f"was trained with {b!r}; the student repeats the teacher's [model] and [diffusion]")
 
 
 def _load_any(rc: RunCheckpoint, use_ema: bool = True, device: str | torch.device = "cpu") -> diffusion.DiffusionModel:
