@@ -298,7 +298,7 @@ def test_kid_is_unbiased_and_its_standard_error_matches_its_spread():
 
 
 def test_fd_ratio_interval_covers_one_for_real_data_and_separates_a_bad_sampler():
-    from diffusekit.evaluate.quality import feature_stats, fd_ratio_interval, intervals_separate
+    from diffusekit.evaluate.quality import fd_ratio_interval, feature_stats, intervals_separate
 
     gen = torch.Generator().manual_seed(0)
     train, test = torch.randn(2000, 16, generator=gen), torch.randn(400, 16, generator=gen)
@@ -313,7 +313,7 @@ def test_fd_ratio_interval_is_centred_on_the_estimate_for_a_poor_sampler():
     """The point estimate (fd / fd_train_test on subsets drawn without replacement, as ``image_quality``
     computes it) must sit well inside its interval, not at the top: redrawing with replacement repeats
     points, which adds to every FD, and would shift a poor sampler's ratio down."""
-    from diffusekit.evaluate.quality import feature_stats, fd_ratio_interval, frechet_distance
+    from diffusekit.evaluate.quality import fd_ratio_interval, feature_stats, frechet_distance
 
     gen = torch.Generator().manual_seed(1)
     train, test = torch.randn(1500, 16, generator=gen), torch.randn(400, 16, generator=gen)
