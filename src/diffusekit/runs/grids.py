@@ -22,7 +22,6 @@ one-line warning naming the step and the command that re-tunes it, rather than r
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import warnings
@@ -40,7 +39,7 @@ from diffusekit.families.base import Model
 from diffusekit.io.atomic import atomic_write_text, read_input_file
 from diffusekit.sampling.catalog import TUNABLE_SAMPLERS
 from diffusekit.sampling.guidance import ClassifierFreeGuidance, class_labels_for, null_class_labels
-from diffusekit.sampling.settings import SampleSettings
+from diffusekit.sampling.settings import SampleSettings, times_ok
 from diffusekit.sampling.tune import MAX_TUNE_NFE, TunedGrid, network_calls, steps_for_nfe, tune_grid
 
 __all__ = [
@@ -102,9 +101,7 @@ def _check_entry(entry: Any, key: str, nfe_key: str) -> str | None:
         return f"nfe {nfe!r} does not match its key {nfe_key!r} (an integer in 1..{MAX_TUNE_NFE})"
     if not _integer(steps, 1, MAX_TUNE_NFE) or network_calls(sampler, steps) != nfe:
         return f"steps {steps!r} do not cost nfe = {nfe} network calls"
-    if not (isinstance(times, list) and len(times) == steps and all(isinstance(t, float) and 0.0 < t <= 1.0
-                                                                    for t in times)
-            and all(a > b for a, b in itertools.pairwise(times))):
+    if times is None or not times_ok(times, steps):  # the rule SampleSettings.times obeys
         return f"times must be {steps} floats in (0, 1], strictly decreasing"
     if not _integer(entry.get("step"), 0, 2**62) or not isinstance(entry.get("checkpoint"), str) \
             or len(entry["checkpoint"]) > 200:

@@ -23,7 +23,7 @@ from diffusekit.errors import ConfigError
 from diffusekit.sampling.catalog import TUNABLE_SAMPLERS, TUNED_GRID
 
 __all__ = ["SampleSettings", "MAX_SEEDS", "MAX_BATCH", "settings_to_json", "settings_from_json", "parse_int_list",
-           "parse_seeds"]
+           "parse_seeds", "times_ok"]
 
 MAX_SEEDS = 1_000_000  # samples in one call
 MAX_BATCH = 100_000
@@ -99,7 +99,7 @@ def _as_float_list(v: Any) -> Any:
     return v
 
 
-def _times_ok(v: Any, steps: int) -> bool:
+def times_ok(v: Any, steps: int) -> bool:
     """``times``: absent, or ``steps`` finite floats in (0, 1], strictly decreasing."""
     if v is None:
         return True
@@ -163,7 +163,7 @@ class SampleSettings(SampleConfig):
              "absent or a non-empty list of class labels >= 0"),
             ("grid", self.grid != TUNED_GRID or self.sampler in TUNABLE_SAMPLERS,
              f"a named grid for sampler {self.sampler!r} ({TUNED_GRID!r} is for {', '.join(TUNABLE_SAMPLERS)})"),
-            ("times", _times_ok(self.times, self.steps),
+            ("times", times_ok(self.times, self.steps),
              f"absent or a list of steps = {self.steps} times in (0, 1], strictly decreasing"),
             ("times", self.times is None or self.grid == TUNED_GRID,
              f"absent unless grid = {TUNED_GRID!r} (the times are the tuned grid)"),
