@@ -183,6 +183,10 @@ def test_student_starts_as_the_teacher_and_checks_its_model(teacher_run):
         build_objective(load_config(None, _student(teacher_run, "model.base_channels=16")), data)
     with pytest.raises(ConfigError, match="diffusion.T"):
         build_objective(load_config(None, _student(teacher_run, "diffusion.T=30")), data)
+    # dropout is the student's own: the same weights, trained with another regulariser
+    dropped = build_objective(load_config(None, _student(teacher_run, "model.dropout=0.2")), data)
+    for k, v in teacher.denoiser.net.state_dict().items():
+        assert torch.equal(dropped.module.inner.net.state_dict()[k], v), k
     # a student may read the same network in another parameterisation (v: no 1/alpha amplification of the
     # network's error at high noise), and the boundary condition f(x, t_min) = x / alpha holds for it too
     v_obj = build_objective(load_config(None, _student(teacher_run, "model.prediction=v")), data)

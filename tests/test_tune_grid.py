@@ -327,3 +327,24 @@ def test_named_grid_errors_are_finite_numbers(oracle):
     for g in GRIDS:
         assert valid_grid(sde, time_grid(sde, 6, g)), g
     assert math.isfinite(ode_map_error(torch.zeros(3, 2), torch.ones(3, 2)))
+
+
+def test_evaluate_scores_the_tuned_grid(capsys, tiny_run):
+    """``evaluate --grid tuned`` samples on the stored times (recorded in metrics.json) and is refused in
+    one line, naming the tune-grid command, where the run has no such grid."""
+    saved = (tiny_run / GRIDS_FILE).read_text() if (tiny_run / GRIDS_FILE).exists() else None
+    write_grids(tiny_run, [entry(nfe=3, times=(1.0, 0.45, 0.1), step=3)])
+    try:
+        argv = ["evaluate", "--run", tiny_run, "--metrics", "fd", "--n-samples", "12", "--sampler", "unipc",
+                "--grid", "tuned", "--no-progress"]
+        code, _, err = run_cli(capsys, *argv, "--steps", "3")
+        assert code == 0, err
+        sampling = json.loads((tiny_run / "eval" / "metrics.json").read_text())["settings"]["sampling"]
+        assert sampling["grid"] == "tuned" and sampling["times"] == [1.0, 0.45, 0.1] and sampling["steps"] == 3
+        code, _, err = run_cli(capsys, *argv, "--steps", "5")
+        assert_one_line_error(code, err, "--grid", f"diffusekit tune-grid --run {tiny_run} --sampler unipc --nfe 5")
+    finally:
+        if saved is None:
+            (tiny_run / GRIDS_FILE).unlink()
+        else:
+            (tiny_run / GRIDS_FILE).write_text(saved)

@@ -15,7 +15,8 @@ __all__ = ["run", "settings_from_args"]
 def settings_from_args(args: argparse.Namespace) -> EvaluateSettings:
     return EvaluateSettings(metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()), split=args.split,
                             exact=args.exact, strata=args.strata, variance=args.variance, n_samples=args.n_samples,
-                            sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                            sampler=args.sampler, steps=args.steps, grid=args.grid,
+                            guidance=args.guidance,
                             ode_examples=args.ode_examples, trace=args.trace, ode_rtol=args.ode_rtol,
                             ode_atol=args.ode_atol, seed=args.seed, iwae_k=args.iwae_k)
 

@@ -135,6 +135,9 @@ def _evaluate(sub) -> None:
                    help="samples for the quality score (default 1000: fewer make fd_ratio too noisy to rank by)")
     p.add_argument("--sampler", choices=list(SAMPLERS), default=None)
     p.add_argument("--steps", type=int, default=None, help="sampling steps for the quality score (0 = T)")
+    p.add_argument("--grid", choices=list(GRID_CHOICES), default=None,
+                   help="time grid of the quality samples' continuous-time sampler (tuned: the run's grids.json, "
+                        "written by tune-grid)")
     p.add_argument("--guidance", type=float, default=None, metavar="S",
                    help="conditional runs: guidance scale of the quality samples, which cycle through the classes "
                         "(default: the run's sample.guidance)")

@@ -118,15 +118,19 @@ def load_run_dependency(path: str | Path, where: str, wanted: str, kind_ok: Call
     return model
 
 
+STUDENT_OWN_KEYS = {("model", "prediction"), ("model", "dropout")}
+
+
 def check_student_architecture(cfg: Config, teacher_cfg: Config, teacher_run: str) -> None:
     """A distilled student repeats its teacher's network and schedule: a one-line ConfigError naming the first
-    key of [model] (but ``prediction``, which a student may change: its network is re-read in the new
-    parameterisation) or [diffusion] where ``cfg`` differs from the teacher's recorded config."""
+    key of [model] or [diffusion] where ``cfg`` differs from the teacher's recorded config. Two [model] keys
+    are the student's own: ``prediction`` (the same network is re-read in the new parameterisation) and
+    ``dropout`` (a training-time regulariser; the weights are the same either way)."""
     for section in ("model", "diffusion"):
         ours, theirs = getattr(cfg, section), getattr(teacher_cfg, section)
         for f in fields(ours):
             a, b = getattr(ours, f.name), getattr(theirs, f.name)
-            if f.name != "prediction" and a != b:
+            if (section, f.name) not in STUDENT_OWN_KEYS and a != b:
                 raise ConfigError(f"{section}.{f.name} = {a!r} but the teacher (distill.teacher_run = {teacher_run!r}) "
                                   f"was trained with {b!r}; the student repeats the teacher's [model] and [diffusion]")
 
@@ -175,8 +179,8 @@ class EvaluateSettings:
     ``metrics``: bpd (the bound), fd (sample quality), nll_ode (probability-flow ODE likelihood); the
     bound is exact over all T terms (``exact``) or a stratified estimate (``strata``), with reverse
     variances ``variance``; quality samples: ``n_samples`` (None: the split's size, at most 1000), with
-    the run's sampler settings unless ``sampler``/``steps``/``guidance`` override them; ``iwae_k``: the
-    importance samples of a VAE's IWAE bound."""
+    the run's sampler settings unless ``sampler``/``steps``/``grid``/``guidance`` override them (``grid =
+    "tuned"``: the run's tuned grid, ``runs.grids``); ``iwae_k``: the importance samples of a VAE's IWAE bound."""
 
     metrics: tuple[str, ...] = ("bpd", "fd")
     split: str = "test"
@@ -187,6 +191,8 @@ class EvaluateSettings:
     sampler: str | None = None
     steps: int | None = None
     guidance: float | None = None
+    grid: str | None = None
+    times: list[float] | None = None  # the tuned grid's times (set by runs.evaluate for grid = "tuned")
     ode_examples: int = 100
     trace: Literal["hutchinson", "exact"] = "hutchinson"
     ode_rtol: float = 1e-5
@@ -222,7 +228,8 @@ class EvaluateSettings:
 
     def sample_overrides(self) -> dict[str, Any]:
         """The sampler settings this evaluation sets (only those given)."""
-        given = {"sampler": self.sampler, "steps": self.steps, "guidance": self.guidance}
+        given = {"sampler": self.sampler, "steps": self.steps, "grid": self.grid, "times": self.times,
+                 "guidance": self.guidance}
         return {k: v for k, v in given.items() if v is not None}
 
     def key(self, field: str) -> str:

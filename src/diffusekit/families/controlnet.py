@@ -203,11 +203,11 @@ def edge_agreement(model: ControlNetModel, settings: SampleSettings, n: int = 20
 
 def evaluate(model: ControlNetModel, settings: EvaluateSettings, out_dir: Path, progress: bool = True) -> Evaluation:
     """How well samples follow requested hints (``edge_agreement``) on ``n_samples`` (default 200) test
-    images, with ``sampler`` (default ddim) and ``steps`` (default 100)."""
+    images, with ``sampler`` (default ddim), ``steps`` (default 100) and ``grid`` (default: the sampler's)."""
     if settings.guidance is not None:
         raise ConfigError(f"--guidance: {model.source} is a ControlNet run (its base samples with the null label)")
     sampling = SampleSettings(sampler=settings.sampler or "ddim", steps=100 if settings.steps is None else settings.steps,
-                              batch_size=200)
+                              batch_size=200, **({"grid": settings.grid} if settings.grid is not None else {}))
     sampling.check(lambda f: f"--{f}", T=model.schedule.T)
     result = edge_agreement(model, sampling, n=settings.n_samples or 200)
     rows = [("run", str(model.source)), ("checkpoint step", str(model.step)),

@@ -190,7 +190,8 @@ def evaluate(model: VAEModel, settings: EvaluateSettings, out_dir: Path, progres
     if unknown:
         raise ConfigError(f"--metrics: {unknown[0]!r} is not offered for model.kind = {model.cfg.model.kind!r}; "
                           "choose from bpd, fd")
-    for flag, value in (("--guidance", settings.guidance), ("--sampler", settings.sampler), ("--steps", settings.steps)):
+    for flag, value in (("--guidance", settings.guidance), ("--sampler", settings.sampler), ("--steps", settings.steps),
+                        ("--grid", settings.grid)):
         if value is not None:
             raise ConfigError(f"{flag} applies to diffusion runs; {model.source} is a latent-variable model")
     test = load_dataset(model.cfg.data, settings.split)

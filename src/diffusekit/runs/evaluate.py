@@ -11,6 +11,7 @@ earlier evaluations that this one does not rewrite are kept), so it is never hal
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,6 +20,9 @@ from diffusekit.errors import ConfigError
 from diffusekit.families import read_run
 from diffusekit.families.base import EvaluateSettings, Evaluation
 from diffusekit.io.atomic import OutputFolder, atomic_write_text
+from diffusekit.runs.grids import tuned_settings
+from diffusekit.sampling.catalog import TUNED_GRID
+from diffusekit.sampling.settings import SampleSettings
 
 __all__ = ["evaluate_run", "format_table", "EVAL_MARKERS"]
 
@@ -48,6 +52,10 @@ def evaluate_run(run_dir: Path | str, settings: EvaluateSettings | None = None, 
     if family.evaluate is None:
         raise ConfigError(f"--run {run_dir}: evaluate is not offered for {family.name} folders ({family.summary})")
     model = family.load(source, True, device)
+    if settings.grid == TUNED_GRID and settings.times is None:  # the times of <run>/grids.json, as sample finds them
+        asked = SampleSettings.from_config(model.cfg.sample, key=settings.key, **settings.sample_overrides())
+        tuned = tuned_settings(family.name, model, asked, run_dir, settings.key)
+        settings = replace(settings, steps=tuned.steps, times=tuned.times)
     out = model.source / "eval"
     keep = [p.name for p in out.iterdir() if p.is_file()] if out.is_dir() else []
     with OutputFolder(out, EVAL_MARKERS, "evaluation folder", keep=keep) as folder:
