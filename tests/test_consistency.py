@@ -5,6 +5,7 @@ and resumes on its own terms."""
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -257,3 +258,31 @@ def test_mismatched_architecture_is_one_line_naming_the_key(teacher_run, tmp_pat
 
 def _flags(pairs):
     return [a for kv in pairs for a in ("--set", kv)]
+
+
+def test_a_student_record_claiming_another_network_is_refused_before_allocating(teacher_run, tmp_path, monkeypatch):
+    """A re-hashed record whose [model] does not fit the stored weights (here a network far larger) is one
+    CheckpointError naming the checkpoint and the shapes, found on a weightless copy: the full-size network
+    is never built."""
+    import diffusekit.families.consistency as consistency
+    from diffusekit.errors import CheckpointError
+    from diffusekit.io.checkpoint import latest_checkpoint, record_hash
+
+    train(load_config(None, _student(teacher_run, "train.steps=2")), tmp_path / "s", progress=False)
+    stem = latest_checkpoint(tmp_path / "s")
+    record = json.loads(Path(f"{stem}.json").read_text())
+    record["meta"]["config"]["model"]["base_channels"] = 1024  # the largest a config may ask for
+    record["record_sha256"] = record_hash(record)
+    Path(f"{stem}.json").write_text(json.dumps(record))
+    built_on = []
+    real_build = consistency.build_network
+
+    def build(*args, **kwargs):
+        net = real_build(*args, **kwargs)
+        built_on.append(next(net.parameters()).device.type)
+        return net
+
+    monkeypatch.setattr(consistency, "build_network", build)
+    with pytest.raises(CheckpointError, match=Path(stem).name) as info:
+        open_run(tmp_path / "s")
+    assert "expected" in str(info.value) and built_on == ["meta"]

@@ -62,7 +62,7 @@ from diffusekit.data.dataset import ArrayDataset
 from diffusekit.errors import CheckpointError, ConfigError
 from diffusekit.families import diffusion
 from diffusekit.families.base import EvaluateSettings, Evaluation, check_student_architecture, load_run_dependency
-from diffusekit.io.checkpoint import load_module_state
+from diffusekit.io.checkpoint import check_state, load_module_state
 from diffusekit.io.runfolder import RunCheckpoint
 from diffusekit.nn.build import build_network
 from diffusekit.parameterization import Denoiser, DenoiserFn, Prediction, append_dims, scales_from_logsnr
@@ -260,12 +260,19 @@ def load(rc: RunCheckpoint, use_ema: bool = True, device: str | torch.device = "
     teacher's), from its newest checkpoint alone (the teacher run is not needed)."""
     cfg, ckpt = rc.cfg, rc.path
     schedule = diffusion.build_schedule(cfg.diffusion)
-    try:
-        net = build_network(cfg.model, rc.data_shape)
+    weights = rc.weights(use_ema)
+
+    def build(net: nn.Module) -> ConsistencyDenoiser:
+        return ConsistencyDenoiser(net, cfg.model.prediction, sigma_min_of(schedule), teacher_run=cfg.distill.teacher_run)
+
+    try:  # shapes checked on a weightless ("meta") network first: a hostile record allocates nothing
+        with torch.device("meta"):
+            shapes = build_network(cfg.model, rc.data_shape)
+        check_state(build(shapes).state_dict(), *weights)
+        student = build(build_network(cfg.model, rc.data_shape))
     except (ConfigError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{ckpt}.json: recorded model cannot be built ({exc})") from None
-    student = ConsistencyDenoiser(net, cfg.model.prediction, sigma_min_of(schedule), teacher_run=cfg.distill.teacher_run)
-    load_module_state(student, *rc.weights(use_ema))
+    load_module_state(student, *weights)
     return diffusion.DiffusionModel(rc.run_dir, cfg, rc.data_shape, rc.levels, rc.step, ckpt,
                                     denoiser=student.to(device).eval(), schedule=schedule)
 

@@ -69,10 +69,10 @@ def read_run_checkpoint(run_dir: Path | str) -> RunCheckpoint:
         data = meta["data"]
         data_shape = tuple(int(s) for s in data["shape"])
         levels, num_classes = data["levels"], data["num_classes"]
+    except ConfigError as exc:  # before ValueError, which it is
+        raise CheckpointError(f"{ckpt}.json: recorded config is invalid ({exc})") from None
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{ckpt}.json: metadata lacks {exc}") from None
-    except ConfigError as exc:
-        raise CheckpointError(f"{ckpt}.json: recorded config is invalid ({exc})") from None
     if not (levels is None or (isinstance(levels, int) and levels >= 2)) or not isinstance(num_classes, int):
         raise CheckpointError(f"{ckpt}.json: meta.data has levels {levels!r} and num_classes {num_classes!r}")
     return RunCheckpoint(run_dir, ckpt, tensors, record, cfg, data_shape, levels, num_classes, int(record["step"]))
