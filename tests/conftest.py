@@ -1,6 +1,20 @@
 """Fixtures shared by several test files."""
 
+import os
+
 import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _folder_cache_in_tmp(tmp_path_factory):
+    """Decoded image folders are cached in a temporary folder for the session, never in ~/.cache."""
+    old = os.environ.get("DIFFUSEKIT_FOLDER_CACHE")
+    os.environ["DIFFUSEKIT_FOLDER_CACHE"] = str(tmp_path_factory.mktemp("folder-cache"))
+    yield
+    if old is None:
+        os.environ.pop("DIFFUSEKIT_FOLDER_CACHE", None)
+    else:
+        os.environ["DIFFUSEKIT_FOLDER_CACHE"] = old
 
 
 @pytest.fixture(scope="session")

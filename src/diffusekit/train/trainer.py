@@ -5,7 +5,8 @@ bit-for-bit equal to one that never stopped:
 - data order: epoch e is a permutation drawn from a generator seeded by (seed, "epoch", e); the
   position (epoch, offset) is saved; every rank walks the same global order and takes its own slice
   of each global batch;
-- diffusion noise and t: a per-rank torch.Generator seeded by (seed, rank), state saved;
+- diffusion noise and t: a per-rank torch.Generator seeded by (seed, rank), state saved; the same
+  generator draws the horizontal flips of ``data.hflip`` (``data.augment.random_hflip``), before the loss;
 - dropout and anything else: the global torch RNG seeded by (seed, rank), state saved.
 Only rank 0 writes files; under torchrun the model trains through DistributedDataParallel and the
 ranks agree once per step on the loss and on stopping (``diffusekit.train.distributed``,
@@ -19,6 +20,7 @@ checkpoint holds and checks it on resume.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import hashlib
 import json
@@ -36,8 +38,9 @@ from tqdm.auto import tqdm
 
 from diffusekit.budget import TRAIN_COPIES, activation_bytes, fits, gib, parameter_bytes
 from diffusekit.config import Config, save_config
+from diffusekit.data.augment import random_hflip
 from diffusekit.data.dataset import ArrayDataset
-from diffusekit.data.registry import load_dataset
+from diffusekit.data.registry import load_dataset, resolved_data_config
 from diffusekit.errors import CheckpointError, ConfigError, TrainingError
 from diffusekit.families import family_for_config
 from diffusekit.families.base import Objective
@@ -137,6 +140,8 @@ class Trainer:
     def _setup(self, cfg, resume: bool) -> None:
         tc = cfg.train
         self.data = load_dataset(cfg.data, "train")
+        # what was inferred from the data (a folder's channels) is recorded and checked on resume
+        self.cfg = cfg = dataclasses.replace(cfg, data=resolved_data_config(cfg.data, self.data))
         self.x = self.data.x.to(self.device)
         self.labels = self.data.labels.to(self.device) if self.data.labels is not None else None
         torch.manual_seed(derive_seed(tc.seed, "global", 0))  # the same initial weights on every rank
@@ -267,7 +272,8 @@ class Trainer:
         tc = self.cfg.train
         idx = self.stream.next(tc.batch_size * self.dist.world_size)
         idx = idx[self.dist.rank * tc.batch_size:(self.dist.rank + 1) * tc.batch_size].to(self.device)
-        return self.x[idx], None if self.labels is None else self.labels[idx]
+        x = random_hflip(self.x[idx], self.noise_gen) if self.cfg.data.hflip else self.x[idx]
+        return x, None if self.labels is None else self.labels[idx]
 
     def _stopped_here(self) -> str:
         if not list_checkpoints(self.run_dir):
@@ -402,12 +408,12 @@ def train(cfg, run_dir: Path | str, resume: bool = False, progress: bool = True,
     try:
         if trainer.dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.toml")
+            save_config(trainer.cfg, run_dir / "config.toml")  # with what was inferred from the data
         result = trainer.run()
         if trainer.dist.is_main:
             trainer.preview(run_dir / "samples.png")
             summary = {**result, "run_dir": str(run_dir), "data": trainer.data.name,
-                       "world_size": trainer.dist.world_size, "seed": cfg.train.seed,
+                       "train_examples": len(trainer.data), "world_size": trainer.dist.world_size, "seed": cfg.train.seed,
                        "parameters": sum(p.numel() for p in trainer.net.parameters())}
             atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     finally:
