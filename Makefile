@@ -15,7 +15,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,mnist,photos,text]"
+	$(PY) -m pip install -q -e ".[dev,mnist,photos,text,app]"
 	@touch $(STAMP)
 
 demo: venv

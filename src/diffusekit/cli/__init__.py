@@ -1,4 +1,4 @@
-"""The command line: ``diffusekit train | sample | evaluate | restore | tune-grid | demo``.
+"""The command line: ``diffusekit train | sample | evaluate | restore | tune-grid | demo | app``.
 
 This package is the only code that sees argparse or prints. ``flags`` parses (torch-free); each
 command is one module (``train``, ``sample``, ...) whose ``run(args)`` turns the flags into typed

@@ -210,9 +210,22 @@ def _demo(sub) -> None:
     _common(p)
 
 
+def _app(sub) -> None:
+    p = sub.add_parser("app", help="a local web page over a trained run: sample, restore, measure (needs the `app` "
+                                   "extra: pip install 'diffusekit[app]')")
+    p.add_argument("--run", type=Path, required=True, help="run folder written by `diffusekit train` (or a diffusers "
+                                                           "folder)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes the page and its "
+                        "jobs to the network)")
+    p.add_argument("--port", type=int, default=8765, help="port to listen on (0 = any free one)")
+    _device(p)
+    _common(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="diffusekit", description="Diffusion models that are correct, measurable and fast.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_train, _sample, _evaluate, _restore, _tune_grid, _demo):
+    for add in (_train, _sample, _evaluate, _restore, _tune_grid, _demo, _app):
         add(sub)
     return parser

@@ -45,8 +45,9 @@ def _report(evaluation: Evaluation, title: str) -> str:
 
 
 def evaluate_run(run_dir: Path | str, settings: EvaluateSettings | None = None, progress: bool = True,
-                 device: str | torch.device = "cpu") -> tuple[Evaluation, Path]:
-    """Evaluate a run folder with its family's evaluation; returns it and the report's path."""
+                 device: str | torch.device = "cpu", out_dir: Path | str | None = None) -> tuple[Evaluation, Path]:
+    """Evaluate a run folder with its family's evaluation into ``out_dir`` (default: ``<run>/eval``);
+    returns it and the report's path."""
     settings = settings or EvaluateSettings()
     family, source = read_run(run_dir)
     if family.evaluate is None:
@@ -56,7 +57,7 @@ def evaluate_run(run_dir: Path | str, settings: EvaluateSettings | None = None, 
         asked = SampleSettings.from_config(model.cfg.sample, key=settings.key, **settings.sample_overrides())
         tuned = tuned_settings(family.name, model, asked, run_dir, settings.key)
         settings = replace(settings, steps=tuned.steps, times=tuned.times)
-    out = model.source / "eval"
+    out = Path(out_dir) if out_dir is not None else model.source / "eval"
     keep = [p.name for p in out.iterdir() if p.is_file()] if out.is_dir() else []
     with OutputFolder(out, EVAL_MARKERS, "evaluation folder", keep=keep) as folder:
         evaluation = family.evaluate(model, settings, folder.path, progress)

@@ -3,13 +3,15 @@
 ``generate`` draws every sample from its own seed (``PerSampleNoise``), so a sample is the same
 whatever the batch size and order; ``SampleSettings`` (``sampling.settings``) name the sampler and its
 options, and the catalog row of the sampler (``sampling.catalog``) says how to call its function, so a new
-sampler needs no change here. ``TrajectoryRecorder`` keeps the reverse process for pictures.
+sampler needs no change here. ``TrajectoryRecorder`` keeps the reverse process for pictures, and
+``sample_trajectory`` returns it for one sample of a call.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
+from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 import torch
@@ -26,16 +28,19 @@ from diffusekit.sampling.settings import SampleSettings
 from diffusekit.schedules import DiscreteSchedule
 from diffusekit.sde import vp_from_schedule
 
-__all__ = ["generate", "run_sampler", "sampler_function", "TrajectoryRecorder", "check_finite"]
+__all__ = ["Trajectory", "TrajectoryRecorder", "check_finite", "generate", "run_sampler", "sample_trajectory",
+           "sampler_function"]
 
 
 class TrajectoryRecorder:
     """A sampler callback that keeps x_t and the predicted x0 every ``every`` steps (on the CPU).
 
     After sampling (and ``final(x)`` with the output, to end on t = 0), ``frames("x")`` /
-    ``frames("x0")`` are lists of tensors shaped like x and ``times`` the original t of each frame;
-    ``viz.save_trajectory_strip`` draws them. Use it with one batch (``generate`` calls the
-    callback for every batch in turn).
+    ``frames("x0")`` are lists of tensors shaped like x and ``times`` the t of each frame (the discrete
+    t of ddpm and ddim, the continuous t in (0, 1] of the others); ``viz.save_trajectory_strip`` draws
+    them. The continuous-time samplers that report the VE variable y = x_t / alpha_t with its sigma
+    (``sampling.ode``) are recorded as x_t = y / sqrt(1 + sigma^2), the VP state, like the others. Use it
+    with one batch (``generate`` calls the callback for every batch in turn).
     """
 
     def __init__(self, every: int = 1, max_samples: int | None = None):
@@ -48,9 +53,13 @@ class TrajectoryRecorder:
     def __call__(self, info: dict[str, Any]) -> None:
         if info["i"] % self.every:
             return
-        self.times.append(int(info["t"]))
+        t = info["t"]
+        self.times.append(float(t) if isinstance(t, float) else int(t))
+        frames = {"x": info["x"], "x0": info["x0"]}
+        if "sigma" in info:  # the VE view y = x_t / alpha_t, and alpha_t = 1 / sqrt(1 + sigma^2) on a VP SDE
+            frames["x"] = frames["x"] * (1.0 / math.sqrt(1.0 + float(info["sigma"]) ** 2))
         for key in self._frames:
-            self._frames[key].append(info[key][: self.max_samples].detach().to("cpu", copy=True))
+            self._frames[key].append(frames[key][: self.max_samples].detach().to("cpu", copy=True))
 
     def final(self, x: Tensor) -> None:
         """Append the sampler's output as the last frame (t = 0, where x0 = x)."""
@@ -173,6 +182,41 @@ def generate(denoiser: DenoiserFn, schedule: DiscreteSchedule, shape: Sequence[i
     return torch.cat(out)
 
 
+@dataclass
+class Trajectory:
+    """The reverse process of one sample: ``x`` (F, *shape) the state x_t and ``x0`` (F, *shape) the
+    model's estimate of x_0 at the F recorded ``times`` (the sampler's t, first the noisiest; the last
+    frame, t = 0, is the sample itself in both)."""
+
+    times: list[float]
+    x: Tensor
+    x0: Tensor
+
+
+def sample_trajectory(denoiser: DenoiserFn, schedule: DiscreteSchedule, shape: Sequence[int],
+                      settings: SampleSettings, index: int = 0, device: torch.device | str = "cpu", cond: Any = None,
+                      num_classes: int = 0, max_frames: int = 25) -> Trajectory:
+    """The reverse trajectory of sample ``index`` of ``settings``: that sample drawn again by the same
+    sampler from its own seed (and its class label or ``cond`` row), with every state the sampler
+    reports kept, then at most ``max_frames`` of them, evenly spaced, first and last included. The last
+    frame equals sample ``index`` of ``generate(..., settings)`` up to the network's batch invariance.
+    An adaptive sampler (rk45) reports no states: its trajectory is the sample alone."""
+    if not 0 <= index < len(settings.seeds):
+        raise ConfigError(f"sample index {index} is out of range for {len(settings.seeds)} seeds")
+    if max_frames < 2:
+        raise ValueError(f"max_frames must be >= 2, got {max_frames}")
+    classes = settings.classes or (list(range(num_classes)) if num_classes > 0 else None)
+    one = settings.replace(seeds=[settings.seeds[index]], batch_size=1,
+                           classes=None if classes is None else [classes[index % len(classes)]])
+    recorder = TrajectoryRecorder()
+    x = generate(denoiser, schedule, shape, one, device=device, cond=_slice_cond(cond, index, index + 1),
+                 callback=recorder, progress=False, num_classes=num_classes)
+    recorder.final(x)
+    n = len(recorder.times)
+    keep = sorted({round(i * (n - 1) / (max_frames - 1)) for i in range(max_frames)}) if n > max_frames else range(n)
+    return Trajectory(times=[recorder.times[i] for i in keep],
+                      x=torch.cat([recorder.frames("x")[i] for i in keep]),
+                      x0=torch.cat([recorder.frames("x0")[i] for i in keep]))
 
 
 def check_finite(x: Tensor, what: str = "samples") -> None:
