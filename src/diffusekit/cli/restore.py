@@ -1,5 +1,6 @@
-"""``diffusekit restore``: inpainting, outpainting, super-resolution and colorization with a trained run
-(RePaint or DDNM, no training); the flags become ``RestoreSettings`` (or ``--settings`` reproduces a call)."""
+"""``diffusekit restore``: inpainting, outpainting, super-resolution, colorization, deblurring and desaturation
+with a trained run (RePaint, DDNM or DPS, no training); the flags become ``RestoreSettings`` (or ``--settings``
+reproduces a call)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from diffusekit.cli.common import device_from_flag
 from diffusekit.errors import ConfigError
 from diffusekit.io.atomic import read_input_file
 from diffusekit.runs.restore import RestoreSettings, restore_run
-from diffusekit.sampling.catalog import DEFAULT_MASK
+from diffusekit.sampling.catalog import DEFAULT_MASK, RESTORE_TASKS
 from diffusekit.sampling.settings import parse_seeds
 
 __all__ = ["run", "settings_from_args", "format_metrics"]
@@ -24,24 +25,40 @@ def settings_from_args(args: argparse.Namespace) -> RestoreSettings:
         except ConfigError as exc:
             raise ConfigError(f"--settings {args.settings}: cannot read restore settings ({exc})") from None
     if args.task is None:
-        raise ConfigError("--task is required (inpaint, outpaint, superres or colorize) unless --settings is given")
+        raise ConfigError(f"--task is required ({', '.join(RESTORE_TASKS)}) unless --settings is given")
     if args.mask is not None and args.task not in DEFAULT_MASK:
         raise ConfigError(f"--mask applies to inpaint and outpaint, not --task {args.task}")
-    if args.factor is not None and args.task != "superres":
-        raise ConfigError(f"--factor applies to superres, not --task {args.task}")
+    for flag, value, task in (("--factor", args.factor, "superres"), ("--blur-size", args.blur_size, "blur"),
+                              ("--blur-width", args.blur_width, "blur"), ("--gain", args.gain, "saturation")):
+        if value is not None and args.task != task:
+            raise ConfigError(f"{flag} applies to {task}, not --task {args.task}")
+    for flag, value in (("--noise-std", args.noise_std), ("--zeta", args.zeta),
+                        ("--measurement-seed", args.measurement_seed)):
+        if value is not None and args.method != "dps":
+            raise ConfigError(f"{flag} applies to --method dps, not {args.method}")
+    dps = {name: value for name, value in (("blur_size", args.blur_size), ("blur_width", args.blur_width),
+                                           ("gain", args.gain), ("noise_std", args.noise_std), ("zeta", args.zeta),
+                                           ("measurement_seed", args.measurement_seed)) if value is not None}
     return RestoreSettings(task=args.task, method=args.method, mask=args.mask or "", fraction=args.fraction,
                            mask_seed=args.mask_seed, factor=2 if args.factor is None else args.factor,
                            steps=args.steps, spacing=args.spacing, resample=args.resample, jump=args.jump,
                            variance=args.variance, clip_x0=args.clip_x0, seeds=parse_seeds(args.seeds), n=args.n,
                            images=[str(p) for p in args.images or []], split=args.split, use_ema=args.ema,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, **dps)
+
+
+BASELINES = {"blur": "the blurred y", "saturation": "the pixel-wise inverse"}  # the degraded image, if not A+ y
 
 
 def format_metrics(m: dict) -> str:
-    """One line: PSNR on the unknown region (beside A+ y), classifier accuracy where there is one."""
+    """One line: PSNR on the unknown region (beside the degraded image), DPS's residual beside the noise,
+    classifier accuracy where there is one."""
     where = "the unknown pixels" if m["task"] in DEFAULT_MASK else "all pixels"
-    text = (f"{m['task']} with {m['method']} (U={m['resample']}): PSNR {m['psnr']:.2f} dB on {where} "
-            f"(A+ y: {m['psnr_pinv']:.2f} dB)")
+    how = (f"zeta={m['zeta']:.3g}, noise std {m['noise_std']:g}" if m["method"] == "dps" else f"U={m['resample']}")
+    text = (f"{m['task']} with {m['method']} ({how}): PSNR {m['psnr']:.2f} dB on {where} "
+            f"({BASELINES.get(m['task'], 'A+ y')}: {m['psnr_pinv']:.2f} dB)")
+    if "residual_rms" in m:
+        text += f", RMS of y - A(x) {m['residual_rms']:.3f}"
     if "accuracy" in m:
         text += (f", classifier accuracy {m['accuracy']:.3f} (originals {m['accuracy_original']:.3f}, "
                  f"degraded {m['accuracy_degraded']:.3f})")

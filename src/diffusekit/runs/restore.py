@@ -1,22 +1,28 @@
 """Restoring images with a run (``diffusekit restore``): a trained unconditional image model, a
 degradation, inputs, and the files it leaves.
 
-``restore_run`` degrades each input x with the task's operator (``sampling/restore.py``), restores it
-once per seed with RePaint or the DDNM projection, and writes (each file atomically):
+``restore_run`` degrades each input x with the task's operator (``sampling/restore.py``,
+``sampling/dps.py``), restores it once per seed with RePaint, the DDNM projection or DPS, and writes (each
+file atomically):
 
 - ``restore.png``: one row per input, degraded | restored (one tile per seed) | original; unknown
-  pixels of a mask are drawn red in the degraded tile;
-- ``restored.npz``: ``restored`` (K, S, C, H, W), ``original`` (K, C, H, W), ``measurement`` (y),
-  ``degraded`` (A+ y), ``known`` (masks), ``seeds``, ``noise_seeds`` (K, S), ``labels`` (-1 unknown),
-  ``inputs`` (names); float arrays are float32 in the data range [-1, 1];
+  pixels of a mask are drawn red in the degraded tile (the degraded image is A+ y; for blur, y itself; for
+  saturation, the pixel-wise inverse of y);
+- ``restored.npz``: ``restored`` (K, S, C, H, W), ``original`` (K, C, H, W), ``measurement`` (y, with
+  its noise), ``degraded`` (as in the picture), ``known`` (masks), ``seeds``, ``noise_seeds`` (K, S),
+  ``labels`` (-1 unknown), ``inputs`` (names); float arrays are float32 in the data range [-1, 1];
 - ``settings.json``: the exact ``RestoreSettings`` (reproduce with ``RestoreSettings.from_json``)
   plus the run, checkpoint and metrics under "extra"; ``metrics.json``: the numbers alone.
 
 Restored sample (k, s) draws all its noise from ``PerSampleNoise`` seeded by SeedSequence([s, k]),
-so it depends only on the seed and the input's position, never on the batch. Metrics: PSNR of the
+so it depends only on the seed and the input's position, never on the batch. With DPS the measurement
+is y = A(x) + noise_std n, n drawn per input from SeedSequence([measurement_seed, k], spawn_key=(1,))
+(``measurement_noise``), a stream no restoration seed shares. Metrics: PSNR of the
 restored images (clamped to [-1, 1], peak-to-peak 2) against the originals over the unknown pixels
 (masks) or all pixels (super-resolution, colorization), averaged over samples, beside the same for
-A+ y (zero fill, nearest upsampling, gray); and for digits / MNIST inputs from the dataset, the
+A+ y (zero fill, nearest upsampling, gray; the blurred y; the pixel-wise inverse of a saturated y) and,
+for DPS, the RMS of y - A(restored) over the measured values beside noise_std; and for digits / MNIST
+inputs from the dataset, the
 accuracy of diffusekit's own classifier (``evaluate/features.py``) on restored, original and
 degraded images against the originals' labels.
 """
@@ -27,7 +33,7 @@ import io
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -44,7 +50,17 @@ from diffusekit.evaluate.features import evaluate_accuracy, load_feature_net
 from diffusekit.evaluate.samples import FEATURE_DATASETS
 from diffusekit.families import read_run
 from diffusekit.io.atomic import OutputFolder, atomic_write_bytes, atomic_write_text
-from diffusekit.sampling.catalog import DEFAULT_MASK, MASKS, RESTORE_METHODS, RESTORE_TASKS, SPACINGS, VARIANCES
+from diffusekit.sampling.catalog import (
+    DEFAULT_MASK,
+    DPS_ONLY_TASKS,
+    DPS_ZETA_SQRT_STEPS,
+    MASKS,
+    RESTORE_METHODS,
+    RESTORE_TASKS,
+    SPACINGS,
+    VARIANCES,
+)
+from diffusekit.sampling.dps import GaussianBlur, Measurement, Saturation, noisy_measurement, sample_dps
 from diffusekit.sampling.generate import check_finite
 from diffusekit.sampling.noise import PerSampleNoise
 from diffusekit.sampling.restore import (
@@ -58,9 +74,12 @@ from diffusekit.sampling.restore import (
 from diffusekit.sampling.settings import MAX_BATCH, MAX_SEEDS, settings_from_json, settings_to_json
 from diffusekit.viz import image_grid, png_bytes
 
-__all__ = ["RestoreSettings", "make_masks", "read_mask", "load_inputs", "psnr", "restore_run", "noise_seed"]
+__all__ = ["RestoreSettings", "make_masks", "read_mask", "load_inputs", "psnr", "restore_run", "noise_seed",
+           "measurement_noise", "dps_zeta"]
 
 MAX_RESAMPLE = 1_000
+MAX_NOISE_STD = 2.0  # the data range is [-1, 1]: more noise than this leaves nothing to restore
+MAX_ZETA = 100.0  # a DPS step of 2 zeta in the norm of x: beyond this it is no longer a step
 MAX_RESTORED_BYTES = 4 * 2**30  # the restorations of one call are held in memory (float32)
 
 
@@ -72,8 +91,12 @@ class RestoreSettings:
     (all but that square: outpainting), "left" / "right" / "top" / "bottom" (that half), "random"
     (a ``fraction`` of the pixels, drawn per input from (``mask_seed``, input index)), or a PNG file
     of the image size whose white pixels (>= 128) are generated; "" takes the task's default (inpaint:
-    center, outpaint: border). ``factor`` is the super-resolution factor. ``steps = 0`` runs the full
-    chain (T); ``resample`` (U) and ``jump`` (j) are RePaint's resampling (U = 1: none). Inputs are the
+    center, outpaint: border). ``factor`` is the super-resolution factor, ``blur_size`` and ``blur_width``
+    the Gaussian blur's kernel side and standard deviation (pixels), ``gain`` the saturation's
+    (``sampling/dps.py``). ``steps = 0`` runs the full chain (T); ``resample`` (U) and ``jump`` (j) are
+    RePaint's resampling (U = 1: none; repaint and ddnm). DPS only: ``noise_std`` is the standard deviation
+    of the Gaussian noise added to the measurement (drawn from ``measurement_seed``), ``zeta`` the step
+    size (None: ``dps_zeta``, DPS_ZETA_SQRT_STEPS / sqrt(steps)). Blur and saturation need DPS. Inputs are the
     first ``n`` images of the run's ``split``, or the files ``images`` (any size: centre-cropped and
     resized to the model's). ``batch_size`` does not change any sample.
     """
@@ -84,12 +107,18 @@ class RestoreSettings:
     fraction: float = 0.5
     mask_seed: int = 0
     factor: int = 2
+    blur_size: int = 5
+    blur_width: float = 1.0
+    gain: float = 3.0
     steps: int = 0
     spacing: Literal[SPACINGS] = "trailing"  # type: ignore[valid-type]
     resample: int = 1
     jump: int = 10
     variance: Literal[VARIANCES] = "beta_tilde"  # type: ignore[valid-type]
     clip_x0: float | None = None
+    noise_std: float = 0.0
+    zeta: float | None = None
+    measurement_seed: int = 0
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     n: int = 8
     images: list[str] = field(default_factory=list)
@@ -110,12 +139,20 @@ class RestoreSettings:
         def integer(v: Any, lo: int) -> bool:
             return isinstance(v, int) and not isinstance(v, bool) and v >= lo
 
+        def real(v: Any, lo: float, hi: float, lo_open: bool = True) -> bool:  # NaN and inf fail both bounds
+            return (isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and (lo < v if lo_open else lo <= v) and v <= hi)
+
         checks = [
             (self.task in RESTORE_TASKS, "task", f"one of {RESTORE_TASKS}", self.task),
             (self.method in RESTORE_METHODS, "method", f"one of {RESTORE_METHODS}", self.method),
             (0.0 < self.fraction < 1.0, "fraction", "in (0, 1)", self.fraction),
             (integer(self.mask_seed, 0), "mask_seed", "an integer >= 0", self.mask_seed),
             (integer(self.factor, 2), "factor", "an integer >= 2", self.factor),
+            (integer(self.blur_size, 3) and self.blur_size % 2 == 1, "blur_size", "an odd integer >= 3",
+             self.blur_size),
+            (real(self.blur_width, 0.0, 100.0), "blur_width", "in (0, 100] pixels", self.blur_width),
+            (real(self.gain, 0.0, 20.0), "gain", "in (0, 20]", self.gain),
             (integer(self.steps, 0), "steps", "an integer >= 0 (0 = T)", self.steps),
             (self.spacing in SPACINGS, "spacing", f"one of {SPACINGS}", self.spacing),
             (integer(self.resample, 1) and self.resample <= MAX_RESAMPLE, "resample", f"an integer in 1..{MAX_RESAMPLE}",
@@ -124,6 +161,12 @@ class RestoreSettings:
             (self.variance in VARIANCES, "variance", f"one of {VARIANCES}", self.variance),
             (self.clip_x0 is None or (isinstance(self.clip_x0, (int, float)) and not isinstance(self.clip_x0, bool)
                                       and 0 < self.clip_x0 <= 1000), "clip_x0", "in (0, 1000] or absent", self.clip_x0),
+            (real(self.noise_std, 0.0, MAX_NOISE_STD, lo_open=False), "noise_std", f"in [0, {MAX_NOISE_STD:g}]",
+             self.noise_std),
+            (self.zeta is None or real(self.zeta, 0.0, MAX_ZETA), "zeta", f"in (0, {MAX_ZETA:g}] or absent",
+             self.zeta),
+            (integer(self.measurement_seed, 0) and self.measurement_seed < 2**62, "measurement_seed",
+             "an integer >= 0", self.measurement_seed),
             (isinstance(self.seeds, list) and 0 < len(self.seeds) <= MAX_SEEDS
              and all(integer(v, 0) and v < 2**62 for v in self.seeds) and len(set(self.seeds)) == len(self.seeds),
              "seeds", "non-empty, distinct integers >= 0", self.seeds if len(self.seeds) < 9 else f"{len(self.seeds)} seeds"),
@@ -138,6 +181,22 @@ class RestoreSettings:
         for ok, name, want, got in checks:
             if not ok:
                 raise ConfigError(f"--{name.replace('_', '-')} must be {want}, got {got!r}")
+        self._check_method()
+
+    def _check_method(self) -> None:
+        """Settings that belong to one method: one-line ConfigErrors naming the flag."""
+        if self.method == "dps":
+            if self.resample != 1:
+                raise ConfigError(f"--resample applies to repaint and ddnm, not --method dps (got {self.resample})")
+            return
+        if self.task in DPS_ONLY_TASKS:
+            raise ConfigError(f"--task {self.task} needs --method dps: {self.method} needs a linear degradation with "
+                              "a pseudo-inverse (inpaint, outpaint, superres, colorize)")
+        for name, value, unset in (("noise_std", self.noise_std, 0.0), ("zeta", self.zeta, None),
+                                   ("measurement_seed", self.measurement_seed, 0)):
+            if value != unset:
+                raise ConfigError(f"--{name.replace('_', '-')} applies to --method dps, not {self.method} "
+                                  f"(got {value!r})")
 
     def to_json(self, extra: dict[str, Any] | None = None) -> str:
         return settings_to_json(self, extra)
@@ -153,6 +212,20 @@ def noise_seed(seed: int, index: int) -> int:
     """The noise stream of restored sample (input ``index``, ``seed``): SeedSequence([seed, index])."""
     a, b = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
     return (int(a) << 31) ^ int(b)  # < 2**63
+
+
+def measurement_noise(seed: int, index: int, shape: Sequence[int]) -> Tensor:
+    """Standard normal noise (float32, ``shape``) of input ``index``'s measurement: a generator seeded from
+    SeedSequence([seed, index], spawn_key=(1,)), a child stream that no restoration seed (``noise_seed``) shares."""
+    a, b = np.random.SeedSequence([int(seed), int(index)], spawn_key=(1,)).generate_state(2, dtype=np.uint32)
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed((int(a) << 31) ^ int(b)))
+
+
+def dps_zeta(settings: RestoreSettings, T: int) -> float:
+    """DPS's step size: ``settings.zeta``, or DPS_ZETA_SQRT_STEPS / sqrt(steps) (docs/restoration.md, "Choosing
+    zeta": on digits the best zeta falls about as 1 / sqrt(steps), 0.5-0.7 at 100 steps, 0.2-0.7 at 250, 0.1-0.2
+    at 1000)."""
+    return settings.zeta if settings.zeta is not None else DPS_ZETA_SQRT_STEPS / math.sqrt(settings.steps or T)
 
 
 def read_mask(path: str | Path, size: tuple[int, int]) -> Tensor:
@@ -235,6 +308,9 @@ def check_task(run, settings: RestoreSettings, run_dir: Path | str) -> None:
                           f"{'s' if C != 1 else ''}")
     if settings.task == "superres" and (H % settings.factor or W % settings.factor):
         raise ConfigError(f"--factor {settings.factor} does not divide the model's image size {H}x{W}")
+    if settings.task == "blur" and settings.blur_size // 2 >= min(H, W):
+        raise ConfigError(f"--blur-size {settings.blur_size} is too large for the model's {H}x{W} images (reflected "
+                          f"borders: at most {2 * min(H, W) - 1})")
     T = run.schedule.T
     if settings.steps > T:
         raise ConfigError(f"--steps must lie in 0..{T} (0 = all steps), got {settings.steps}")
@@ -243,13 +319,27 @@ def check_task(run, settings: RestoreSettings, run_dir: Path | str) -> None:
 
 
 def build_operator(settings: RestoreSettings, data_shape: Sequence[int], n_inputs: int
-                   ) -> tuple[LinearDegradation | None, Tensor | None]:
+                   ) -> tuple[LinearDegradation | Measurement | None, Tensor | None]:
     """(shared operator or None, per-input known masks or None) for the task."""
     if settings.task == "superres":
         return SuperResolution(settings.factor), None
     if settings.task == "colorize":
         return Colorization(data_shape[0]), None
+    if settings.task == "blur":
+        return GaussianBlur(settings.blur_size, float(settings.blur_width)), None
+    if settings.task == "saturation":
+        return Saturation(float(settings.gain)), None
     return None, make_masks(settings.mask, n_inputs, tuple(data_shape[1:]), settings.fraction, settings.mask_seed)
+
+
+def measure(op: LinearDegradation | Measurement, x: Tensor, settings: RestoreSettings) -> tuple[Tensor, Tensor]:
+    """(y, the degraded image): y = A(x) (+ noise_std n, n from ``measurement_noise`` per input), and A+ y for
+    the linear degradations, y itself for blur, the pixel-wise inverse for saturation."""
+    y = op.A(x)
+    if settings.noise_std > 0:
+        noise = torch.cat([measurement_noise(settings.measurement_seed, k, y.shape[1:])[None] for k in range(len(x))])
+        y = noisy_measurement(op, x, float(settings.noise_std), noise)
+    return y, (op.A_pinv(y) if isinstance(op, LinearDegradation) else op.naive_inverse(y))
 
 
 def psnr(x: Tensor, ref: Tensor, region: Tensor | None = None) -> Tensor:
@@ -265,13 +355,20 @@ def psnr(x: Tensor, ref: Tensor, region: Tensor | None = None) -> Tensor:
 
 
 # -- the run -----------------------------------------------------------------------------------
-def _restore_all(run, settings: RestoreSettings, x: Tensor, op, known, device, progress: bool,
+def _restore_all(run, settings: RestoreSettings, x: Tensor, y_all: Tensor, op, known, device, progress: bool,
                  stats: dict[str, Any]) -> tuple[Tensor, Tensor]:
-    """Restored images (K, S, C, H, W) on the CPU and their noise seeds (K, S)."""
+    """Restored images (K, S, C, H, W) on the CPU and their noise seeds (K, S); ``y_all`` holds the K
+    measurements."""
     K, S = x.shape[0], len(settings.seeds)
     pairs = [(k, s) for k in range(K) for s in settings.seeds]
     seeds = torch.tensor([[noise_seed(s, k) for s in settings.seeds] for k in range(K)], dtype=torch.int64)
-    sampler = sample_repaint if settings.method == "repaint" else sample_ddnm
+    options: dict[str, Any] = {"steps": settings.steps or None, "spacing": settings.spacing,
+                               "variance": settings.variance, "clip_x0": settings.clip_x0}
+    if settings.method == "dps":
+        sampler, options["zeta"] = sample_dps, dps_zeta(settings, run.schedule.T)
+    else:
+        sampler = sample_repaint if settings.method == "repaint" else sample_ddnm
+        options.update(resample=settings.resample, jump=settings.jump)
     out: list[Tensor] = []
     calls = 0
     batches = range(0, len(pairs), settings.batch_size)
@@ -281,7 +378,7 @@ def _restore_all(run, settings: RestoreSettings, x: Tensor, op, known, device, p
         chunk = pairs[lo:lo + settings.batch_size]
         index = torch.tensor([k for k, _ in chunk])
         batch_op = Inpaint(known[index].to(device)) if known is not None else op
-        y = batch_op.A(x[index].to(device))
+        y = y_all[index].to(device)
         noise = PerSampleNoise([noise_seed(s, k) for k, s in chunk], x.shape[1:], device=device)
 
         def count(_info: dict[str, Any]) -> None:
@@ -289,11 +386,10 @@ def _restore_all(run, settings: RestoreSettings, x: Tensor, op, known, device, p
             calls += 1
 
         calls = 0
-        restored = sampler(run.denoiser, run.schedule, noise(), noise, batch_op, y, steps=settings.steps or None,
-                           spacing=settings.spacing, resample=settings.resample, jump=settings.jump,
-                           variance=settings.variance, clip_x0=settings.clip_x0, callback=count)
+        restored = sampler(run.denoiser, run.schedule, noise(), noise, batch_op, y, callback=count, **options)
         out.append(restored.cpu())
     stats["nfe"] = calls  # network calls per sample (every batch walks the same path)
+    stats["zeta"] = options.get("zeta")
     return torch.cat(out).reshape(K, S, *x.shape[1:]), seeds
 
 
@@ -347,24 +443,30 @@ def _restore_and_write(run, settings: RestoreSettings, x: Tensor, labels: Tensor
     t0 = time.time()
     op, known = build_operator(settings, run.data_shape, x.shape[0])
     full_op = Inpaint(known) if known is not None else op
-    y = full_op.A(x)
-    degraded = full_op.A_pinv(y)
+    y, degraded = measure(full_op, x, settings)
     stats: dict[str, Any] = {}
-    restored, seeds = _restore_all(run, settings, x, op, known, device, progress, stats)
+    restored, seeds = _restore_all(run, settings, x, y, op, known, device, progress, stats)
     check_finite(restored.flatten(0, 1), "restorations")
 
     S = restored.shape[1]
     region = None if known is None else ~known
     rep = lambda t: t.repeat_interleave(S, 0)  # noqa: E731 - per input -> per restored sample
     per_sample_op = Inpaint(rep(known)) if known is not None else op
+    residual = (per_sample_op.A(restored.flatten(0, 1)) - rep(y)).flatten(1)
     metrics: dict[str, Any] = {
         "task": settings.task, "method": settings.method, "resample": settings.resample,
         "n_inputs": x.shape[0], "n_samples": x.shape[0] * S, "nfe": stats["nfe"],
         "psnr": psnr(restored.flatten(0, 1), rep(x), None if region is None else rep(region)).mean().item(),
         "psnr_pinv": psnr(degraded, x, region).mean().item(),
-        "measurement_error": (per_sample_op.A(restored.flatten(0, 1)) - rep(y)).abs().max().item(),
+        "measurement_error": residual.abs().max().item(),
         **_classifier_accuracy(run, restored, x, degraded, labels),
     }
+    if settings.method == "dps":  # the RMS of y - A(x) over the measured values (a mask's known pixels)
+        measured = (rep(known).expand(-1, x.shape[1], -1, -1).flatten(1).sum(1) if known is not None
+                    else residual.shape[1])
+        metrics.update(zeta=stats["zeta"], noise_std=settings.noise_std,
+                       residual_rms=(residual.double().pow(2).sum(1) / measured).sqrt().mean().item())
+        settings = replace(settings, zeta=stats["zeta"])  # settings.json records the step size used
     metrics["seconds"] = round(time.time() - t0, 2)
 
     atomic_write_bytes(out / "restore.png", _picture(degraded, restored, x, known, run.levels))

@@ -25,7 +25,8 @@ from typing import Literal
 
 __all__ = ["SamplerSpec", "SAMPLERS", "SAMPLER_NAMES", "DISCRETE_SAMPLERS", "GRIDS", "GRID_CHOICES", "TUNED_GRID",
            "TUNABLE_SAMPLERS", "SPACINGS",
-           "VARIANCES", "EVAL_METRICS", "BOUND_VARIANCES", "RESTORE_TASKS", "RESTORE_METHODS", "MASKS", "DEFAULT_MASK", "sampler_spec", "default_grid"]
+           "VARIANCES", "EVAL_METRICS", "BOUND_VARIANCES", "RESTORE_TASKS", "RESTORE_METHODS",
+           "DPS_ONLY_TASKS", "DPS_ZETA_SQRT_STEPS", "MASKS", "DEFAULT_MASK", "sampler_spec", "default_grid"]
 
 CallShape = Literal["discrete", "ode", "sde", "adaptive", "levels"]
 
@@ -96,8 +97,13 @@ EVAL_METRICS: tuple[str, ...] = ("bpd", "fd", "nll_ode")
 BOUND_VARIANCES: tuple[str, ...] = ("fitted", "beta_tilde", "beta")
 
 # restoration (``diffusekit restore``, ``runs.restore``)
-RESTORE_TASKS: tuple[str, ...] = ("inpaint", "outpaint", "superres", "colorize")
-RESTORE_METHODS: tuple[str, ...] = ("repaint", "ddnm")
+RESTORE_TASKS: tuple[str, ...] = ("inpaint", "outpaint", "superres", "colorize", "blur", "saturation")
+RESTORE_METHODS: tuple[str, ...] = ("repaint", "ddnm", "dps")
+# the tasks only DPS can undo: no pseudo-inverse with A A^T = c I (blur) or not linear (saturation)
+DPS_ONLY_TASKS: tuple[str, ...] = ("blur", "saturation")
+# DPS's default step size: zeta = DPS_ZETA_SQRT_STEPS / sqrt(sampling steps), measured on digits
+# (docs/restoration.md, "Choosing zeta")
+DPS_ZETA_SQRT_STEPS = 5.0
 MASKS: tuple[str, ...] = ("center", "border", "left", "right", "top", "bottom", "random")
 DEFAULT_MASK = {"inpaint": "center", "outpaint": "border"}
 
