@@ -205,7 +205,12 @@ def test_run_description_of_a_class_conditional_run(class_run):
         info = client.get("/api/run").json()
     assert info["family"] == "diffusion" and info["num_classes"] == 10 and info["T"] == 20
     assert info["sections"]["classes"] and info["sections"]["guidance"] and not info["sections"]["control"]
-    assert "ddim" in info["choices"]["sampler"] and info["choices"]["task"] == ["inpaint", "outpaint", "superres"]
+    assert "ddim" in info["choices"]["sampler"] and info["choices"]["method"] == ["repaint", "ddnm", "dps"]
+    assert info["choices"]["task"] == ["inpaint", "outpaint", "superres", "blur", "saturation"]  # no colorize: 1 channel
+    assert info["choices"]["dps_tasks"] == ["blur", "saturation"]  # offered with dps only
+    restore = info["defaults"]["restore"]
+    assert (restore["blur_size"], restore["blur_width"], restore["gain"], restore["noise_std"], restore["zeta"],
+            restore["jump"], restore["zeta_sqrt_steps"]) == (5, 1.0, 3.0, 0.0, None, 10, 5.0)  # RestoreSettings'
 
 
 def test_controlnet_run_shows_the_hint_and_samples_like_the_cli_from_a_drawing(capsys, tmp_path, tiny_run):
@@ -347,6 +352,66 @@ def test_restore_of_test_images_superres_equals_the_cli(capsys, tmp_path, monkey
                           np.load(tmp_path / "cli" / "restored.npz")["restored"])
     image = client.get("/api/test-image/0")
     assert image.status_code == 200 and Image.open(io.BytesIO(image.content)).size == (8, 8)
+
+
+def test_dps_blur_with_noise_equals_the_cli_and_the_shown_command_reproduces_it(capsys, tmp_path, monkeypatch, app,
+                                                                                tiny_run):
+    from diffusekit.runs.restore import measurement_noise
+    from diffusekit.sampling.dps import GaussianBlur
+
+    _, client = app
+    images = [(np.random.default_rng(k).random((8, 8)) * 255).astype(np.uint8) for k in (1, 2)]
+    body = {"task": "blur", "method": "dps", "blur_size": 3, "blur_width": 0.8, "steps": 4, "noise_std": 0.1,
+            "zeta": 0.5, "measurement_seed": 3, "seeds": "0-1", "images": [upload(f"b{k}.png", png(im))
+                                                                           for k, im in enumerate(images)]}
+    result = done(client, "restore", body)
+    assert result["command"] == (f"diffusekit restore --run {tiny_run} --task blur --method dps --blur-size 3 "
+                                 "--blur-width 0.8 --steps 4 --noise-std 0.1 --zeta 0.5 --measurement-seed 3 "
+                                 "--seeds 0-1 --images b0.png b1.png")
+    metrics = result["metrics"]
+    assert (metrics["zeta"], metrics["noise_std"], metrics["n_samples"]) == (0.5, 0.1, 4)
+    assert result["summary"].startswith("blur with dps (zeta=0.5, noise std 0.1): PSNR ")
+    assert "(the blurred y: " in result["summary"] and "A+ y" not in result["summary"]
+    page = npz(client, result["files"] + "restored.npz")
+    for k, im in enumerate(images):
+        (tmp_path / f"b{k}.png").write_bytes(png(im))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(capsys, *shlex.split(result["command"])[1:], "--out", "cli", "--no-progress")
+    assert code == 0, err
+    assert out.split(";")[0] == result["summary"].split(";")[0]  # the line the command prints, but the seconds
+    ours = np.load(tmp_path / "cli" / "restored.npz")
+    for name in ("restored", "measurement", "degraded", "original", "noise_seeds"):
+        assert np.array_equal(page[name], ours[name]), name
+    assert np.array_equal(page["degraded"], page["measurement"])  # for blur the degraded image is y itself
+    blurred = GaussianBlur(3, 0.8).A(torch.from_numpy(page["original"]))  # y = A(x) + 0.1 n, n from seed 3
+    noise = torch.stack([measurement_noise(3, k, (1, 8, 8)) for k in range(2)])
+    torch.testing.assert_close(torch.from_numpy(page["measurement"]), blurred + 0.1 * noise)
+
+
+def test_dps_settings_the_cli_refuses_are_its_one_liners(capsys, tmp_path, monkeypatch, app, tiny_run):
+    """Blur needs dps; RePaint's resample and jump are not dps settings; the noise and the operator parameters
+    belong to their method and task: the page gets the command's own line, before any job runs."""
+    _, client = app
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.png").write_bytes(png(np.zeros((8, 8))))
+    for body, flags in (({"task": "blur", "method": "repaint"}, ["--task", "blur", "--method", "repaint"]),
+                        ({"task": "saturation", "method": "ddnm"}, ["--task", "saturation", "--method", "ddnm"]),
+                        ({"task": "blur", "method": "dps", "jump": 3}, ["--task", "blur", "--method", "dps", "--jump", "3"]),
+                        ({"task": "superres", "method": "dps", "resample": 2},
+                         ["--task", "superres", "--method", "dps", "--resample", "2"]),
+                        ({"task": "inpaint", "method": "repaint", "noise_std": 0.1},
+                         ["--task", "inpaint", "--method", "repaint", "--noise-std", "0.1"]),
+                        ({"task": "blur", "method": "dps", "gain": 2}, ["--task", "blur", "--method", "dps", "--gain", "2"]),
+                        ({"task": "blur", "method": "dps", "blur_size": 4},
+                         ["--task", "blur", "--method", "dps", "--blur-size", "4"])):
+        response = client.post("/api/restore", json={**body, "images": [upload("a.png", png(np.zeros((8, 8))))]})
+        code, _, err = cli(capsys, "restore", "--run", tiny_run, *flags, "--images", "a.png", "--out", "cli",
+                           "--no-progress")
+        assert response.status_code == 400 and code == 2, (body, response.text, err)
+        assert err == f"diffusekit restore: error: {response.json()['error']}\n", body
+    assert not (tmp_path / "cli").exists()
+    bad_type = client.post("/api/restore", json={"task": "blur", "method": "dps", "zeta": "big"})
+    assert bad_type.status_code == 400 and bad_type.json()["error"] == "--zeta must be a number, got 'big'"
 
 
 def test_bad_uploads_get_the_cli_messages(capsys, tmp_path, monkeypatch, app, tiny_run):

@@ -1,7 +1,8 @@
 """``diffusekit app`` in a real browser: the command serves a tiny run, headless Chromium (Debian's
 ``chromium``, driven by Playwright; nothing is downloaded) loads the page, samples, follows a trajectory,
-draws a mask with the mouse, restores an uploaded image and shows a bad upload's one-line error. The
-images the page shows equal the command line's for the same settings and seeds.
+draws a mask with the mouse, restores an uploaded image, shows a bad upload's one-line error and deblurs
+with DPS (the task menu and fields follow the method). The images the page shows equal the command line's
+for the same settings and seeds.
 
 Screenshots go to ``$DIFFUSEKIT_ARTIFACTS`` (else the test's tmp_path); with ``DIFFUSEKIT_UPDATE_DOCS=1``
 the sample tab is also written to docs/app.png. Skipped, saying why, without Playwright or Chromium."""
@@ -191,6 +192,39 @@ def test_sample_trajectory_draw_restore_in_chromium(browser, server, tiny_run, t
     page.wait_for_selector("#status.error")
     assert page.inner_text("#status") == "--images bad.png: not an image Pillow can read (unknown or corrupt format)"
     assert page.get_attribute("#restore-result", "data-job") == job
+
+    # DPS: blur and saturation are offered with dps only, whose fields replace RePaint's resample and jump
+    def tasks():
+        return page.eval_on_selector_all("#restore-form select[name=task] option", "os => os.map(o => o.value)")
+
+    assert "blur" not in tasks() and page.is_visible("#restore-form input[name=jump]")
+    restore.locator("select[name=method]").select_option("dps")
+    assert tasks()[-2:] == ["blur", "saturation"] and page.is_hidden("#restore-form input[name=jump]")
+    assert page.is_hidden("#restore-form input[name=resample]") and page.is_visible("#dps-fields")
+    restore.locator("select[name=task]").select_option("blur")
+    assert page.is_visible("#restore-form input[name=blur_size]") and page.is_hidden("#mask-fields")
+    assert page.is_hidden("#restore-form input[name=gain]") and page.inner_text("#zeta-default") == "empty: 5/√4 = 2.5"
+    restore.locator("input[name=blur_size]").fill("3")
+    restore.locator("input[name=noise_std]").fill("0.1")
+    page.set_input_files("#restore-files", str(image))
+    restore.locator("button[type=submit]").click()
+    wait_for_job(page, "#restore-result", job)
+    assert page.inner_text("#restore-result .command") == (
+        f"diffusekit restore --run {tiny_run} --task blur --method dps --blur-size 3 --blur-width 1 --steps 4 "
+        "--noise-std 0.1 --measurement-seed 0 --seeds 0-1 --images digit.png")
+    note = page.inner_text("#restore-result .note")
+    assert note.startswith("blur with dps (zeta=2.5, noise std 0.1): PSNR ") and "(the blurred y: " in note, note
+    picture = page.get_attribute("#restore-picture", "src")
+    page_npz = np.load(io.BytesIO(fetch(url.rstrip("/") + picture.rsplit("/", 1)[0] + "/restored.npz")))
+    code = cli_main(["restore", "--run", str(tiny_run), "--task", "blur", "--method", "dps", "--blur-size", "3",
+                     "--steps", "4", "--noise-std", "0.1", "--seeds", "0-1", "--images", str(image),
+                     "--out", str(tmp_path / "cli_dps"), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert np.array_equal(page_npz["restored"], np.load(tmp_path / "cli_dps" / "restored.npz")["restored"])
+    page.screenshot(path=str(artifacts / "app-restore-dps.png"), full_page=True)
+    restore.locator("select[name=method]").select_option("repaint")  # blur is gone: back to the first task
+    assert "blur" not in tasks() and restore.locator("select[name=task]").input_value() == "inpaint"
+    assert page.is_visible("#mask-fields") and page.is_hidden("#dps-fields")
 
     page.click("button[data-tab=measure]")
     assert page.is_visible("#evaluate-form") and "No evaluation report yet" in page.inner_text("#report")

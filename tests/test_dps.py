@@ -441,3 +441,15 @@ def test_settings_check_the_method_and_old_settings_still_load():
     with pytest.raises(Exception, match="--zeta"):
         RestoreSettings(task="inpaint", method="dps", zeta=float("nan"))
     assert RestoreSettings(task="colorize", method="dps", noise_std=0.1).noise_std == 0.1
+
+
+def test_jump_with_dps_is_one_line_like_resample(digits_run, images, tmp_path, capsys):
+    """--jump is RePaint's j, which dps never reads: refused in one line as --resample is, not ignored."""
+    with pytest.raises(Exception, match=r"^--jump applies to repaint and ddnm, not --method dps \(got 5\)$"):
+        RestoreSettings(task="superres", method="dps", jump=5)
+    assert RestoreSettings(task="superres", method="dps", jump=10).jump == 10  # the default is no setting
+    code = run(["--run", digits_run, "--task", "blur", "--method", "dps", "--jump", "3", "--images", *images,
+                "--out", tmp_path / "out", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == "diffusekit restore: error: --jump applies to repaint and ddnm, not --method dps (got 3)\n"
+    assert not (tmp_path / "out").exists()

@@ -9,8 +9,10 @@ typed settings of the command it mirrors and returns the work to run as a job:
   ``--control-scale``, ``--no-ema``), then the reverse trajectory of sample 0
   (``sampling.generate.sample_trajectory``: the same sampler, seed and weights);
 - ``trajectory``: that trajectory for another sample of the last sampling call;
-- ``restore``: ``runs.restore.restore_run`` with the ``RestoreSettings`` of ``diffusekit restore``;
-  uploaded images and masks are written to files and passed as ``--images`` / ``--mask`` would be;
+- ``restore``: ``runs.restore.restore_run`` with the ``RestoreSettings`` of ``diffusekit restore``, built
+  by the command's own ``settings_from_args`` from its defaults and the page's values (so a combination it
+  refuses, such as blur without dps, gets its one-line message); uploaded images and masks are written to
+  files and passed as ``--images`` / ``--mask`` would be; the result carries the line the command prints;
 - ``evaluate``: ``runs.evaluate.evaluate_run`` with ``EvaluateSettings`` (cheap defaults: the bound only).
 
 Outputs go into the temporary folder; only a request with ``save`` writes where the command would by
@@ -33,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from diffusekit.cli.flags import SAMPLER_FLAGS, flag_of
+from diffusekit.cli.flags import SAMPLER_FLAGS, build_parser, flag_of
+from diffusekit.cli.restore import format_metrics, settings_from_args
 from diffusekit.data.registry import load_dataset
 from diffusekit.errors import ConfigError, DiffusekitError
 from diffusekit.families import read_run
@@ -43,7 +46,8 @@ from diffusekit.runs.restore import RestoreSettings, restore_run
 from diffusekit.runs.sample import sample_run
 from diffusekit.sampling.catalog import (
     BOUND_VARIANCES,
-    DEFAULT_MASK,
+    DPS_ONLY_TASKS,
+    DPS_ZETA_SQRT_STEPS,
     EVAL_METRICS,
     GRID_CHOICES,
     MASKS,
@@ -73,6 +77,14 @@ TRAJECTORY_FRAMES = 25
 SAMPLE_NAMES = {**{f: flag_of(f) for f in SAMPLER_FLAGS}, "seeds": "--seeds", "batch_size": "--batch-size",
                 "use_ema": "--no-ema", "classes": "--classes"}  # as ``diffusekit sample`` names them
 BATCH_SIZE = 64  # the command line's --batch-size default (it changes no sample)
+RESTORE_DEFAULTS = ("resample", "jump", "fraction", "mask_seed", "factor", "blur_size", "blur_width", "gain", "noise_std",
+                    "zeta", "measurement_seed")  # the page's restore fields that start at RestoreSettings' defaults
+# the ``diffusekit restore`` flags the page sets besides --task, --seeds, --mask, --images and --no-ema, with the
+# type its parser reads them as (a float flag also takes an integer)
+RESTORE_FLAGS = (("method", str), ("fraction", float), ("mask_seed", int), ("factor", int), ("blur_size", int),
+                 ("blur_width", float), ("gain", float), ("steps", int), ("spacing", str), ("resample", int),
+                 ("jump", int), ("variance", str), ("clip_x0", float), ("noise_std", float), ("zeta", float),
+                 ("measurement_seed", int), ("n", int), ("split", str))
 
 
 def _value(body: dict[str, Any], name: str, kind: type | tuple[type, ...], flag: str, default: Any = None) -> Any:
@@ -174,18 +186,24 @@ class AppRun:
         return [t for t in RESTORE_TASKS if fits.get(t, True)]
 
     def describe(self) -> dict[str, Any]:
-        """The run, its sections, the defaults of every field and the choices of every menu (JSON)."""
+        """The run, its sections, the defaults of every field and the choices of every menu (JSON). The restore
+        tasks of ``dps_tasks`` are offered with method dps only; an empty zeta is DPS_ZETA_SQRT_STEPS / sqrt(steps)
+        (``runs.restore.dps_zeta``)."""
         sample = {name: getattr(self.cfg.sample, name) for name in SAMPLER_FLAGS}
+        restore = RestoreSettings()  # the command's defaults
+        tasks = self.restore_tasks()
         return {
             "run": str(self.run), "family": self.family.name, "summary": self.family.summary, "step": self.step,
             "data_shape": list(self.data_shape), "levels": self.levels, "num_classes": self.num_classes, "T": self.T,
             "sections": self.sections(), "report": (self.run / "eval" / "report.md").is_file(),
             "defaults": {"sample": {**sample, "seeds": "0-15"},
-                         "restore": {"steps": min(self.T or 0, 100), "seeds": "0-2", "n": 4, "resample": 1, "jump": 10,
-                                     "fraction": 0.5, "factor": 2},
+                         "restore": {"steps": min(self.T or 0, 100), "seeds": "0-2", "n": 4,
+                                     **{name: getattr(restore, name) for name in RESTORE_DEFAULTS},
+                                     "zeta_sqrt_steps": DPS_ZETA_SQRT_STEPS},
                          "evaluate": {"metrics": ["bpd"], "strata": 20, "variance": "beta_tilde", "n_samples": 200}},
             "choices": {"sampler": list(SAMPLERS), "grid": list(GRID_CHOICES), "spacing": list(SPACINGS),
-                        "variance": list(VARIANCES), "task": self.restore_tasks(), "method": list(RESTORE_METHODS),
+                        "variance": list(VARIANCES), "task": tasks, "method": list(RESTORE_METHODS),
+                        "dps_tasks": [t for t in DPS_ONLY_TASKS if t in tasks],
                         "mask": list(MASKS), "metrics": list(EVAL_METRICS), "bound_variance": list(BOUND_VARIANCES)},
             "limits": {"upload_bytes": MAX_UPLOAD_BYTES, "uploads": MAX_UPLOADS, "samples": MAX_PAGE_SAMPLES},
         }
@@ -342,53 +360,46 @@ class AppRun:
 
     # -- restore --------------------------------------------------------------------------------
     def restore(self, body: dict[str, Any], job: int) -> Callable[[], dict[str, Any]]:
-        """The work of ``diffusekit restore`` with the page's settings and uploads."""
+        """The work of ``diffusekit restore`` with the page's settings and uploads: the page's values become
+        the command's flags, and the command's own ``settings_from_args`` turns them into ``RestoreSettings``
+        (so the same combinations are refused with the same one-line messages)."""
         if not self.sections()["restore"]:
             raise ConfigError(f"--run {self.run}: restoration needs a diffusion model on images (model.kind unet or "
                               f"mlp); this is a {self.family.name} run")
         folder = self._job_folder(job)
         inputs = folder / "inputs"
-        task = _value(body, "task", str, "--task")
-        if task is None:
-            raise ConfigError("--task is required (inpaint, outpaint, superres or colorize)")
-        kwargs: dict[str, Any] = {"task": task, "batch_size": BATCH_SIZE}
-        argv = ["diffusekit", "restore", "--run", str(self.run), "--task", task]
-        for name, kind in (("method", str), ("fraction", (int, float)), ("mask_seed", int), ("factor", int),
-                           ("steps", int), ("spacing", str), ("resample", int), ("jump", int), ("variance", str),
-                           ("clip_x0", (int, float)), ("n", int), ("split", str)):
-            value = _value(body, name, kind, flag_of(name))
+        args = build_parser().parse_args(["restore", f"--run={self.run}"])  # the command's defaults
+        args.batch_size = BATCH_SIZE
+        args.task = _value(body, "task", str, "--task")
+        argv = ["diffusekit", "restore", "--run", str(self.run), "--task", str(args.task)]
+        for name, kind in RESTORE_FLAGS:
+            value = _value(body, name, (float, int) if kind is float else kind, flag_of(name))
             if value is not None:
-                kwargs[name] = value
+                setattr(args, name, kind(value))  # a float flag's 2 is 2.0, as argparse reads it
                 argv += [flag_of(name), str(value)]
-        if "factor" in kwargs and task != "superres":
-            raise ConfigError(f"--factor applies to superres, not --task {task}")
-        seeds_text = _value(body, "seeds", str, "--seeds", "0-2")
-        kwargs["seeds"] = parse_seeds(seeds_text)
-        argv += ["--seeds", seeds_text]
+        args.seeds = _value(body, "seeds", str, "--seeds", "0-2")
+        argv += ["--seeds", args.seeds]
         mask = _value(body, "mask", str, "--mask")
-        if mask is not None and task not in DEFAULT_MASK:
-            raise ConfigError(f"--mask applies to inpaint and outpaint, not --task {task}")
         if mask in ("drawn", "file"):
             path = decode_upload(body.get("mask_image"), "--mask", inputs, "mask.png")
-            kwargs["mask"] = str(path)
+            args.mask = str(path)
             argv += ["--mask", path.name]
         elif mask is not None:
             if mask not in MASKS:
                 raise ConfigError(f"--mask must be one of {', '.join(MASKS)}, drawn or file, got {mask!r}")
-            kwargs["mask"] = mask
+            args.mask = mask
             argv += ["--mask", mask]
         images = body.get("images")
         if images:
             if not isinstance(images, list) or len(images) > MAX_UPLOADS:
                 raise ConfigError(f"--images: upload 1..{MAX_UPLOADS} images")
             paths = [decode_upload(u, "--images", inputs, f"image{i}.png") for i, u in enumerate(images)]
-            kwargs["images"] = [str(p) for p in paths]
+            args.images = [str(p) for p in paths]
             argv += ["--images", *[p.name for p in paths]]
-        use_ema = _value(body, "ema", bool, "--no-ema", True)
-        kwargs["use_ema"] = use_ema
-        if not use_ema:
+        args.ema = _value(body, "ema", bool, "--no-ema", True)
+        if not args.ema:
             argv.append("--no-ema")
-        settings = RestoreSettings(**kwargs)
+        settings = settings_from_args(args)
         count = (len(settings.images) or settings.n) * len(settings.seeds)
         if count > MAX_PAGE_SAMPLES:
             raise ConfigError(f"--n/--seeds: the page restores at most {MAX_PAGE_SAMPLES} samples at a time, got "
@@ -399,8 +410,8 @@ class AppRun:
         def work() -> dict[str, Any]:
             metrics, where = restore_run(self.run, settings, out, device=self.device, progress=False)
             url = self._serve(f"job{job}", where)
-            return {"picture": f"{url}restore.png", "files": url, "metrics": metrics, "command": shlex.join(argv),
-                    "saved": str(where) if save else None}
+            return {"picture": f"{url}restore.png", "files": url, "metrics": metrics, "summary": format_metrics(metrics),
+                    "command": shlex.join(argv), "saved": str(where) if save else None}
 
         return self._clean(work, inputs)
 

@@ -94,9 +94,10 @@ class RestoreSettings:
     center, outpaint: border). ``factor`` is the super-resolution factor, ``blur_size`` and ``blur_width``
     the Gaussian blur's kernel side and standard deviation (pixels), ``gain`` the saturation's
     (``sampling/dps.py``). ``steps = 0`` runs the full chain (T); ``resample`` (U) and ``jump`` (j) are
-    RePaint's resampling (U = 1: none; repaint and ddnm). DPS only: ``noise_std`` is the standard deviation
-    of the Gaussian noise added to the measurement (drawn from ``measurement_seed``), ``zeta`` the step
-    size (None: ``dps_zeta``, DPS_ZETA_SQRT_STEPS / sqrt(steps)). Blur and saturation need DPS. Inputs are the
+    RePaint's resampling (U = 1: none; repaint and ddnm only: with dps a U other than 1 or a j other than 10
+    is an error). DPS only: ``noise_std`` is the standard deviation of the Gaussian noise added to the
+    measurement (drawn from ``measurement_seed``), ``zeta`` the step size (None: ``dps_zeta``,
+    DPS_ZETA_SQRT_STEPS / sqrt(steps)). Blur and saturation need DPS. Inputs are the
     first ``n`` images of the run's ``split``, or the files ``images`` (any size: centre-cropped and
     resized to the model's). ``batch_size`` does not change any sample.
     """
@@ -188,6 +189,8 @@ class RestoreSettings:
         if self.method == "dps":
             if self.resample != 1:
                 raise ConfigError(f"--resample applies to repaint and ddnm, not --method dps (got {self.resample})")
+            if self.jump != RestoreSettings.jump:  # the default: RePaint's j, which dps never reads
+                raise ConfigError(f"--jump applies to repaint and ddnm, not --method dps (got {self.jump})")
             return
         if self.task in DPS_ONLY_TASKS:
             raise ConfigError(f"--task {self.task} needs --method dps: {self.method} needs a linear degradation with "

@@ -48,6 +48,7 @@ async function runJob(action, body) {
 // Run ``task`` with the page marked busy and its buttons disabled; errors become the status line.
 async function busy(task) {
   document.body.dataset.state = "busy";
+  status("working…", "busy"); // an earlier error no longer applies
   $$("button.go").forEach((b) => { b.disabled = true; });
   try {
     await task();
@@ -276,7 +277,7 @@ const MASK = {
       }
       const select = field($("#restore-form"), "mask");
       if (select.value !== "drawn") select.value = "drawn";
-      showMaskFields();
+      showRestoreFields();
       this.draw();
     };
     canvas.addEventListener("pointerdown", (e) => { canvas.setPointerCapture(e.pointerId); paint(e); });
@@ -284,7 +285,7 @@ const MASK = {
     $("#mask-clear").addEventListener("click", () => {
       this.cells.fill(0);
       field($("#restore-form"), "mask").value = "drawn";
-      showMaskFields();
+      showRestoreFields();
     });
   },
   // the named masks of `diffusekit restore --mask` (runs/restore.py make_masks), for the preview
@@ -339,13 +340,50 @@ const MASK = {
 };
 
 // -- restore -----------------------------------------------------------------------------------------
-function showMaskFields() {
+// the numeric flags of `diffusekit restore` the form sets; a field is sent only where it applies (shown)
+const RESTORE_NUMBERS = ["factor", "blur_size", "blur_width", "gain", "steps", "resample", "jump", "noise_std", "zeta",
+  "measurement_seed"];
+
+// Show the fields that apply: [data-tasks] to the task, [data-methods] to the method, [data-masks] to the mask.
+function showRestoreFields() {
+  const form = $("#restore-form");
+  const chosen = {tasks: field(form, "task").value, methods: field(form, "method").value,
+    masks: field(form, "mask").value};
+  for (const [key, value] of Object.entries(chosen)) {
+    $$(`#restore-form [data-${key}]`).forEach((el) => { el.hidden = !el.dataset[key].split(" ").includes(value); });
+  }
+  showZetaDefault();
+  MASK.draw();
+}
+
+// DPS's step size when zeta is left empty: zeta_sqrt_steps / sqrt(steps) (runs/restore.py dps_zeta)
+function showZetaDefault() {
+  const form = $("#restore-form");
+  const steps = numberOrNull(field(form, "steps")) || RUN.T;
+  const c = RUN.defaults.restore.zeta_sqrt_steps;
+  $("#zeta-default").textContent = `empty: ${c}/√${steps} = ${Number((c / Math.sqrt(steps)).toPrecision(3))}`;
+}
+
+// The task menu offers what the method can do: the tasks of RUN.choices.dps_tasks (blur, saturation) need dps.
+function fillTasks() {
+  const form = $("#restore-form");
+  const select = field(form, "task");
+  const dps = field(form, "method").value === "dps";
+  const tasks = RUN.choices.task.filter((t) => dps || !RUN.choices.dps_tasks.includes(t));
+  const before = select.value;
+  fillSelect(select, tasks, tasks.includes(before) ? before : tasks[0]);
+  if (select.value !== before) taskChanged();
+}
+
+// a new task: inpaint and outpaint start from their default mask (center, border)
+function taskChanged() {
   const form = $("#restore-form");
   const task = field(form, "task").value;
-  const mask = field(form, "mask").value;
-  $$("#restore-form [data-tasks]").forEach((el) => { el.hidden = !el.dataset.tasks.split(" ").includes(task); });
-  $$("#restore-form [data-masks]").forEach((el) => { el.hidden = !el.dataset.masks.split(" ").includes(mask); });
-  MASK.draw();
+  if (task === "inpaint" || task === "outpaint") {
+    field(form, "mask").value = task === "inpaint" ? "center" : "border";
+    MASK.preset(field(form, "mask").value);
+  }
+  showRestoreFields();
 }
 
 async function showRestoreInput() {
@@ -366,10 +404,12 @@ async function showRestoreInput() {
 async function restoreBody() {
   const form = $("#restore-form");
   const task = field(form, "task").value;
-  const body = {task, method: field(form, "method").value, steps: numberOrNull(field(form, "steps")),
-    resample: numberOrNull(field(form, "resample")), jump: numberOrNull(field(form, "jump")),
-    seeds: field(form, "seeds").value.trim(), ema: field(form, "ema").checked, save: field(form, "save").checked};
-  if (task === "superres") body.factor = numberOrNull(field(form, "factor"));
+  const body = {task, method: field(form, "method").value, seeds: field(form, "seeds").value.trim(),
+    ema: field(form, "ema").checked, save: field(form, "save").checked};
+  for (const name of RESTORE_NUMBERS) {
+    const el = field(form, name);
+    if (visible(el) && el.value !== "") body[name] = Number(el.value);
+  }
   if (task === "inpaint" || task === "outpaint") {
     const mask = field(form, "mask").value;
     body.mask = mask;
@@ -396,11 +436,8 @@ async function restoreBody() {
 
 function showRestored(job, result) {
   const box = $("#restore-result");
-  const m = result.metrics;
   $(".command", box).textContent = result.command;
-  let text = `${m.task} with ${m.method}: PSNR ${m.psnr.toFixed(2)} dB (A+ y: ${m.psnr_pinv.toFixed(2)} dB)`;
-  if (m.accuracy !== undefined) text += `, classifier accuracy ${m.accuracy.toFixed(3)}`;
-  text += `; ${m.n_samples} samples, ${m.nfe} network calls each, ${m.seconds} s`;
+  let text = result.summary; // the line `diffusekit restore` prints
   if (result.saved) text += ` — saved in ${result.saved}`;
   $(".note", box).textContent = text;
   const img = $("#restore-picture");
@@ -493,33 +530,28 @@ async function start() {
   // restore
   if (RUN.sections.restore) {
     const rform = $("#restore-form");
-    fillSelect(field(rform, "task"), RUN.choices.task, RUN.choices.task[0]);
     fillSelect(field(rform, "method"), RUN.choices.method, "repaint");
     fillSelect(field(rform, "mask"), [...RUN.choices.mask, "drawn", "file"], "center");
-    const rd = RUN.defaults.restore;
-    field(rform, "steps").value = rd.steps;
-    field(rform, "seeds").value = rd.seeds;
-    field(rform, "n").value = rd.n;
+    for (const [name, value] of Object.entries(RUN.defaults.restore)) {
+      const el = field(rform, name);
+      if (el && el.tagName === "INPUT" && value !== null) el.value = value;
+    }
     MASK.init();
     MASK.preset("center");
-    field(rform, "task").addEventListener("change", () => {
-      const task = field(rform, "task").value;
-      if (task === "inpaint" || task === "outpaint") {
-        field(rform, "mask").value = task === "inpaint" ? "center" : "border";
-        MASK.preset(field(rform, "mask").value);
-      }
-      showMaskFields();
-    });
+    fillTasks();
+    field(rform, "task").addEventListener("change", taskChanged);
+    field(rform, "method").addEventListener("change", () => { fillTasks(); showRestoreFields(); });
+    field(rform, "steps").addEventListener("input", showZetaDefault);
     field(rform, "mask").addEventListener("change", () => {
       MASK.preset(field(rform, "mask").value);
-      showMaskFields();
+      showRestoreFields();
     });
     $$("input[name=source]", rform).forEach((r) => r.addEventListener("change", showRestoreInput));
     $("#restore-files").addEventListener("change", () => {
       rform.querySelector("input[name=source][value=upload]").checked = true;
       showRestoreInput();
     });
-    showMaskFields();
+    showRestoreFields();
     showRestoreInput();
     rform.addEventListener("submit", (e) => {
       e.preventDefault();
