@@ -136,7 +136,7 @@ def _sample(sub) -> None:
     p.add_argument("--control-images", nargs="+", type=Path, default=None, metavar="PNG",
                    help="ControlNet runs: take the hints from these images instead (sample i follows image i %% n)")
     p.add_argument("--control-scale", type=float, default=None, metavar="C",
-                   help="ControlNet runs: multiply the ControlNet residuals by C (default 1; 0 = the base model)")
+                   help="ControlNet runs: multiply the ControlNet residuals by C (default: 1; 0 = the base model)")
     ema = p.add_mutually_exclusive_group()
     ema.add_argument("--ema", dest="ema", action="store_true", default=True, help="use the EMA weights (the default)")
     ema.add_argument("--no-ema", dest="ema", action="store_false",
@@ -205,7 +205,7 @@ def _restore(sub) -> None:
                    help="random mask: share of unknown pixels (default: 0.5)")
     p.add_argument("--mask-seed", type=int, default=0,
                    help="random mask: seed; each input gets its own mask (default: 0)")
-    p.add_argument("--factor", type=int, default=None, help="superres: downsampling factor (default 2)")
+    p.add_argument("--factor", type=int, default=None, help="superres: downsampling factor (default: 2)")
     p.add_argument("--blur-size", type=int, default=None, help="blur: odd kernel side in pixels (default: 5)")
     p.add_argument("--blur-width", type=float, default=None,
                    help="blur: Gaussian standard deviation in pixels (default: 1)")
