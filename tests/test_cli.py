@@ -95,6 +95,11 @@ def test_train_sample_evaluate_end_to_end(capsys, tmp_path):
     assert (run / "eval" / "report.md").is_file()
     for name in ("diffusion_kernel", "noising", "trajectory"):
         assert (run / "eval" / f"{name}.png").is_file(), name
+    # the default 50 strata on a run of T = 20 steps: one stratum per t, not an error
+    code, out, err = run_cli(capsys, "evaluate", "--run", run, "--metrics", "bpd", "--variance", "beta_tilde",
+                             "--json", "--no-progress")
+    assert code == 0, err
+    assert json.loads(out)["bpd"]["mode"] == "stratified (20 strata x 2)"
 
 
 def test_evaluate_quality_and_report(capsys, tmp_path, monkeypatch, digits_cache):

@@ -1,4 +1,4 @@
-"""A hostile but realistic user, cause by cause (the README's "Resume, faults and bad input" states what
+"""A hostile but realistic user, cause by cause (docs/guarantees.md states what
 is guaranteed): (1) the checkpoint record is covered by its hash; (2) files that are not the run's are
 never touched; (3) outputs are complete or absent, checked before the work; (4) every size has a bound
 and the memory a setting needs is checked first; (5) files pass the same checks as flags; (6) errors of

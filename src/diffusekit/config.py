@@ -141,7 +141,7 @@ GridName = Literal[GRID_CHOICES]  # type: ignore[valid-type]
 SpacingName = Literal[SPACINGS]  # type: ignore[valid-type]
 VarianceName = Literal[VARIANCES]  # type: ignore[valid-type]
 
-# Bounds: past them a value is a typo or an attack, not a setting (see README, "bad input"); the memory a
+# Bounds: past them a value is a typo or an attack, not a setting (see docs/guarantees.md); the memory a
 # setting needs within them is estimated before the work (``budget``)
 MAX_SAMPLE_STEPS = 100_000  # also the largest diffusion.T
 MAX_IMAGE_SIZE = 1024

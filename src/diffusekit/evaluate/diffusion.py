@@ -55,6 +55,7 @@ def bound(run, test, exact: bool, n_strata: int, seed: int, progress: bool, vari
     for a class-conditional model, the conditional bound; the fitted variances go to ``out_dir``."""
     if run.levels is None:
         return {"skipped": "continuous data: the discrete bound needs data on a finite number of levels"}
+    n_strata = min(n_strata, run.schedule.T)  # more strata than steps: one stratum per t (the mode says how many)
     train = load_dataset(run.cfg.data, "train")
     x = test.x
     t0 = time.time()
