@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     budgets = [int(c) for c in args.calls.split(",")]
-    student_budgets = [int(c) for c in (args.student_calls or ",".join(str(c) for c in budgets if c <= 8)).split(",")]
+    student_budgets = ([int(c) for c in args.student_calls.split(",")] if args.student_calls
+                       else [c for c in budgets if c <= 8])
     seeds = list(range(args.n))
     rows: list[dict[str, Any]] = []
 
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     teacher = open_run(args.teacher)
     test = load_dataset(teacher.cfg.data, "test")
-    for sampler in args.samplers.split(","):
+    for sampler in filter(None, args.samplers.split(",")):  # --samplers "": the students alone
         for calls in budgets:
             steps = steps_for(sampler, calls)
             if steps is None or steps < 1 or calls_of(sampler, steps) != calls:
