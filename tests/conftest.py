@@ -36,3 +36,15 @@ def fake_data(shape, levels=17, num_classes=0, n=4):
 
     labels = torch.zeros(n, dtype=torch.int64) if num_classes else None
     return ArrayDataset(torch.zeros(n, *shape), labels, levels, num_classes, "fake")
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A tiny unconditional digits run (test_cli.TINY: 3 steps, T = 20), trained once per test module."""
+    from test_cli import TINY
+
+    from diffusekit.cli import main
+
+    out = tmp_path_factory.mktemp("digits") / "run"
+    assert main(["train", *TINY, "--out", str(out), "--no-progress"]) == 0
+    return out

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_restore import _correlated_gaussian  # the strongly correlated Gaussian of those tests
+from test_restore_cli import FAST, run
 
-from diffusekit.cli import main as cli_main
 from diffusekit.oracle import GaussianMixture, default_mixture
 from diffusekit.runs.restore import RestoreSettings, measurement_noise, noise_seed
 from diffusekit.sampling.ddpm import sample_ddpm
@@ -189,13 +190,6 @@ def test_bad_arguments():
 
 
 # -- the sampler: statistics against the exact posterior ---------------------------------------
-def _correlated_gaussian(D, seed=3):
-    """As in tests/test_restore.py: a strongly correlated Gaussian on the scale of images."""
-    g = torch.Generator().manual_seed(seed)
-    B = torch.randn(D, D, generator=g, dtype=F64)
-    common = torch.linspace(1.0, 0.7, D, dtype=F64)[None]
-    cov = 0.3 * B @ B.T / D + 0.05 * torch.eye(D, dtype=F64) + 0.4 * common.T @ common
-    return GaussianMixture.gaussian(torch.linspace(0.3, -0.3, D, dtype=F64), cov)
 
 
 N_STAT = 4000  # Monte Carlo standard error ~0.01 on a 4-d mean, ~0.03 on a 16-d one
@@ -307,26 +301,7 @@ def test_nonlinear_saturation_fits_y_to_the_noise_level():
     assert fit[0.0][0] > 8 * level and fit[0.0][1] > 3 * fit[0.1][1], fit
 
 
-# -- the command ---------------------------------------------------------------------------------
-def run(argv) -> int:
-    """``diffusekit restore ARGV``; a bad flag returns 2 after its one-line message."""
-    try:
-        return cli_main(["restore", *[str(a) for a in argv]])
-    except SystemExit as exc:
-        return int(exc.code or 0)
-
-
-TINY = ["--set", "model.base_channels=8", "--set", "model.norm_groups=4", "--set", "diffusion.T=20",
-        "--set", "train.steps=3", "--set", "train.batch_size=8", "--set", "train.sample_every=0",
-        "--set", "train.n_sample=4", "--set", "train.log_every=1"]
-FAST = ["--steps", "5", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits") / "run"
-    assert cli_main(["train", *TINY, "--set", "data.name=digits", "--out", str(out), "--no-progress"]) == 0
-    return out
+# -- the command (on conftest's tiny digits run, with the restore command's own runner) -------------
 
 
 @pytest.fixture(scope="module")

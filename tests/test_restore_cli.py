@@ -27,13 +27,6 @@ FAST = ["--steps", "5", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits") / "run"
-    assert cli_main(["train", *TINY, "--set", "data.name=digits", "--out", str(out), "--no-progress"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def colour_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("colour")
     folder = root / "imgs"
