@@ -169,9 +169,10 @@ class Denoiser(nn.Module):
         self.kind = kind
 
     def raw(self, x_t: Tensor, logsnr: Tensor, cond: dict | None = None) -> Tensor:
-        """The network's own output (used by losses, which compare in the native space)."""
+        """The network's own output (used by losses, which compare in the native space), in x_t's dtype: a
+        network run under bf16/fp16 autocast (``diffusekit.speed``) hands the losses and samplers fp32."""
         c_noise = logsnr.to(x_t.dtype).expand(x_t.shape[0]).to(x_t.device)
-        return self.net(x_t, c_noise, **(cond or {}))
+        return self.net(x_t, c_noise, **(cond or {})).to(x_t.dtype)
 
     def forward(self, x_t: Tensor, logsnr: Tensor, cond: dict | None = None) -> Prediction:
         out = self.raw(x_t, logsnr, cond)

@@ -19,10 +19,12 @@ def run(args: argparse.Namespace) -> int:
     overrides = {} if args.settings else sampler_overrides(args)
     if not args.settings:
         overrides.update(seeds=parse_seeds(args.seeds), use_ema=args.ema, batch_size=args.batch_size)
+        overrides.update({name: getattr(args, name) for name in ("precision", "compile")
+                          if getattr(args, name) is not None})
         if args.classes is not None:
             overrides["classes"] = parse_int_list(args.classes, "--classes", distinct=False, example="3 or 0,1,2 or 0-4")
     names = {**flag_names(SAMPLER_FLAGS), "seeds": "--seeds", "batch_size": "--batch-size", "use_ema": "--no-ema",
-             "classes": "--classes"}
+             "classes": "--classes", "precision": "--precision", "compile": "--compile"}
     result = sample_run(args.run, overrides, request, settings_file=args.settings, out=args.out, names=names,
                         device=device_from_flag(args.device), progress=not args.no_progress)
     note = f" ({result.samples.note})" if result.samples.note else ""

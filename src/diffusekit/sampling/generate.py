@@ -27,6 +27,7 @@ from diffusekit.sampling.ode import time_grid
 from diffusekit.sampling.settings import SampleSettings
 from diffusekit.schedules import DiscreteSchedule
 from diffusekit.sde import vp_from_schedule
+from diffusekit.speed import fast_denoiser
 
 __all__ = ["Trajectory", "TrajectoryRecorder", "check_finite", "generate", "run_sampler", "sample_trajectory",
            "sampler_function"]
@@ -159,9 +160,11 @@ def generate(denoiser: DenoiserFn, schedule: DiscreteSchedule, shape: Sequence[i
     weights (``settings.use_ema`` is only recorded). ``stats``, if given, receives "nfe": the number
     of batched network calls over all batches (function evaluations; with guidance each call
     evaluates the conditional and null halves together, so "rows_per_example" is 2), and
-    "labels", the class labels when ``num_classes`` > 0.
+    "labels", the class labels when ``num_classes`` > 0. ``settings.precision`` and ``settings.compile``
+    say how the network runs (``speed.fast_denoiser``); the samplers' arithmetic is the same either way.
     """
     settings.check(T=schedule.T)
+    denoiser = fast_denoiser(denoiser, settings.precision, settings.compile)  # the network only; guidance in fp32
     denoiser, cond = _class_conditioning(denoiser, settings, num_classes, cond, device)
     seeds, bs = settings.seeds, settings.batch_size
     out = []

@@ -4,7 +4,9 @@ Tensors (``io.checkpoint`` format): ``model.*`` (the trained module's weights), 
 average), ``optim.<parameter>.<field>`` (AdamW's moments and step) and ``rng.<name>`` (this rank's RNG
 states; rank r > 0 under ``rng.<name>.rank<r>``). Metadata: ``config``, ``data`` (name, shape, levels,
 number of classes), ``data_position`` (epoch, offset), ``ema_updates``, ``world_size``,
-``optimizer_state`` (the fields of each parameter's state) and ``param_groups``.
+``optimizer_state`` (the fields of each parameter's state) and ``param_groups``; an fp16 run
+(``train.precision``) adds ``grad_scaler``, the state of ``torch.amp.GradScaler`` (its scale and
+growth tracker as JSON numbers, so a resumed run scales and skips exactly as one that never stopped).
 
 ``training_tensors`` / ``training_meta`` write them; ``read_resume`` checks every piece against the
 trainer that resumes (its config, module, optimizer, data and process count) and returns them, or raises
@@ -14,6 +16,7 @@ a one-line error naming the file and the missing or misfitting piece.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +91,7 @@ class ResumePoint:
     optimizer: dict[str, Any]  # ``Optimizer.load_state_dict`` form
     position: dict[str, int]
     rngs: dict[str, Tensor]  # this rank's states
+    grad_scaler: dict[str, Any] | None = None  # ``GradScaler.load_state_dict`` form (fp16 runs)
 
 
 # the config sections a resumed run may change: how long and how it trains, and how it samples; the rest
@@ -152,7 +156,25 @@ def read_resume(ckpt: Path, net: nn.Module, optimizer: torch.optim.Optimizer, da
     ema_updates = meta["ema_updates"]
     if isinstance(ema_updates, bool) or not isinstance(ema_updates, int) or ema_updates < 0:
         raise CheckpointError(f"{js_file}: meta.ema_updates must be a non-negative integer, got {ema_updates!r}")
-    return ResumePoint(step, model, ema, ema_updates, {"state": state, "param_groups": groups}, position, rngs)
+    return ResumePoint(step, model, ema, ema_updates, {"state": state, "param_groups": groups}, position, rngs,
+                       _check_grad_scaler(meta.get("grad_scaler"), js_file))
+
+
+GRAD_SCALER_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
+
+
+def _check_grad_scaler(state: Any, source: str) -> dict[str, Any] | None:
+    """The recorded ``GradScaler`` state (None when absent): positive finite numbers under its five keys."""
+    if state is None:
+        return None
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not (isinstance(state, dict) and set(state) == set(GRAD_SCALER_KEYS) and all(number(v) for v in state.values())
+            and state["scale"] > 0 and state["growth_interval"] >= 1 and state["_growth_tracker"] >= 0):
+        raise CheckpointError(f"{source}: meta.grad_scaler must hold positive numbers {', '.join(GRAD_SCALER_KEYS)}; "
+                              f"got {state!r}"[:300])
+    return dict(state)
 
 
 def _check_optimizer(net: nn.Module, tensors: dict[str, Tensor], meta: dict, step: int, source: str) -> dict:

@@ -47,6 +47,7 @@ from diffusekit.families.base import Objective
 from diffusekit.io.atomic import atomic_write_text
 from diffusekit.io.checkpoint import clean_leftovers, latest_checkpoint, list_checkpoints, save_checkpoint
 from diffusekit.io.runfolder import claim_run_folder
+from diffusekit.speed import CompiledOrEager, autocast, grad_scaler, set_tf32, switch_on
 from diffusekit.train import distributed as ddp
 from diffusekit.train.distributed import DistInfo
 from diffusekit.train.ema import EMA
@@ -142,17 +143,26 @@ class Trainer:
         self.data = load_dataset(cfg.data, "train")
         # what was inferred from the data (a folder's channels) is recorded and checked on resume
         self.cfg = cfg = dataclasses.replace(cfg, data=resolved_data_config(cfg.data, self.data))
-        self.x = self.data.x.to(self.device)
-        self.labels = self.data.labels.to(self.device) if self.data.labels is not None else None
+        self._place_data(tc)
         torch.manual_seed(derive_seed(tc.seed, "global", 0))  # the same initial weights on every rank
         self.objective = build_objective(cfg, self.data)
         self.net = self.objective.module.to(self.device)  # trained, EMA'd and checkpointed
         self._check_memory()
         if self.dist.rank != 0:
             torch.manual_seed(derive_seed(tc.seed, "global", self.dist.rank))  # rank-own dropout
+        self.channels_last = switch_on(tc.channels_last, self.device) and self.x.ndim == 4
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if self.device.type == "cuda":  # a process-wide PyTorch setting; a CPU has no TF32
+            set_tf32(switch_on(tc.tf32, self.device))
         self.model = ddp.wrap_module(self.net, self.device) if self.dist.distributed else self.net
+        if tc.compile:  # what the loss calls; self.net stays the module that is averaged and checkpointed
+            self.model = CompiledOrEager(self.model, "train.compile")
         self.ema = EMA(self.net, tc.ema_decay)
-        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        fused = {"fused": True} if switch_on(tc.fused_adamw, self.device) else {}  # absent: PyTorch's default
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, **fused)
+        self.scaler = grad_scaler(tc.precision, self.device)  # fp16 only; disabled it passes everything through
+        self.skipped_steps = 0  # fp16 steps whose gradients overflowed (skipped by the scaler)
         self.noise_gen = torch.Generator().manual_seed(derive_seed(tc.seed, "noise", self.dist.rank))
         self.stream = DataStream(len(self.data), derive_seed(tc.seed, "data"))
         self.step = 0
@@ -170,15 +180,24 @@ class Trainer:
                                     "continue it or choose another --out")
             self._truncate_log(0)
 
+    def _place_data(self, tc) -> None:
+        """The training set on the device once (``train.data_on_device``), or in host memory (pinned when
+        training on CUDA) from which each batch is copied without blocking."""
+        on_device = tc.data_on_device or self.device.type == "cpu"
+        pin = not on_device and self.device.type == "cuda"
+        place = (lambda t: t.to(self.device)) if on_device else (lambda t: t.pin_memory() if pin else t)
+        self.x = place(self.data.x)
+        self.labels = place(self.data.labels) if self.data.labels is not None else None
+
     def _check_memory(self) -> None:
         """Refuse, in one line naming the key, a batch or model that cannot train in this machine's free
         memory: parameters with their gradient, EMA and AdamW moments, and a batch's activations measured
         on one example (``budget.activation_bytes``; x3 for what the backward pass keeps and makes)."""
         tc = self.cfg.train
-        labels = None if self.labels is None else self.labels[:1]
+        labels = None if self.labels is None else self.labels[:1].to(self.device)
         with torch.random.fork_rng(devices=[]):
             per_example = activation_bytes(self.net, lambda: self.objective.loss(
-                self.net, self.x[:1], labels, torch.Generator().manual_seed(0)))
+                self.net, self.x[:1].to(self.device), labels, torch.Generator().manual_seed(0)))
         params = parameter_bytes(self.net) * TRAIN_COPIES
         batch = per_example * 3 * tc.batch_size
         ok, free = fits(params + batch, self.device)
@@ -218,9 +237,13 @@ class Trainer:
         return training_tensors(self.net, self.ema, self.optimizer, rngs)
 
     def state_meta(self) -> dict[str, Any]:
-        """The checkpoint's metadata (``train.state.training_meta``), the data's fingerprint included."""
-        return training_meta(self.cfg, self.data, self.stream.state(), self.ema, self.dist.world_size, self.net,
+        """The checkpoint's metadata (``train.state.training_meta``), the data's fingerprint included, and
+        the fp16 gradient scaler's state (its scale and growth tracker)."""
+        meta = training_meta(self.cfg, self.data, self.stream.state(), self.ema, self.dist.world_size, self.net,
                              self.optimizer)
+        if self.scaler.is_enabled():
+            meta["grad_scaler"] = self.scaler.state_dict()
+        return meta
 
     def _resume(self) -> None:
         """Restore everything from the latest checkpoint (checked first by ``train.state.read_resume``:
@@ -234,6 +257,8 @@ class Trainer:
         self.ema.shadow = {k: v.to(self.device) for k, v in point.ema.items()}
         self.ema.updates = point.ema_updates
         self.optimizer.load_state_dict(point.optimizer)
+        if self.scaler.is_enabled() and point.grad_scaler is not None:  # absent: the run was not fp16 before
+            self.scaler.load_state_dict(point.grad_scaler)
         torch.set_rng_state(point.rngs["rng.torch"])
         self.noise_gen.set_state(point.rngs["rng.noise"])
         if "rng.cuda" in point.rngs:
@@ -271,9 +296,16 @@ class Trainer:
         """This rank's slice of the next global batch: (examples, their labels or None)."""
         tc = self.cfg.train
         idx = self.stream.next(tc.batch_size * self.dist.world_size)
-        idx = idx[self.dist.rank * tc.batch_size:(self.dist.rank + 1) * tc.batch_size].to(self.device)
-        x = random_hflip(self.x[idx], self.noise_gen) if self.cfg.data.hflip else self.x[idx]
-        return x, None if self.labels is None else self.labels[idx]
+        idx = idx[self.dist.rank * tc.batch_size:(self.dist.rank + 1) * tc.batch_size].to(self.x.device)
+        x, labels = self.x[idx], None if self.labels is None else self.labels[idx]
+        if self.x.device != self.device:  # host data (train.data_on_device = false): pinned, copied without blocking
+            x = x.pin_memory() if self.x.is_pinned() else x
+            x = x.to(self.device, non_blocking=True)
+            labels = None if labels is None else labels.to(self.device, non_blocking=True)
+        x = random_hflip(x, self.noise_gen) if self.cfg.data.hflip else x
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, labels
 
     def _stopped_here(self) -> str:
         if not list_checkpoints(self.run_dir):
@@ -295,8 +327,9 @@ class Trainer:
             x0, labels = self._micro_batch()
             sync = not self.dist.distributed or i == tc.grad_accum - 1
             with nullcontext() if sync else self.model.no_sync():
-                loss = self.objective.loss(self.model, x0, labels, self.noise_gen).mean() / tc.grad_accum
-                loss.backward()
+                with autocast(self.device, tc.precision):  # forward and loss; the loss reduced in fp32
+                    loss = self.objective.loss(self.model, x0, labels, self.noise_gen).float().mean() / tc.grad_accum
+                self.scaler.scale(loss).backward()
             total += loss.detach().to("cpu", torch.float64)
         stop = self._stop_requested or time.time() > self._deadline
         total, stop_votes = ddp.all_reduce_sum(torch.stack([total, torch.tensor(float(stop), dtype=torch.float64)]))
@@ -305,11 +338,17 @@ class Trainer:
         if not math.isfinite(loss_value):
             raise TrainingError(f"step {self.step + 1}: loss is {loss_value}; {self._stopped_here()}")
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+        self.scaler.unscale_(self.optimizer)  # fp16: true gradients before clipping
         norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), max_norm)
-        if not torch.isfinite(norm):
+        finite = bool(torch.isfinite(norm))
+        if not finite and not self.scaler.is_enabled():
             raise TrainingError(f"step {self.step + 1}: gradient norm is {norm.item()}; {self._stopped_here()}")
-        self.optimizer.step()
-        self.ema.update(self.net)
+        self.scaler.step(self.optimizer)  # fp16 with an overflow: skipped, the weights stay as they are
+        self.scaler.update()
+        if finite:
+            self.ema.update(self.net)
+        else:
+            self.skipped_steps += 1
         self.step += 1
         return loss_value, float(norm)
 
@@ -339,7 +378,7 @@ class Trainer:
                     self._log({"step": self.step, "loss": sum(window) / len(window), "grad_norm": norm,
                                "lr": self.lr_at(self.step - 1), "steps_per_s": rate,
                                "images_per_s": rate * tc.batch_size * tc.grad_accum * self.dist.world_size,
-                               "elapsed_s": time.time() - start})
+                               "elapsed_s": time.time() - start, **self._scaler_record()})
                     bar.set_postfix(loss=f"{sum(window) / len(window):.4f}")
                     window, window_start = [], time.time()
                 if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
@@ -358,6 +397,12 @@ class Trainer:
         if not (tc.checkpoint_every and self.step % tc.checkpoint_every == 0):
             self.save()
         return {"step": self.step, "stopped": stopped, "train_seconds": time.time() - start}
+
+    def _scaler_record(self) -> dict[str, Any]:
+        """fp16 runs log the gradient scale and the steps skipped so far for overflowing gradients."""
+        if not self.scaler.is_enabled():
+            return {}
+        return {"grad_scale": self.scaler.get_scale(), "skipped_steps": self.skipped_steps}
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.dist.is_main:
