@@ -1,7 +1,7 @@
 """Typed configuration: dataclasses with visible defaults, TOML files, dotted overrides.
 
-One ``Config`` holds nine sections (``[data]``, ``[model]``, ``[diffusion]``, ``[loss]``, ``[train]``,
-``[sample]``, ``[vae]``, ``[latent]``, ``[controlnet]``). A run's config is built in three layers, later ones winning:
+One ``Config`` holds eleven sections (``[data]``, ``[model]``, ``[diffusion]``, ``[loss]``, ``[train]``,
+``[sample]``, ``[vae]``, ``[latent]``, ``[controlnet]``, ``[distill]``, ``[img2img]``). A run's config is built in three layers, later ones winning:
 
     defaults (the dataclasses below)  <-  TOML file  <-  ``--set section.key=value`` overrides
 
@@ -78,7 +78,7 @@ def data_keys_used(name: str) -> tuple[str, ...]:
 
 @dataclass
 class ModelConfig:
-    kind: str = "unet"  # the model family's kind (diffusekit.families: unet, mlp, vae, mhvae, autoencoder, latent_unet, controlnet)
+    kind: str = "unet"  # the model family's kind (diffusekit.families: unet, mlp, vae, mhvae, autoencoder, latent_unet, controlnet, img2img)
     prediction: Literal["eps", "x0", "v", "score"] = "eps"
     base_channels: int = 32
     channel_mult: list[int] = field(default_factory=lambda: [1, 2])
@@ -134,6 +134,13 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     class_dropout: float = 0.1  # probability of the null label (classifier-free guidance)
     time_limit_s: float = 0.0  # 0 = none
+    # speed (docs/scale.md#speed-on-a-gpu): how the network runs, not what it computes
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast of forward and loss; fp32 weights, EMA and loss
+    compile: bool = False  # torch.compile the trained module (eager, with a warning, where the backend is missing)
+    channels_last: Literal["auto", "on", "off"] = "auto"  # image batches and weights in NHWC; auto: on with CUDA
+    tf32: Literal["auto", "on", "off"] = "auto"  # CUDA fp32 matmuls and convolutions in TF32; auto: on with CUDA
+    fused_adamw: Literal["auto", "on", "off"] = "auto"  # AdamW's fused kernel; auto: on with CUDA
+    data_on_device: bool = True  # the training set is copied to the device once; false: pinned host memory
 
 
 SamplerName = Literal[SAMPLER_NAMES]  # type: ignore[valid-type]  (the names of sampling/catalog.py)
@@ -153,6 +160,8 @@ MAX_CLIP_X0 = 1_000.0
 MAX_STEP_SIZE = 10.0
 MAX_SNR = 10.0
 MAX_INNER_STEPS = 1_000  # corrector and Langevin steps per noise level
+PRECISIONS = ("fp32", "bf16", "fp16")  # train.precision and sample.precision (diffusekit.speed)
+FP32_ONLY_KINDS = ("vae", "mhvae", "autoencoder")  # likelihood terms computed inside the network's forward
 
 
 def _integer(v: Any) -> bool:
@@ -189,6 +198,8 @@ SAMPLE_RULES: dict[str, tuple[Any, str]] = {
     "order": (_in(1, 3, integer=True), "1, 2 or 3"),
     "guidance": (_in(0.0, MAX_GUIDANCE), f"a number in [0, {MAX_GUIDANCE:g}] (1 = the conditional model, 0 = "
                                           "unconditional)"),
+    "precision": (lambda v: v in PRECISIONS, "one of " + ", ".join(PRECISIONS)),
+    "compile": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 
@@ -219,6 +230,8 @@ class SampleConfig:
     atol: float = 1e-4  # rk45
     order: int = 2  # unipc: 1-3 (the corrector adds one)
     guidance: float = 1.0  # classifier-free guidance scale s (model.num_classes > 0): 1 = conditional, 0 = unconditional
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # the network under autocast; the sampler stays fp32/fp64
+    compile: bool = False  # torch.compile the denoiser (eager, with a warning, where the backend is missing)
 
     def check(self, key: Callable[[str], str] = _sample_key, T: int | None = None) -> None:
         """Every rule of ``SAMPLE_RULES`` (types included, bools are never numbers), then the rules between
@@ -287,6 +300,19 @@ class DistillConfig:
     step_weighting: Literal["inverse_step", "uniform"] = "inverse_step"  # consistency: lambda = 1 / (sigma_n+1 - sigma_n) or 1
 
 
+IMG2IMG_TASKS = ("inpaint", "outpaint", "superres", "colorize")  # the degradations of sampling/restore.py it learns
+
+
+@dataclass
+class Img2ImgConfig:
+    """Image-to-image diffusion (model.kind = "img2img", families.img2img; SR3: Saharia et al. 2021, Palette:
+    Saharia et al. 2022): a U-Net reads the degraded image beside x_t and is trained on pairs made on the fly
+    from the data by the operators of ``sampling/restore.py``; several tasks make one multi-task model."""
+
+    tasks: list[str] = field(default_factory=lambda: ["superres"])  # any of inpaint, outpaint, superres, colorize
+    superres_factors: list[int] = field(default_factory=lambda: [2])  # superres: average-pooling factors learned
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -299,6 +325,7 @@ class Config:
     latent: LatentConfig = field(default_factory=LatentConfig)
     controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    img2img: Img2ImgConfig = field(default_factory=Img2ImgConfig)
 
     def validate(self) -> "Config":
         """Range checks across the whole config; raises ``ConfigError`` naming the key. Returns self."""
@@ -612,6 +639,19 @@ def _validate_objective(df: DiffusionConfig, lo: LossConfig) -> None:
     _check(df.T >= 2, "diffusion.T", ">= 2 with loss.objective = 'continuous'", df.T)
 
 
+def _validate_img2img(cfg: Config) -> None:
+    """The keys of the image-to-image family (``families.img2img``)."""
+    ii = cfg.img2img
+    _check(0 < len(ii.tasks) <= len(IMG2IMG_TASKS) and all(t in IMG2IMG_TASKS for t in ii.tasks)
+           and len(set(ii.tasks)) == len(ii.tasks), "img2img.tasks",
+           f"a non-empty list of distinct tasks among {', '.join(IMG2IMG_TASKS)}", ii.tasks)
+    _check(0 < len(ii.superres_factors) <= 4 and all(2 <= f <= 16 for f in ii.superres_factors)
+           and len(set(ii.superres_factors)) == len(ii.superres_factors), "img2img.superres_factors",
+           "a list of 1 to 4 distinct integers in 2..16", ii.superres_factors)
+    _check(cfg.model.kind != "img2img" or cfg.model.num_classes == 0, "model.num_classes",
+           "0 for model.kind = 'img2img' (the U-Net's label input carries the task)", cfg.model.num_classes)
+
+
 def _validate(cfg: Config) -> None:
     for section in SECTIONS:
         for f in fields(SECTIONS[section]):
@@ -665,6 +705,9 @@ def _validate(cfg: Config) -> None:
     _check(1 <= t.n_sample <= 1024, "train.n_sample", "in 1..1024", t.n_sample)
     _check(0.0 <= t.class_dropout <= 1.0, "train.class_dropout", "in [0, 1]", t.class_dropout)
     _check(t.time_limit_s >= 0.0, "train.time_limit_s", ">= 0 (0 = none)", t.time_limit_s)
+    _check(t.precision == "fp32" or m.kind not in FP32_ONLY_KINDS, "train.precision",
+           f"'fp32' for model.kind = {m.kind!r} (its likelihood terms are computed inside the network's forward)",
+           t.precision)
     s.check(T=df.T)
     _check(s.guidance == 1.0 or m.num_classes > 0, "sample.guidance",
            "1.0 for an unconditional model (guidance needs model.num_classes > 0)", s.guidance)
@@ -690,6 +733,7 @@ def _validate(cfg: Config) -> None:
     _check(1 <= ds.steps_per_round < 10**8, "distill.steps_per_round", "in 1..99999999", ds.steps_per_round)
     if lo.objective == "progressive":
         _validate_progressive(cfg)
+    _validate_img2img(cfg)
     if lo.objective == "consistency":
         _check(ds.teacher_steps >= 2, "distill.teacher_steps", ">= 2 with loss.objective = 'consistency' (the N grid "
                "times of the teacher's ODE)", ds.teacher_steps)

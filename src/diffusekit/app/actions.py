@@ -50,6 +50,7 @@ from diffusekit.sampling.catalog import (
     DPS_ZETA_SQRT_STEPS,
     EVAL_METRICS,
     GRID_CHOICES,
+    IMG2IMG_METHOD,
     MASKS,
     RESTORE_METHODS,
     RESTORE_TASKS,
@@ -148,6 +149,7 @@ class AppRun:
         self.num_classes, self.cfg, self.step, self.levels = model.num_classes, model.cfg, model.step, model.levels
         schedule = getattr(model, "schedule", None)
         self.T = schedule.T if schedule is not None else None
+        self.trained_tasks = {task.name for task in getattr(model, "tasks", ())}  # an image-to-image run's
         del model
         self._tmp = tempfile.TemporaryDirectory(prefix="diffusekit-app-", dir=tmp_root, ignore_cleanup_errors=True)
         self.root = Path(self._tmp.name)
@@ -176,14 +178,15 @@ class AppRun:
                 "guidance": f.guidance or self.num_classes > 0, "prompts": "prompts" in conditioning,
                 "control": "control_images" in conditioning,
                 "trajectory": f.name in TRAJECTORY_FAMILIES and self.image and f.settings is None,
-                "restore": f.restore and self.image, "measure": f.evaluate is not None}
+                "restore": (f.restore or f.trained_restore) and self.image, "measure": f.evaluate is not None}
 
     def restore_tasks(self) -> list[str]:
         if not self.image:
             return []
         c, h, w = self.data_shape
         fits = {"colorize": c == 3, "superres": h % 2 == 0 and w % 2 == 0}  # the default factor 2 divides the size
-        return [t for t in RESTORE_TASKS if fits.get(t, True)]
+        trained = self.trained_tasks if self.family.trained_restore else set(RESTORE_TASKS)  # img2img: its own
+        return [t for t in RESTORE_TASKS if fits.get(t, True) and t in trained]
 
     def describe(self) -> dict[str, Any]:
         """The run, its sections, the defaults of every field and the choices of every menu (JSON). The restore
@@ -202,7 +205,8 @@ class AppRun:
                                      "zeta_sqrt_steps": DPS_ZETA_SQRT_STEPS},
                          "evaluate": {"metrics": ["bpd"], "strata": 20, "variance": "beta_tilde", "n_samples": 200}},
             "choices": {"sampler": list(SAMPLERS), "grid": list(GRID_CHOICES), "spacing": list(SPACINGS),
-                        "variance": list(VARIANCES), "task": tasks, "method": list(RESTORE_METHODS),
+                        "variance": list(VARIANCES), "task": tasks,
+                        "method": [IMG2IMG_METHOD] if self.family.trained_restore else list(RESTORE_METHODS),
                         "dps_tasks": [t for t in DPS_ONLY_TASKS if t in tasks],
                         "mask": list(MASKS), "metrics": list(EVAL_METRICS), "bound_variance": list(BOUND_VARIANCES)},
             "limits": {"upload_bytes": MAX_UPLOAD_BYTES, "uploads": MAX_UPLOADS, "samples": MAX_PAGE_SAMPLES},
@@ -364,8 +368,8 @@ class AppRun:
         the command's flags, and the command's own ``settings_from_args`` turns them into ``RestoreSettings``
         (so the same combinations are refused with the same one-line messages)."""
         if not self.sections()["restore"]:
-            raise ConfigError(f"--run {self.run}: restoration needs a diffusion model on images (model.kind unet or "
-                              f"mlp); this is a {self.family.name} run")
+            raise ConfigError(f"--run {self.run}: restoration needs a diffusion model on images (model.kind unet, "
+                              f"mlp or img2img); this is a {self.family.name} run")
         folder = self._job_folder(job)
         inputs = folder / "inputs"
         args = build_parser().parse_args(["restore", f"--run={self.run}"])  # the command's defaults

@@ -12,6 +12,7 @@ from diffusekit.sampling.catalog import (
     DPS_ZETA_SQRT_STEPS,
     EVAL_METRICS,
     GRID_CHOICES,
+    IMG2IMG_METHOD,
     MASKS,
     RESTORE_METHODS,
     RESTORE_TASKS,
@@ -137,6 +138,12 @@ def _sample(sub) -> None:
                    help="ControlNet runs: take the hints from these images instead (sample i follows image i %% n)")
     p.add_argument("--control-scale", type=float, default=None, metavar="C",
                    help="ControlNet runs: multiply the ControlNet residuals by C (default: 1; 0 = the base model)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="the network under autocast in this precision; the sampler's arithmetic stays fp32/fp64 "
+                        "(default: the run's sample.precision)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the network (eager, with a warning, where the backend is missing) "
+                        "(default: the run's sample.compile)")
     ema = p.add_mutually_exclusive_group()
     ema.add_argument("--ema", dest="ema", action="store_true", default=True, help="use the EMA weights (the default)")
     ema.add_argument("--no-ema", dest="ema", action="store_false",
@@ -189,15 +196,18 @@ def _evaluate(sub) -> None:
 
 def _restore(sub) -> None:
     p = sub.add_parser("restore", help="inpaint, outpaint, super-resolve, colorize, deblur or desaturate images with "
-                                       "a trained unconditional run (RePaint, DDNM or DPS, no training)")
+                                       "a trained unconditional run (RePaint, DDNM or DPS, no training) or with an "
+                                       "image-to-image run trained on pairs (model.kind img2img)")
     p.add_argument("--run", type=Path, required=True, help="run folder written by `diffusekit train`")
     p.add_argument("--task", choices=list(RESTORE_TASKS), default=None,
                    help="the degradation to undo (required unless --settings)")
-    p.add_argument("--method", choices=list(RESTORE_METHODS), default="repaint",
+    p.add_argument("--method", choices=[*RESTORE_METHODS, IMG2IMG_METHOD], default=None,
                    help="repaint: replace the measured part of x_{t-1} (Lugmayr et al. 2022); ddnm: project the "
                         "predicted x0 onto A x = y (Wang et al. 2023); dps: step down the gradient of "
                         "||y - A(x0_hat)|| through the denoiser, for noisy and nonlinear measurements (Chung et al. "
-                        "2023; the only method for blur and saturation) (default: repaint)")
+                        "2023; the only method for blur and saturation); img2img: the trained conditional sampler of "
+                        "an image-to-image run (SR3, Palette; the only method such a run takes) (default: repaint, "
+                        "img2img for an image-to-image run)")
     p.add_argument("--mask", default=None,
                    help=f"region to generate: {', '.join(MASKS)} (--fraction of the pixels), or a PNG of the image "
                         "size whose white pixels are generated (default: center for inpaint, border for outpaint)")

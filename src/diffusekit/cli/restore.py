@@ -1,6 +1,6 @@
 """``diffusekit restore``: inpainting, outpainting, super-resolution, colorization, deblurring and desaturation
-with a trained run (RePaint, DDNM or DPS, no training); the flags become ``RestoreSettings`` (or ``--settings``
-reproduces a call)."""
+with a trained unconditional run (RePaint, DDNM or DPS, no training) or an image-to-image run (its own trained
+sampler); the flags become ``RestoreSettings`` (or ``--settings`` reproduces a call)."""
 
 from __future__ import annotations
 
@@ -35,11 +35,11 @@ def settings_from_args(args: argparse.Namespace) -> RestoreSettings:
     for flag, value in (("--noise-std", args.noise_std), ("--zeta", args.zeta),
                         ("--measurement-seed", args.measurement_seed)):
         if value is not None and args.method != "dps":
-            raise ConfigError(f"{flag} applies to --method dps, not {args.method}")
+            raise ConfigError(f"{flag} applies to --method dps, not {args.method or 'the default method'}")
     dps = {name: value for name, value in (("blur_size", args.blur_size), ("blur_width", args.blur_width),
                                            ("gain", args.gain), ("noise_std", args.noise_std), ("zeta", args.zeta),
                                            ("measurement_seed", args.measurement_seed)) if value is not None}
-    return RestoreSettings(task=args.task, method=args.method, mask=args.mask or "", fraction=args.fraction,
+    return RestoreSettings(task=args.task, method=args.method or "", mask=args.mask or "", fraction=args.fraction,
                            mask_seed=args.mask_seed, factor=2 if args.factor is None else args.factor,
                            steps=args.steps, spacing=args.spacing, resample=args.resample, jump=args.jump,
                            variance=args.variance, clip_x0=args.clip_x0, seeds=parse_seeds(args.seeds), n=args.n,
@@ -54,9 +54,14 @@ def format_metrics(m: dict) -> str:
     """One line: PSNR on the unknown region (beside the degraded image), DPS's residual beside the noise,
     classifier accuracy where there is one."""
     where = "the unknown pixels" if m["task"] in DEFAULT_MASK else "all pixels"
-    how = (f"zeta={m['zeta']:.3g}, noise std {m['noise_std']:g}" if m["method"] == "dps" else f"U={m['resample']}")
+    if m["method"] == "dps":
+        how = f"zeta={m['zeta']:.3g}, noise std {m['noise_std']:g}"
+    else:
+        how = "trained on pairs" if m["method"] == "img2img" else f"U={m['resample']}"
     text = (f"{m['task']} with {m['method']} ({how}): PSNR {m['psnr']:.2f} dB on {where} "
             f"({BASELINES.get(m['task'], 'A+ y')}: {m['psnr_pinv']:.2f} dB)")
+    if "psnr_of_mean" in m:
+        text += f", of the mean over seeds {m['psnr_of_mean']:.2f} dB"
     if "residual_rms" in m:
         text += f", RMS of y - A(x) {m['residual_rms']:.3f}"
     if "accuracy" in m:

@@ -16,7 +16,17 @@ import torch
 
 from diffusekit.config import Config
 from diffusekit.errors import CheckpointError, ConfigError
-from diffusekit.families import consistency, continuous, controlnet, diffusers, diffusion, progressive, text_latent, vae
+from diffusekit.families import (
+    consistency,
+    continuous,
+    controlnet,
+    diffusers,
+    diffusion,
+    img2img,
+    progressive,
+    text_latent,
+    vae,
+)
 from diffusekit.families.base import Family, Model
 from diffusekit.io.runfolder import read_run_checkpoint
 
@@ -47,6 +57,9 @@ FAMILIES: tuple[Family, ...] = (
            "that halves its DDIM steps each round", kinds=("unet", "mlp"), objective="progressive",
            build_objective=progressive.ProgressiveObjective, load=progressive.load, sample=progressive.sample,
            evaluate=diffusion.evaluate),
+    Family("img2img", "image-to-image diffusion trained on pairs (SR3, Palette): a U-Net reading the degraded image "
+           "restores the tasks of img2img.tasks", kinds=(img2img.KIND,), objective="discrete",
+           build_objective=img2img.Img2ImgObjective, load=img2img.load, sample=img2img.sample, trained_restore=True),
     Family("diffusers", "a diffusers UNet2DModel + DDPM scheduler folder (sampled by our samplers; not trained here)",
            kinds=(), objective=None, build_objective=None, load=diffusers.load, sample=diffusion.sample),
 )

@@ -8,6 +8,7 @@ A family is one module of ``diffusekit.families`` plus one row of the table in `
 - ``sample(model, settings, request, device, progress)``: samples and what to record beside them;
 - ``evaluate(model, settings, out_dir, progress)``: its numbers and report (None: not offered);
 - ``restore``: whether the training-free restorations of ``diffusekit restore`` run on its models;
+- ``trained_restore``: whether its models restore by their own trained conditional sampler (image-to-image);
 - ``conditioning``: which parts of a ``SampleRequest`` its models take.
 
 Nothing registers itself on import: the table is the list of families.
@@ -263,6 +264,7 @@ class Family:
     sample: Callable[..., Samples]
     evaluate: Callable[..., Evaluation] | None = None
     restore: bool = False
+    trained_restore: bool = False  # restores with its own trained sampler (img2img): runs.restore routes to it
     conditioning: tuple[str, ...] = ()  # SampleRequest fields its models take
     guidance: bool = False  # takes a classifier-free guidance scale (besides class-conditional models)
     # the settings of a sampling call: (cfg, overrides, key) -> settings, and (settings.json text, its

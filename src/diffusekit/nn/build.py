@@ -31,11 +31,14 @@ def build_network(model_cfg, data_shape: tuple[int, ...]) -> nn.Module:
     raise ConfigError(f"model.kind = {model_cfg.kind!r} cannot be trained as a diffusion model yet")
 
 
-def build_unet(m, in_channels: int, size: int, num_classes: int = 0, context_dim: int | None = None) -> UNet:
+def build_unet(m, in_channels: int, size: int, num_classes: int = 0, context_dim: int | None = None,
+               out_channels: int | None = None) -> UNet:
     """The U-Net of ``[model]`` on ``size`` x ``size`` inputs of ``in_channels`` channels (class labels,
-    or cross-attention over context features of width ``context_dim``), after ``check_unet_fits``."""
+    or cross-attention over context features of width ``context_dim``), after ``check_unet_fits``; its
+    output has ``out_channels`` channels (None: ``in_channels``; an image-to-image U-Net reads more channels
+    than it predicts)."""
     check_unet_fits(m, size)
-    return UNet(in_channels=in_channels, image_size=size, base_channels=m.base_channels,
+    return UNet(in_channels=in_channels, out_channels=out_channels, image_size=size, base_channels=m.base_channels,
                 channel_mult=tuple(m.channel_mult), num_res_blocks=m.num_res_blocks,
                 attn_resolutions=tuple(m.attn_resolutions), num_heads=m.num_heads, dropout=m.dropout,
                 time_embedding=m.time_embedding, num_classes=num_classes, norm_groups=m.norm_groups,

@@ -1,9 +1,11 @@
-"""Restoring images with a run (``diffusekit restore``): a trained unconditional image model, a
-degradation, inputs, and the files it leaves.
+"""Restoring images with a run (``diffusekit restore``): a trained image model (unconditional, or trained on
+pairs), a degradation, inputs, and the files it leaves.
 
 ``restore_run`` degrades each input x with the task's operator (``sampling/restore.py``,
-``sampling/dps.py``), restores it once per seed with RePaint, the DDNM projection or DPS, and writes (each
-file atomically):
+``sampling/dps.py``), restores it once per seed and writes (each file atomically) what follows. The run
+decides how: an unconditional run with RePaint, the DDNM projection or DPS (``method``, default repaint); an
+image-to-image run (``families.img2img``, its family row says ``trained_restore``) with its own trained
+conditional sampler (method ``img2img``, the only one it takes) for the tasks it was trained for.
 
 - ``restore.png``: one row per input, degraded | restored (one tile per seed) | original; unknown
   pixels of a mask are drawn red in the degraded tile (the degraded image is A+ y; for blur, y itself; for
@@ -19,7 +21,8 @@ so it depends only on the seed and the input's position, never on the batch. Wit
 is y = A(x) + noise_std n, n drawn per input from SeedSequence([measurement_seed, k], spawn_key=(1,))
 (``measurement_noise``), a stream no restoration seed shares. Metrics: PSNR of the
 restored images (clamped to [-1, 1], peak-to-peak 2) against the originals over the unknown pixels
-(masks) or all pixels (super-resolution, colorization), averaged over samples, beside the same for
+(masks) or all pixels (super-resolution, colorization), averaged over samples (with several seeds also
+that of their mean per input, ``psnr_of_mean``, an estimate of the posterior mean's), beside the same for
 A+ y (zero fill, nearest upsampling, gray; the blurred y; the pixel-wise inverse of a saturated y) and,
 for DPS, the RMS of y - A(restored) over the measured values beside noise_std; and for digits / MNIST
 inputs from the dataset, the
@@ -49,11 +52,13 @@ from diffusekit.errors import ConfigError, DataError
 from diffusekit.evaluate.features import evaluate_accuracy, load_feature_net
 from diffusekit.evaluate.samples import FEATURE_DATASETS
 from diffusekit.families import read_run
+from diffusekit.families.img2img import sample_img2img
 from diffusekit.io.atomic import OutputFolder, atomic_write_bytes, atomic_write_text
 from diffusekit.sampling.catalog import (
     DEFAULT_MASK,
     DPS_ONLY_TASKS,
     DPS_ZETA_SQRT_STEPS,
+    IMG2IMG_METHOD,
     MASKS,
     RESTORE_METHODS,
     RESTORE_TASKS,
@@ -75,7 +80,7 @@ from diffusekit.sampling.settings import MAX_BATCH, MAX_SEEDS, settings_from_jso
 from diffusekit.viz import image_grid, png_bytes
 
 __all__ = ["RestoreSettings", "make_masks", "read_mask", "load_inputs", "psnr", "restore_run", "noise_seed",
-           "measurement_noise", "dps_zeta"]
+           "measurement_noise", "dps_zeta", "resolve_method"]
 
 MAX_RESAMPLE = 1_000
 MAX_NOISE_STD = 2.0  # the data range is [-1, 1]: more noise than this leaves nothing to restore
@@ -95,7 +100,8 @@ class RestoreSettings:
     the Gaussian blur's kernel side and standard deviation (pixels), ``gain`` the saturation's
     (``sampling/dps.py``). ``steps = 0`` runs the full chain (T); ``resample`` (U) and ``jump`` (j) are
     RePaint's resampling (U = 1: none; repaint and ddnm only: with dps a U other than 1 or a j other than 10
-    is an error). DPS only: ``noise_std`` is the standard deviation of the Gaussian noise added to the
+    is an error). ``method`` "" takes the run's own: repaint for an unconditional run, img2img (its trained
+    conditional sampler, ancestral DDPM on ``steps``) for an image-to-image run. DPS only: ``noise_std`` is the standard deviation of the Gaussian noise added to the
     measurement (drawn from ``measurement_seed``), ``zeta`` the step size (None: ``dps_zeta``,
     DPS_ZETA_SQRT_STEPS / sqrt(steps)). Blur and saturation need DPS. Inputs are the
     first ``n`` images of the run's ``split``, or the files ``images`` (any size: centre-cropped and
@@ -103,7 +109,7 @@ class RestoreSettings:
     """
 
     task: Literal[RESTORE_TASKS] = "inpaint"  # type: ignore[valid-type]  (names: sampling/catalog.py)
-    method: Literal[RESTORE_METHODS] = "repaint"  # type: ignore[valid-type]
+    method: Literal[RESTORE_METHODS + (IMG2IMG_METHOD, "")] = ""  # type: ignore[valid-type]  ("": the run's own)
     mask: str = ""
     fraction: float = 0.5
     mask_seed: int = 0
@@ -146,7 +152,8 @@ class RestoreSettings:
 
         checks = [
             (self.task in RESTORE_TASKS, "task", f"one of {RESTORE_TASKS}", self.task),
-            (self.method in RESTORE_METHODS, "method", f"one of {RESTORE_METHODS}", self.method),
+            (self.method in (*RESTORE_METHODS, IMG2IMG_METHOD, ""), "method",
+             f"one of {(*RESTORE_METHODS, IMG2IMG_METHOD)}", self.method),
             (0.0 < self.fraction < 1.0, "fraction", "in (0, 1)", self.fraction),
             (integer(self.mask_seed, 0), "mask_seed", "an integer >= 0", self.mask_seed),
             (integer(self.factor, 2), "factor", "an integer >= 2", self.factor),
@@ -186,15 +193,17 @@ class RestoreSettings:
 
     def _check_method(self) -> None:
         """Settings that belong to one method: one-line ConfigErrors naming the flag."""
-        if self.method == "dps":
+        if self.method in ("dps", IMG2IMG_METHOD):
             if self.resample != 1:
-                raise ConfigError(f"--resample applies to repaint and ddnm, not --method dps (got {self.resample})")
-            if self.jump != RestoreSettings.jump:  # the default: RePaint's j, which dps never reads
-                raise ConfigError(f"--jump applies to repaint and ddnm, not --method dps (got {self.jump})")
-            return
+                raise ConfigError(f"--resample applies to repaint and ddnm, not --method {self.method} "
+                                  f"(got {self.resample})")
+            if self.jump != RestoreSettings.jump:  # the default: RePaint's j, which dps and img2img never read
+                raise ConfigError(f"--jump applies to repaint and ddnm, not --method {self.method} (got {self.jump})")
+            if self.method == "dps":
+                return
         if self.task in DPS_ONLY_TASKS:
-            raise ConfigError(f"--task {self.task} needs --method dps: {self.method} needs a linear degradation with "
-                              "a pseudo-inverse (inpaint, outpaint, superres, colorize)")
+            raise ConfigError(f"--task {self.task} needs --method dps: {self.method or 'repaint'} needs a linear "
+                              "degradation with a pseudo-inverse (inpaint, outpaint, superres, colorize)")
         for name, value, unset in (("noise_std", self.noise_std, 0.0), ("zeta", self.zeta, None),
                                    ("measurement_seed", self.measurement_seed, 0)):
             if value != unset:
@@ -301,7 +310,10 @@ def load_inputs(run, settings: RestoreSettings) -> tuple[Tensor, Tensor, list[st
 
 
 def check_task(run, settings: RestoreSettings, run_dir: Path | str) -> None:
-    """One-line ConfigErrors naming the flag, for a task the run's model cannot do."""
+    """One-line ConfigErrors naming the flag, for a task the run's model cannot do (an image-to-image run: one
+    it was not trained for)."""
+    if settings.method == IMG2IMG_METHOD:
+        run.task_index(settings.task, settings.factor)
     if len(run.data_shape) != 3:
         raise ConfigError(f"--run {run_dir}: restoration needs an image model; this run's data has shape "
                           f"{tuple(run.data_shape)}")
@@ -369,6 +381,8 @@ def _restore_all(run, settings: RestoreSettings, x: Tensor, y_all: Tensor, op, k
                                "variance": settings.variance, "clip_x0": settings.clip_x0}
     if settings.method == "dps":
         sampler, options["zeta"] = sample_dps, dps_zeta(settings, run.schedule.T)
+    elif settings.method == IMG2IMG_METHOD:
+        sampler, options["task"] = sample_img2img, run.task_index(settings.task, settings.factor)
     else:
         sampler = sample_repaint if settings.method == "repaint" else sample_ddnm
         options.update(resample=settings.resample, jump=settings.jump)
@@ -420,14 +434,30 @@ def _picture(degraded: Tensor, restored: Tensor, x: Tensor, known: Tensor | None
     return png_bytes(image_grid(rows.flatten(0, 1), nrow=S + 2, upscale=upscale, levels=levels))
 
 
+def resolve_method(method: str, trained: bool, run_dir: Path | str) -> str:
+    """The method a run restores with: an image-to-image run (``trained``) only with its own (img2img), an
+    unconditional one only with the training-free ones; "" takes the run's own (img2img or repaint). One-line
+    ConfigErrors naming the run otherwise."""
+    if trained:
+        if method not in ("", IMG2IMG_METHOD):
+            raise ConfigError(f"--method {method}: {run_dir} is an image-to-image run (model.kind = 'img2img'), which "
+                              f"restores with its own trained sampler; leave out --method (or give {IMG2IMG_METHOD})")
+        return IMG2IMG_METHOD
+    if method == IMG2IMG_METHOD:
+        raise ConfigError(f"--method {IMG2IMG_METHOD} needs an image-to-image run trained on pairs (model.kind = "
+                          f"'img2img'); {run_dir} is unconditional: use {', '.join(RESTORE_METHODS)}")
+    return method or "repaint"
+
+
 def restore_run(run_dir: Path | str, settings: RestoreSettings, out_dir: Path | str | None = None,
                 device: str | torch.device = "cpu", progress: bool = True) -> tuple[dict[str, Any], Path]:
     """Restore the inputs of ``settings`` with the run's model; write the files into ``out_dir`` (default:
     ``<run>/restore-<task>-<method>``), complete or absent; return (metrics, folder)."""
     family, source = read_run(run_dir)
-    if not family.restore:
-        raise ConfigError(f"--run {run_dir}: restoration needs a diffusion model (model.kind unet or mlp); this is a "
-                          f"{family.name} run")
+    if not (family.restore or family.trained_restore):
+        raise ConfigError(f"--run {run_dir}: restoration needs a diffusion model (model.kind unet, mlp or img2img); "
+                          f"this is a {family.name} run")
+    settings = replace(settings, method=resolve_method(settings.method, family.trained_restore, run_dir))
     run = family.load(source, settings.use_ema, device)
     check_task(run, settings, run_dir)
     x, labels, names = load_inputs(run, settings)
@@ -461,6 +491,8 @@ def _restore_and_write(run, settings: RestoreSettings, x: Tensor, labels: Tensor
         "n_inputs": x.shape[0], "n_samples": x.shape[0] * S, "nfe": stats["nfe"],
         "psnr": psnr(restored.flatten(0, 1), rep(x), None if region is None else rep(region)).mean().item(),
         "psnr_pinv": psnr(degraded, x, region).mean().item(),
+        # several seeds: the PSNR of their mean per input, an estimate of the posterior mean's (what PSNR favours)
+        **({"psnr_of_mean": psnr(restored.mean(1), x, region).mean().item()} if S > 1 else {}),
         "measurement_error": residual.abs().max().item(),
         **_classifier_accuracy(run, restored, x, degraded, labels),
     }

@@ -26,7 +26,7 @@ from typing import Literal
 __all__ = ["SamplerSpec", "SAMPLERS", "SAMPLER_NAMES", "DISCRETE_SAMPLERS", "GRIDS", "GRID_CHOICES", "TUNED_GRID",
            "TUNABLE_SAMPLERS", "SPACINGS",
            "VARIANCES", "EVAL_METRICS", "BOUND_VARIANCES", "RESTORE_TASKS", "RESTORE_METHODS",
-           "DPS_ONLY_TASKS", "DPS_ZETA_SQRT_STEPS", "MASKS", "DEFAULT_MASK", "sampler_spec", "default_grid"]
+           "DPS_ONLY_TASKS", "DPS_ZETA_SQRT_STEPS", "IMG2IMG_METHOD", "MASKS", "DEFAULT_MASK", "sampler_spec", "default_grid"]
 
 CallShape = Literal["discrete", "ode", "sde", "adaptive", "levels"]
 
@@ -98,7 +98,8 @@ BOUND_VARIANCES: tuple[str, ...] = ("fitted", "beta_tilde", "beta")
 
 # restoration (``diffusekit restore``, ``runs.restore``)
 RESTORE_TASKS: tuple[str, ...] = ("inpaint", "outpaint", "superres", "colorize", "blur", "saturation")
-RESTORE_METHODS: tuple[str, ...] = ("repaint", "ddnm", "dps")
+RESTORE_METHODS: tuple[str, ...] = ("repaint", "ddnm", "dps")  # training-free: any unconditional run
+IMG2IMG_METHOD = "img2img"  # the trained conditional sampler of an image-to-image run (families.img2img)
 # the tasks only DPS can undo: no pseudo-inverse with A A^T = c I (blur) or not linear (saturation)
 DPS_ONLY_TASKS: tuple[str, ...] = ("blur", "saturation")
 # DPS's default step size: zeta = DPS_ZETA_SQRT_STEPS / sqrt(sampling steps), measured on digits

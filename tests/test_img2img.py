@@ -1,0 +1,304 @@
+"""The image-to-image family (families/img2img.py, SR3 / Palette) and ``diffusekit restore`` routing to it:
+pairs are made by the operators of sampling/restore.py (the same A and y as a restoration), the U-Net reads
+[x_t, A+ y, mask], the loss is the hand-computed denoising loss, the sampler passes the condition through
+exactly, a tiny run trains and restores through the command line with the outputs and per-seed guarantees of
+the training-free path, checkpoints load and resume exactly, and bad requests are one line."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import fake_data
+
+from diffusekit.cli import main as cli_main
+from diffusekit.config import load_config
+from diffusekit.errors import ConfigError
+from diffusekit.families import open_run, read_run
+from diffusekit.families.img2img import (
+    Img2ImgModel,
+    Img2ImgObjective,
+    Task,
+    box_masks,
+    build_network,
+    condition_image,
+    freeform_masks,
+    make_pairs,
+    sample_img2img,
+    tasks_of,
+    uncrop_masks,
+)
+from diffusekit.parameterization import Denoiser
+from diffusekit.runs import restore as runs_restore
+from diffusekit.runs.restore import RestoreSettings, build_operator, measure, restore_run
+from diffusekit.sampling.noise import PerSampleNoise
+from diffusekit.sampling.restore import Colorization, Inpaint, SuperResolution
+from diffusekit.schedules import make_schedule
+
+TINY = ["--set", "data.name=digits", "--set", "model.base_channels=8", "--set", "model.norm_groups=4",
+        "--set", "diffusion.T=20", "--set", "train.batch_size=8", "--set", "train.sample_every=0",
+        "--set", "train.n_sample=4", "--set", "train.log_every=1", "--set", "model.kind=img2img",
+        "--set", 'img2img.tasks=["superres", "inpaint"]']
+FAST = ["--steps", "5", "--no-progress"]
+
+
+def cli(*argv) -> int:
+    try:
+        return cli_main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse: a bad flag (its one line already printed)
+        return int(exc.code or 0)
+
+
+def one_line_error(capsys, argv, *needles):
+    code = cli(*argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture(scope="module")
+def img2img_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("img2img") / "run"
+    assert cli("train", *TINY, "--set", "train.steps=4", "--out", out, "--no-progress") == 0
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_classifier(monkeypatch):
+    """The digits classifier's accuracy is the training-free path's business (tested there); skip its training."""
+    monkeypatch.setattr(runs_restore, "_classifier_accuracy", lambda *args: {})
+
+
+def digits(n=6, channels=1, size=8, seed=0):
+    return torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+# -- pairs: the operators and measurements of sampling/restore.py and runs/restore.py -----------------------
+@pytest.mark.parametrize("task", [Task("superres", 2), Task("superres", 4), Task("colorize"), Task("inpaint"),
+                                  Task("outpaint")], ids=str)
+def test_pairs_are_the_restore_operators_measurements(task):
+    channels = 3 if task.name == "colorize" else 1
+    x = digits(n=7, channels=channels)
+    pairs = make_pairs(x, [task], torch.Generator().manual_seed(3))
+    again = make_pairs(x, [task], torch.Generator().manual_seed(3))
+    assert torch.equal(pairs.source, again.source) and torch.equal(pairs.known, again.known)  # the generator's only
+    assert pairs.source.shape == (7, channels + 1, 8, 8) and (pairs.task == 0).all()
+    # the same A and y as `diffusekit restore`: its operator, its measurement, its degraded image A+ y
+    settings = RestoreSettings(task=task.name, factor=task.factor or 2, method="repaint")
+    op, known = build_operator(settings, (channels, 8, 8), 7)
+    if known is not None:  # masks: the pair's own mask through the same Inpaint
+        op = Inpaint(pairs.known)
+        assert not pairs.known.all(dim=(1, 2, 3)).any() and pairs.known.any(dim=(1, 2, 3)).all()
+    else:
+        assert pairs.known.all()
+    y, degraded = measure(op, x, settings)
+    assert torch.equal(pairs.source[:, :channels], degraded)
+    assert torch.equal(pairs.source[:, channels:], pairs.known.float())
+    assert torch.equal(condition_image(op, y), pairs.source)
+    # A (A+ y) = y: exactly for masks, to one rounding for pooling and the channel mean
+    assert torch.allclose(op.A(pairs.source[:, :channels]), op.A(x), atol=1e-6)
+    if task.name in ("inpaint", "outpaint"):
+        assert torch.equal(pairs.source[:, :channels], torch.where(pairs.known, x, torch.zeros(())))
+
+
+def test_several_tasks_share_a_batch_with_their_own_operators():
+    tasks = [Task("inpaint"), Task("superres", 2), Task("superres", 4)]
+    x = digits(n=64)
+    pairs = make_pairs(x, tasks, torch.Generator().manual_seed(0))
+    assert set(pairs.task.tolist()) == {0, 1, 2}
+    for index, op in ((1, SuperResolution(2)), (2, SuperResolution(4))):
+        rows = pairs.task == index
+        assert torch.equal(pairs.source[rows, :1], op.A_pinv(op.A(x[rows]))) and pairs.known[rows].all()
+    rows = pairs.task == 0
+    assert torch.equal(pairs.source[rows, :1], Inpaint(pairs.known[rows]).A(x[rows]))
+
+
+def test_masks_are_boxes_strokes_and_uncrops():
+    g = torch.Generator().manual_seed(1)
+    for mask in box_masks(50, (16, 16), g):  # one unknown box, sides 4..12
+        rows, cols = (~mask[0]).nonzero(as_tuple=True)
+        h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+        assert 4 <= h <= 12 and 4 <= w <= 12 and (~mask).sum() == h * w
+    strokes = freeform_masks(50, (8, 8), g)
+    assert (~strokes).any(dim=(1, 2, 3)).all() and 0.05 < (~strokes).float().mean() < 0.6
+    for mask in uncrop_masks(50, (8, 8), g):  # a known box, or all but a strip at one side
+        rows, cols = mask[0].nonzero(as_tuple=True)
+        assert mask[0, rows.min():rows.max() + 1, cols.min():cols.max() + 1].all() and not mask.all()
+        assert mask[0, 0].all() or mask[0, -1].all() or mask[0, :, 0].all() or mask[0, :, -1].all() \
+            or not (mask[0, 0].any() and mask[0, -1].any() and mask[0, :, 0].any() and mask[0, :, -1].any())
+
+
+# -- the network and the loss ------------------------------------------------------------------------------
+def test_the_unet_reads_the_image_the_condition_and_the_mask():
+    cfg = load_config(None, ["model.kind=img2img", "model.base_channels=8", "model.norm_groups=4",
+                             'img2img.tasks=["superres", "colorize"]', "img2img.superres_factors=[2, 4]",
+                             "model.attn_resolutions=[8]"])
+    assert [str(t) for t in tasks_of(cfg)] == ["superres x2", "superres x4", "colorize"]
+    net = build_network(cfg, (3, 16, 16))
+    assert net.unet.conv_in.in_channels == 3 + 3 + 1 and net.unet.conv_out.out_channels == 3
+    assert net.unet.class_embed.num_embeddings == 3 + 1  # one per task (+ the U-Net's null label)
+    x, source = torch.randn(2, 3, 16, 16), torch.randn(2, 4, 16, 16)
+    assert net(x, torch.zeros(2), source=source, task=torch.tensor([0, 2])).shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError, match="condition image"):
+        net(x, torch.zeros(2))
+    with pytest.raises(ConfigError, match="img2img.tasks has 'colorize'") as info:
+        build_network(cfg, (1, 16, 16))
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="img2img.superres_factors: factor 4 does not divide"):
+        build_network(load_config(None, ["model.kind=img2img", "img2img.superres_factors=[4]"]), (1, 6, 6))
+
+
+@pytest.mark.parametrize("override, key", [('img2img.tasks=["blur"]', "img2img.tasks"),
+                                           ("img2img.tasks=[]", "img2img.tasks"),
+                                           ("img2img.superres_factors=[1]", "img2img.superres_factors"),
+                                           ("model.num_classes=10", "model.num_classes")])
+def test_config_keys_are_checked_in_one_line(override, key):
+    with pytest.raises(ConfigError, match=key) as info:
+        load_config(None, ["model.kind=img2img", override])
+    assert "\n" not in str(info.value)
+
+
+def test_the_loss_is_the_hand_computed_denoising_loss():
+    """Pairs, then t and the noise, all from the generator; the per-example eps error of the conditional U-Net."""
+    cfg = load_config(None, ["model.kind=img2img", "model.base_channels=8", "model.norm_groups=4", "diffusion.T=50",
+                             'img2img.tasks=["inpaint", "superres"]'])
+    objective = Img2ImgObjective(cfg, fake_data((1, 8, 8)))
+    x0 = digits(n=5)
+    loss = objective.loss(objective.module, x0, None, torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    pairs = make_pairs(x0, objective.tasks, g)
+    t = torch.randint(1, 51, (5,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    schedule = make_schedule("linear", 50, beta_start=1e-4, beta_end=0.02)
+    abar = schedule.alpha_bar[t].reshape(-1, 1, 1, 1)
+    x_t = (abar.sqrt() * x0 + (1 - abar).sqrt() * noise).float()
+    logsnr = torch.log(abar / (1 - abar)).flatten().float()
+    eps = objective.module.unet(torch.cat([x_t, pairs.source], 1), logsnr, class_labels=pairs.task)
+    assert loss.shape == (5,)
+    torch.testing.assert_close(loss, (eps - noise).square().mean(dim=(1, 2, 3)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("task", [Task("superres", 2), Task("inpaint"), Task("colorize")], ids=str)
+def test_the_sampler_passes_the_condition_and_task_exactly(task):
+    """A denoiser that predicts x0 = the A+ y it is given ends the ancestral chain exactly there (the last step's
+    mean is x0, with no noise): the output is A+ y, the condition reached the network, and A x = y holds."""
+    channels = 3 if task.name == "colorize" else 1
+    x = digits(n=4, channels=channels)
+    op = Inpaint(box_masks(4, (8, 8), torch.Generator().manual_seed(0))) if task.name == "inpaint" else \
+        (SuperResolution(2) if task.name == "superres" else Colorization(3))
+    seen = []
+
+    class ReadsTheCondition(torch.nn.Module):
+        def forward(self, x_t, c_noise, source=None, task=None):
+            seen.append(task)
+            return source[:, :channels]
+
+    y = op.A(x)
+    noise = PerSampleNoise(range(4), x.shape[1:])
+    out = sample_img2img(Denoiser(ReadsTheCondition(), "x0"), make_schedule("linear", 20), noise(), noise, op, y,
+                         task=3, steps=7)
+    torch.testing.assert_close(out, op.A_pinv(y), rtol=0, atol=1e-6)
+    assert torch.allclose(op.A(out), y, atol=1e-6) and len(seen) == 7 and all((s == 3).all() for s in seen)
+
+
+# -- trained through the command line, restored through the command line -----------------------------------
+def test_train_then_restore_writes_what_the_training_free_path_writes(img2img_run, digits_run, tmp_path, capsys):
+    trained, free = tmp_path / "trained", tmp_path / "free"
+    assert cli("restore", "--run", img2img_run, "--task", "inpaint", "--n", "3", "--seeds", "0-1", "--out", trained,
+               *FAST) == 0
+    line = capsys.readouterr().out
+    assert "inpaint with img2img (trained on pairs): PSNR" in line and "of the mean over seeds" in line
+    assert cli("restore", "--run", digits_run, "--task", "inpaint", "--n", "3", "--seeds", "0-1", "--out", free,
+               *FAST) == 0
+    capsys.readouterr()
+    names = {p.name for p in free.iterdir()}
+    assert names == {p.name for p in trained.iterdir()} == {"restore.png", "restored.npz", "settings.json",
+                                                            "metrics.json"}
+    a, b = np.load(trained / "restored.npz"), np.load(free / "restored.npz")
+    assert set(a.files) == set(b.files)
+    for key in a.files:
+        assert a[key].shape == b[key].shape and a[key].dtype == b[key].dtype, key
+    for key in ("original", "measurement", "degraded", "known", "noise_seeds"):
+        assert np.array_equal(a[key], b[key]), key  # the same inputs, y and per-seed streams
+    known = a["known"]
+    for s in range(2):  # the known pixels are the originals', bit for bit
+        assert np.array_equal(a["restored"][:, s][known], a["original"][known])
+    settings = json.loads((trained / "settings.json").read_text())
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert settings["method"] == "img2img" and metrics["method"] == "img2img" and metrics["nfe"] == 5
+    assert json.loads((free / "settings.json").read_text())["method"] == "repaint"  # the unconditional default
+    # settings.json reproduces the restoration bit for bit
+    again = tmp_path / "again"
+    assert cli("restore", "--run", img2img_run, "--settings", trained / "settings.json", "--out", again,
+               "--no-progress") == 0
+    assert np.array_equal(np.load(again / "restored.npz")["restored"], a["restored"])
+
+
+def test_a_seed_restores_the_same_image_in_any_batch(img2img_run):
+    def restored(**kw):
+        settings = RestoreSettings(task="superres", steps=4, n=3, **kw)
+        metrics, out = restore_run(img2img_run, settings, img2img_run / f"r-{len(list(img2img_run.iterdir()))}",
+                                   progress=False)
+        d = np.load(out / "restored.npz")
+        scale = max(1.0, float(abs(d["restored"]).max()))  # an untrained network's output can be large
+        assert metrics["measurement_error"] < 1e-6 * scale  # A x = y: the pooled restoration is y, up to rounding
+        assert np.allclose(d["restored"].reshape(-1, 4, 2, 4, 2).mean((2, 4)),
+                           np.repeat(d["measurement"][:, None], len(kw["seeds"]), 1).reshape(-1, 4, 4),
+                           atol=1e-6 * scale)
+        return d["restored"]
+
+    # the noise is the seed's alone; the U-Net's convolutions round differently per batch size (as in
+    # test_restore_cli), so equal to float32 rounding, relative to the (untrained, large) values
+    whole = restored(seeds=[0, 1, 2], batch_size=64)
+    np.testing.assert_allclose(restored(seeds=[0, 1, 2], batch_size=2), whole, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(restored(seeds=[1], batch_size=1)[:, 0], whole[:, 1], rtol=1e-4, atol=1e-4)
+    assert np.abs(whole[:, 0] - whole[:, 1]).max() > 0.1  # and another seed is another restoration
+
+
+def test_bad_requests_are_one_line(img2img_run, digits_run, capsys, tmp_path):
+    one_line_error(capsys, ["restore", "--run", img2img_run, "--task", "outpaint", *FAST], "--task outpaint",
+                   str(img2img_run), "trained for superres x2, inpaint only")
+    one_line_error(capsys, ["restore", "--run", img2img_run, "--task", "superres", "--factor", "4", *FAST],
+                   "--factor 4", "superres x2, inpaint")
+    for method in ("repaint", "ddnm", "dps"):
+        one_line_error(capsys, ["restore", "--run", img2img_run, "--task", "superres", "--method", method, *FAST],
+                       f"--method {method}", "image-to-image run", str(img2img_run))
+    one_line_error(capsys, ["restore", "--run", img2img_run, "--task", "superres", "--resample", "3", *FAST],
+                   "--resample", "img2img")
+    one_line_error(capsys, ["restore", "--run", digits_run, "--task", "superres", "--method", "img2img", *FAST],
+                   "--method img2img", "model.kind = 'img2img'", str(digits_run))
+    one_line_error(capsys, ["sample", "--run", img2img_run, "--no-progress", "--out", tmp_path / "s"],
+                   "restores images", "diffusekit restore --run")
+    assert not (tmp_path / "s").exists() and not list(img2img_run.glob("restore-*"))
+
+
+def test_the_checkpoint_loads_and_training_resumes_exactly(img2img_run, tmp_path):
+    family, rc = read_run(img2img_run)
+    model = open_run(img2img_run)
+    assert family.name == "img2img" and family.trained_restore and not family.restore
+    assert isinstance(model, Img2ImgModel) and model.tasks == (Task("superres", 2), Task("inpaint"))
+    ema, _, _ = rc.weights(use_ema=True)
+    state = model.denoiser.net.state_dict()
+    assert state.keys() == ema.keys() and all(torch.equal(state[k], ema[k]) for k in ema)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert cli("train", *TINY, "--set", "train.steps=4", "--out", straight, "--no-progress") == 0
+    assert cli("train", *TINY, "--set", "train.steps=2", "--out", resumed, "--no-progress") == 0
+    assert cli("train", *TINY, "--set", "train.steps=4", "--out", resumed, "--resume", "--no-progress") == 0
+    a, b = read_run(straight)[1].tensors, read_run(resumed)[1].tensors
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("model.", "ema.")))
+
+
+def test_the_app_restores_with_an_img2img_run(img2img_run):
+    from diffusekit.app.actions import AppRun
+
+    with AppRun(img2img_run) as app:
+        info = app.describe()
+        assert info["sections"]["restore"] and info["choices"]["method"] == ["img2img"]
+        assert info["choices"]["task"] == ["inpaint", "superres"]
+        result = app.restore({"task": "superres", "steps": 3, "n": 1, "seeds": "0"}, job=1)()
+        assert result["metrics"]["method"] == "img2img" and "trained on pairs" in result["summary"]
+        with pytest.raises(ConfigError, match="--method repaint") as info:
+            app.restore({"task": "superres", "method": "repaint", "steps": 3, "n": 1, "seeds": "0"}, job=2)()
+        assert "\n" not in str(info.value)
