@@ -10,7 +10,7 @@ with its standard error, on the project's feature network (digits and MNIST); se
 on this machine (``torch`` threads as set by OMP_NUM_THREADS; timings drift by +-30% between runs).
 Students report their distillation cost: the CPU seconds of training recorded in their summary.json.
 
-    .venv/bin/python bench/few_step.py --teacher runs/demo --student pd=/tmp/pd --student cd=/tmp/cd \\
+    .venv/bin/python bench/few_step.py --teacher runs/digits --student pd=/tmp/pd --student cd=/tmp/cd \\
         [--calls 1,2,4,8,10,20,50] [--samplers ddim,dpmpp_2m,unipc,heun,euler] [--tuned] [--n 1000] [--json out.json]
 
 Prints a table (Markdown) and JSON. Two rows differ only where their fd_ratio intervals do not overlap.

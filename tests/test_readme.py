@@ -93,6 +93,8 @@ def check_outputs(argv: list[str], out: str) -> None:
         run = Path(flag(argv, "--out") or "runs/demo")
         for name in ("summary.txt", "eval/report.md", "samples.png"):
             assert (run / name).is_file(), f"demo: {run / name} is missing"
+        verdict = (run / "summary.txt").read_text().splitlines()[:3]
+        assert [line.split(":")[0] for line in verdict] == ["likelihood", "samples", "time"], verdict
     elif command == "sample":
         folder = Path(printed[-1])
         assert flag(argv, "--out") in (None, str(folder))

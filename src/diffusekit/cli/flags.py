@@ -107,7 +107,8 @@ def _sampler_flags(p: argparse.ArgumentParser) -> None:
 def _train(sub) -> None:
     p = sub.add_parser("train", help="train a model from a TOML config")
     p.add_argument("--config", type=Path,
-                   help="TOML config file (default: none, the built-in defaults, which train the digits demo)")
+                   help="TOML config file (default: none, the built-in defaults: the digits U-Net of "
+                        "configs/digits.toml, 3000 steps)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=2e-4 (repeatable)")
     p.add_argument("--out", type=Path, help="run folder (default: runs/<config name>)")
@@ -162,9 +163,10 @@ def _evaluate(sub) -> None:
     p.add_argument("--exact", action="store_true", help="compute all T terms of the bound (default: stratified estimate)")
     p.add_argument("--strata", type=int, default=50,
                    help="strata of t for the estimated bound, 2 draws each (default: 50)")
-    p.add_argument("--variance", choices=list(BOUND_VARIANCES), default="fitted",
-                   help="reverse variances of the bound: fitted to the train split for the model's means "
-                        "(default), or the fixed beta_tilde / beta")
+    p.add_argument("--variance", choices=list(BOUND_VARIANCES), default=None,
+                   help="reverse variances of the bound: fitted to the train split for the model's means, the "
+                        "fixed beta_tilde / beta, or the network's own (learned; a run trained with "
+                        "model.learned_variance = true) (default: learned for such a run, else fitted)")
     p.add_argument("--n-samples", type=int, default=None,
                    help="samples for the quality score (default: 1000, 200 for ControlNet and text-to-image "
                         "runs; fewer make fd_ratio too noisy to rank by)")
@@ -276,7 +278,8 @@ def _demo(sub) -> None:
     p = sub.add_parser("demo", help="train on the bundled digits, sample and report (a few minutes on 2 CPU cores)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"),
                    help="run folder; an existing run resumes (default: runs/demo)")
-    p.add_argument("--config", type=Path, default=None, help="config to use (default: configs/digits.toml if present)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="config to use (default: configs/demo.toml, the best measured digits config, if present)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=300 (repeatable)")
     _common(p)
