@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from diffusekit.config import load_config
-from diffusekit.errors import CheckpointError, ConfigError
+from diffusekit.errors import CheckpointError, ConfigError, TrainingError
 from diffusekit.families.base import EvaluateSettings
 from diffusekit.io.checkpoint import load_checkpoint, record_hash
 from diffusekit.runs.evaluate import evaluate_run
 from diffusekit.runs.sample import sample_run
 from diffusekit.sampling.settings import SampleSettings
+from diffusekit.train import trainer as trainer_module
 from diffusekit.train.trainer import Trainer, train
 
 TINY = ["data.name=digits", "model.base_channels=8", "model.norm_groups=4", "diffusion.T=50", "train.batch_size=32",
@@ -110,6 +111,24 @@ def test_fp16_overflow_is_skipped_by_the_scaler_not_written(tmp_path):
         assert all(torch.isfinite(v).all() for v in tensors.values() if v.dtype.is_floating_point)
         assert record["meta"]["grad_scaler"]["scale"] == 2.0**99
         trainer.train_step()  # and it trains on at the lower scale
+    finally:
+        trainer.close()
+
+
+def test_fp16_that_overflows_at_every_step_stops_with_one_line(tmp_path, monkeypatch):
+    """Gradients that overflow however far the scale falls end the run with one line naming the key,
+    after MAX_SKIPPED_IN_A_ROW skipped steps (3 here), instead of idling through train.steps."""
+    monkeypatch.setattr(trainer_module, "MAX_SKIPPED_IN_A_ROW", 3)
+    trainer = Trainer(_cfg("train.precision=fp16"), tmp_path, progress=False)
+    try:
+        trainer.run_dir.mkdir(parents=True, exist_ok=True)
+        trainer.train_step()
+        trainer.scaler.load_state_dict({**trainer.scaler.state_dict(), "scale": 2.0**100})
+        trainer.train_step()
+        trainer.train_step()
+        with pytest.raises(TrainingError, match=r"train.precision = 'fp16'.*3 steps in a row") as info:
+            trainer.train_step()
+        assert "\n" not in str(info.value) and trainer.skipped_steps == 3
     finally:
         trainer.close()
 

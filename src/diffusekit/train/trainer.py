@@ -54,7 +54,11 @@ from diffusekit.train.ema import EMA
 from diffusekit.train.state import read_resume, training_meta, training_tensors
 from diffusekit.viz import plot_loss_curve, save_samples_figure
 
-__all__ = ["derive_seed", "DataStream", "DistInfo", "Trainer", "build_objective", "train"]
+__all__ = ["MAX_SKIPPED_IN_A_ROW", "DataStream", "DistInfo", "Trainer", "build_objective", "derive_seed", "train"]
+
+# fp16: after this many overflowing steps in a row the scale has halved from 2^16 to below 2^-30 and no
+# scale helps (the forward itself overflows); the run stops with a one-line error instead of idling
+MAX_SKIPPED_IN_A_ROW = 50
 
 
 def build_objective(cfg: Config, data: ArrayDataset) -> Objective:
@@ -163,6 +167,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, **fused)
         self.scaler = grad_scaler(tc.precision, self.device)  # fp16 only; disabled it passes everything through
         self.skipped_steps = 0  # fp16 steps whose gradients overflowed (skipped by the scaler)
+        self.skipped_in_a_row = 0  # since the last step taken; MAX_SKIPPED_IN_A_ROW of them end the run
         self.noise_gen = torch.Generator().manual_seed(derive_seed(tc.seed, "noise", self.dist.rank))
         self.stream = DataStream(len(self.data), derive_seed(tc.seed, "data"))
         self.step = 0
@@ -347,8 +352,16 @@ class Trainer:
         self.scaler.update()
         if finite:
             self.ema.update(self.net)
+            self.skipped_in_a_row = 0
         else:
             self.skipped_steps += 1
+            self.skipped_in_a_row += 1
+            if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                raise TrainingError(
+                    f"step {self.step + 1}: train.precision = 'fp16': the gradients overflowed at "
+                    f"{self.skipped_in_a_row} steps in a row (gradient scale now {self.scaler.get_scale():.3g}), so "
+                    f"nothing was learned; this model does not fit fp16's range, use train.precision = 'bf16'; "
+                    f"{self._stopped_here()}")
         self.step += 1
         return loss_value, float(norm)
 
