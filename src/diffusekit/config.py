@@ -52,7 +52,7 @@ class DataConfig:
 
     name: str = "digits"  # digits | mnist | photos | moons | swiss_roll | 8gaussians | checkerboard | gmm | folder
     path: str = ""  # image folder root (data.name = "folder")
-    image_size: int = 0  # folder (0 means 32; a multiple of 4, >= 8) and photos (0 means 16)
+    image_size: int = 0  # folder (0 means 32; a multiple of 4, >= 8), photos (0 means 16), mnist (0 = 28; 14 or 7 pooled)
     channels: int = 0  # folder only: 0 = inferred (3 if any image has colour, else 1), 1 (gray) or 3 (RGB)
     n_train: int = 20000  # toys, gmm and photos only (a folder uses all its images)
     n_test: int = 5000  # toys, gmm and photos only
@@ -64,11 +64,12 @@ class DataConfig:
 # printed or saved (``format_config``), so a folder run does not claim to have used n_train = 20000 examples
 _POINT_KEYS = ("n_train", "n_test", "seed")
 DATA_KEYS_USED: dict[str, tuple[str, ...]] = {
-    "digits": ("hflip",), "mnist": ("hflip",), "photos": ("image_size", *_POINT_KEYS, "hflip"),
+    "digits": ("hflip",), "mnist": ("image_size", "hflip"), "photos": ("image_size", *_POINT_KEYS, "hflip"),
     "folder": ("path", "image_size", "channels", "hflip"),
     **{name: _POINT_KEYS for name in ("moons", "swiss_roll", "8gaussians", "checkerboard", "gmm")},
 }
 IMAGE_DATASETS = ("digits", "mnist", "photos", "folder")
+MNIST_SIZES = (0, 28, 14, 7)  # data.image_size of MNIST: 0 and 28 are its own size, 14 and 7 average-pool it
 
 
 def data_keys_used(name: str) -> tuple[str, ...]:
@@ -91,6 +92,11 @@ class ModelConfig:
     hidden: int = 256  # mlp width
     depth: int = 3  # mlp residual blocks
     norm_groups: int = 8
+    # unet, mlp: extra input channels sin/cos(2^k pi x) for each exponent k (Kingma et al. 2021, appendix C); [] = none
+    fourier_features: list[int] = field(default_factory=list)
+    # unet, mlp, loss.objective = "discrete": the network also outputs v, the reverse variance
+    # exp(v log beta_t + (1 - v) log beta_tilde_t), trained by L_simple + loss.vlb_weight L_vlb (Nichol & Dhariwal 2021, sec. 3.1)
+    learned_variance: bool = False
 
 
 @dataclass
@@ -114,6 +120,7 @@ class LossConfig:
     sigmoid_bias: float = 2.0  # weighting = "sigmoid": w(lambda) = sigmoid(sigmoid_bias - lambda)
     min_snr_gamma: float = 5.0
     t_sampling: Literal["uniform", "stratified", "importance"] = "uniform"
+    vlb_weight: float = 0.001  # model.learned_variance only: lambda of the hybrid objective L_simple + lambda L_vlb
 
 
 @dataclass
@@ -639,6 +646,25 @@ def _validate_objective(df: DiffusionConfig, lo: LossConfig) -> None:
     _check(df.T >= 2, "diffusion.T", ">= 2 with loss.objective = 'continuous'", df.T)
 
 
+FOURIER_MAX_EXPONENT = 16  # 2^16 pi x: finer than any float32 image needs
+
+
+def _validate_likelihood_model(m: ModelConfig, lo: LossConfig) -> None:
+    """model.fourier_features, model.learned_variance and loss.vlb_weight."""
+    ff = m.fourier_features
+    _check(len(ff) <= 8 and len(set(ff)) == len(ff) and all(0 <= k <= FOURIER_MAX_EXPONENT for k in ff),
+           "model.fourier_features", f"a list of at most 8 distinct exponents k in 0..{FOURIER_MAX_EXPONENT} "
+           "(channels sin/cos(2^k pi x)); [] = none", ff)
+    _check(not ff or m.kind in ("unet", "mlp"), "model.fourier_features",
+           f"[] for model.kind = {m.kind!r} (Fourier input features are built for unet and mlp)", ff)
+    _check(not m.learned_variance or m.kind in ("unet", "mlp"), "model.learned_variance",
+           f"false for model.kind = {m.kind!r} (learned variances are built for unet and mlp)", m.learned_variance)
+    _check(not m.learned_variance or lo.objective == "discrete", "model.learned_variance",
+           f"false with loss.objective = {lo.objective!r} (the hybrid loss is a discrete-time objective)",
+           m.learned_variance)
+    _check(0.0 <= lo.vlb_weight <= 1e3, "loss.vlb_weight", "in [0, 1000]", lo.vlb_weight)
+
+
 def _validate_img2img(cfg: Config) -> None:
     """The keys of the image-to-image family (``families.img2img``)."""
     ii = cfg.img2img
@@ -664,8 +690,12 @@ def _validate(cfg: Config) -> None:
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(f"data.name = {d.name!r} is not a dataset; {hint}choose one of {', '.join(DATASET_NAMES)}")
     _check(d.seed >= 0, "data.seed", ">= 0", d.seed)
-    _check(d.image_size == 0 or 8 <= d.image_size <= MAX_IMAGE_SIZE, "data.image_size",
-           f"0 (the dataset's own) or in 8..{MAX_IMAGE_SIZE}", d.image_size)
+    if d.name == "mnist":
+        _check(d.image_size in MNIST_SIZES, "data.image_size", "0 or 28 (MNIST's own 28x28), 14 or 7 (average-pooled "
+               "by 2 or 4, the low-resolution stage of a cascade)", d.image_size)
+    else:
+        _check(d.image_size == 0 or 8 <= d.image_size <= MAX_IMAGE_SIZE, "data.image_size",
+               f"0 (the dataset's own) or in 8..{MAX_IMAGE_SIZE}", d.image_size)
     _check(d.channels in (0, 1, 3), "data.channels", "0 (inferred from the images), 1 or 3", d.channels)
     if d.hflip and d.name not in IMAGE_DATASETS:
         raise ConfigError(f"data.hflip = true mirrors images, but data.name = {d.name!r} is points, not images; "
@@ -684,6 +714,7 @@ def _validate(cfg: Config) -> None:
     _check(0 < m.hidden <= MAX_WIDTH * 16, "model.hidden", f"in 1..{MAX_WIDTH * 16}", m.hidden)
     _check(1 <= m.depth <= 64, "model.depth", "in 1..64", m.depth)
     _check(1 <= m.norm_groups <= MAX_WIDTH, "model.norm_groups", f"in 1..{MAX_WIDTH}", m.norm_groups)
+    _validate_likelihood_model(m, lo)
     _check(1 <= df.T <= MAX_SAMPLE_STEPS, "diffusion.T", f"in 1..{MAX_SAMPLE_STEPS}", df.T)
     _check(0.0 < df.beta_start < 1.0, "diffusion.beta_start", "in (0, 1)", df.beta_start)
     _check(df.beta_start < df.beta_end < 1.0, "diffusion.beta_end", f"in (beta_start = {df.beta_start}, 1)",

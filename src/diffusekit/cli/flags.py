@@ -145,6 +145,11 @@ def _sample(sub) -> None:
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the network (eager, with a warning, where the backend is missing) "
                         "(default: the run's sample.compile)")
+    p.add_argument("--then", type=Path, default=None, metavar="SR_RUN",
+                   help="a cascade: upsample the samples with this super-resolution image-to-image run (model.kind "
+                        "img2img trained for superres; its own sampler, one noise stream per seed) (default: none)")
+    p.add_argument("--then-steps", type=int, default=0, metavar="N",
+                   help="--then: ancestral steps of the super-resolution stage, 0 = its T (default: 0)")
     ema = p.add_mutually_exclusive_group()
     ema.add_argument("--ema", dest="ema", action="store_true", default=True, help="use the EMA weights (the default)")
     ema.add_argument("--no-ema", dest="ema", action="store_false",

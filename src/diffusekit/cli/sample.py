@@ -26,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
     names = {**flag_names(SAMPLER_FLAGS), "seeds": "--seeds", "batch_size": "--batch-size", "use_ema": "--no-ema",
              "classes": "--classes", "precision": "--precision", "compile": "--compile"}
     result = sample_run(args.run, overrides, request, settings_file=args.settings, out=args.out, names=names,
-                        device=device_from_flag(args.device), progress=not args.no_progress)
+                        device=device_from_flag(args.device), progress=not args.no_progress, then=args.then,
+                        then_steps=args.then_steps)
     note = f" ({result.samples.note})" if result.samples.note else ""
     print(f"{len(result.settings.seeds)} samples in {result.seconds:.1f} s -> {result.out}{note}")
     return 0

@@ -25,7 +25,7 @@ from diffusekit.data.toys import TOYS, make_toy
 from diffusekit.errors import ConfigError
 from diffusekit.oracle import default_mixture
 
-__all__ = ["DATASETS", "GMM_DIM", "folder_split", "load_dataset", "resolved_data_config", "split_seed"]
+__all__ = ["DATASETS", "GMM_DIM", "folder_split", "load_dataset", "pooled", "resolved_data_config", "split_seed"]
 
 DATASETS = ("digits", "mnist", "photos", *TOYS, "gmm", "folder")
 GMM_DIM = 2  # dimension of the oracle mixture behind data.name = "gmm"
@@ -58,6 +58,19 @@ def _gmm(n: int, seed: int, split: str) -> ArrayDataset:
     return ArrayDataset(x, None, levels=None, num_classes=0, name=f"gmm-{split}")
 
 
+def pooled(data: ArrayDataset, factor: int) -> ArrayDataset:
+    """Images average-pooled by ``factor`` (each pixel the mean of a factor x factor block: the ``A`` of
+    super-resolution in ``sampling/restore.py``, so a low-resolution model learns exactly the distribution
+    a super-resolution run is conditioned on). The mean of f^2 values on a grid of L levels lies on a grid
+    of f^2 (L - 1) + 1 levels over the same range, which the likelihood bound bins by."""
+    if factor == 1:
+        return data
+    x = torch.nn.functional.avg_pool2d(data.x.to(torch.float64), factor).to(torch.float32)
+    levels = None if data.levels is None else factor**2 * (data.levels - 1) + 1
+    return ArrayDataset(x, data.labels, levels=levels, num_classes=data.num_classes,
+                        name=f"{data.name}-{x.shape[-1]}x{x.shape[-2]}")
+
+
 def load_dataset(cfg, split: Literal["train", "test"]) -> ArrayDataset:
     """The ``split`` of the dataset named by ``cfg.name`` (a ``DataConfig``)."""
     if split not in _SPLIT_ID:
@@ -66,7 +79,7 @@ def load_dataset(cfg, split: Literal["train", "test"]) -> ArrayDataset:
     if name == "digits":
         return load_digits(split)
     if name == "mnist":
-        return load_mnist(split)
+        return pooled(load_mnist(split), 28 // cfg.image_size if cfg.image_size else 1)
     n = cfg.n_train if split == "train" else cfg.n_test
     if name == "photos":
         return load_photos(split, cfg.image_size or PHOTO_PATCH_SIZE, n, split_seed(cfg.seed, split))

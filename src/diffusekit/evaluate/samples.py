@@ -14,9 +14,15 @@ from diffusekit.data.registry import load_dataset
 from diffusekit.evaluate.quality import image_quality, pixel_quality, vector_quality
 from diffusekit.oracle import default_mixture
 
-__all__ = ["score_samples", "FEATURE_DATASETS"]
+__all__ = ["FEATURE_DATASETS", "has_feature_net", "score_samples"]
 
 FEATURE_DATASETS = ("digits", "mnist")  # the datasets with a feature network (``evaluate.features``)
+
+
+def has_feature_net(data_cfg) -> bool:
+    """Whether images of the dataset of ``data_cfg`` have a feature network: digits and MNIST at 28x28
+    (MNIST average-pooled to 14x14 or 7x7 has none)."""
+    return data_cfg.name in FEATURE_DATASETS and (data_cfg.name != "mnist" or data_cfg.image_size in (0, 28))
 
 
 def score_samples(x: Tensor, data_cfg, test: ArrayDataset, levels: int | None,
@@ -26,9 +32,11 @@ def score_samples(x: Tensor, data_cfg, test: ArrayDataset, levels: int | None,
     if x.ndim != 4:
         oracle = default_mixture(x.shape[1]) if data_cfg.name == "gmm" else None
         return vector_quality(x, test.x, oracle=oracle)
-    if data_cfg.name in FEATURE_DATASETS:
+    pooled = data_cfg.name == "mnist" and data_cfg.image_size not in (0, 28)
+    if has_feature_net(data_cfg):
         return image_quality(x, data_cfg.name, levels=levels, labels=labels)
-    space = f"pixels (no feature network for data.name = {data_cfg.name!r})"
+    space = (f"pixels (the MNIST feature network reads 28x28, not data.image_size = {data_cfg.image_size})" if pooled
+             else f"pixels (no feature network for data.name = {data_cfg.name!r})")
     if test.x.shape[0] < 2:
         return {"feature_space": space, "skipped": f"the {test.name} split has {test.x.shape[0]} image(s); "
                 "pixel-space distances need at least 2"}

@@ -50,7 +50,7 @@ from diffusekit.data.images import read_image
 from diffusekit.data.registry import load_dataset
 from diffusekit.errors import ConfigError, DataError
 from diffusekit.evaluate.features import evaluate_accuracy, load_feature_net
-from diffusekit.evaluate.samples import FEATURE_DATASETS
+from diffusekit.evaluate.samples import has_feature_net
 from diffusekit.families import read_run
 from diffusekit.families.img2img import sample_img2img
 from diffusekit.io.atomic import OutputFolder, atomic_write_bytes, atomic_write_text
@@ -413,7 +413,7 @@ def _restore_all(run, settings: RestoreSettings, x: Tensor, y_all: Tensor, op, k
 def _classifier_accuracy(run, restored: Tensor, x: Tensor, degraded: Tensor, labels: Tensor) -> dict[str, float]:
     """Accuracy of the dataset's own classifier on restored / original / degraded images, if it has one."""
     name = run.cfg.data.name
-    if name not in FEATURE_DATASETS or (labels < 0).any():
+    if not has_feature_net(run.cfg.data) or (labels < 0).any():
         return {}
     net = load_feature_net(name)
     S = restored.shape[1]

@@ -27,6 +27,7 @@ from diffusekit.errors import ConfigError
 from diffusekit.families import Family, families_taking, read_run
 from diffusekit.families.base import CONDITIONING_FLAGS, Model, SampleRequest, Samples, check_labels_and_guidance
 from diffusekit.io.atomic import OutputFolder, atomic_write_bytes, atomic_write_text, read_input_file
+from diffusekit.runs.cascade import open_upsampler
 from diffusekit.runs.grids import tuned_settings
 from diffusekit.sampling.catalog import TUNED_GRID
 from diffusekit.sampling.generate import check_finite
@@ -102,16 +103,30 @@ def check_size(n: int, data_shape: Sequence[int], flag: str = "--seeds") -> None
                           f"(at most {MAX_SAMPLE_BYTES / 2**30:.0f} GiB); sample in smaller calls")
 
 
+def _then_from_extra(settings_file: Path) -> tuple[str | None, int]:
+    """The second stage (run, steps) an earlier cascade's ``settings.json`` recorded, if any."""
+    then = json.loads(read_input_file(settings_file, "settings file", flag="--settings")).get("extra", {}).get("then")
+    if not isinstance(then, dict) or not isinstance(then.get("run"), str):
+        return None, 0
+    steps = then.get("steps", 0)
+    return then["run"], steps if isinstance(steps, int) and not isinstance(steps, bool) else 0
+
+
 def sample_run(run: Path | str, overrides: dict[str, Any] | None = None, request: SampleRequest | None = None,
                settings_file: Path | None = None, out: Path | None = None, names: dict[str, str] | None = None,
-               device: str | torch.device = "cpu", progress: bool = True) -> SampleResult:
+               device: str | torch.device = "cpu", progress: bool = True, then: Path | str | None = None,
+               then_steps: int = 0) -> SampleResult:
     """Sample run folder ``run`` (see the module docstring). ``overrides`` are the settings the call gives
     (unset ones come from the run's ``[sample]``); ``names`` spell them for messages (``{"steps":
-    "--steps"}``); ``settings_file`` reproduces an earlier call instead."""
+    "--steps"}``); ``settings_file`` reproduces an earlier call instead. ``then``: a super-resolution
+    image-to-image run that upsamples the samples with ``then_steps`` steps (0 = its T), a cascade
+    (``runs.cascade``); the folder then also holds the first stage's ``low.npz`` and ``low_grid.png``."""
     overrides, request = dict(overrides or {}), request or SampleRequest()
     family, source = read_run(run)
     cfg = getattr(source, "cfg", None)
     if settings_file is not None:
+        if then is None:
+            then, then_steps = _then_from_extra(Path(settings_file))
         settings, request = read_settings_file(family, Path(settings_file), request)
         key = lambda f: f"--settings {settings_file}: {f}"  # noqa: E731
     else:
@@ -129,15 +144,27 @@ def sample_run(run: Path | str, overrides: dict[str, Any] | None = None, request
     if model.num_classes > 0 and settings.classes is None:  # every class in turn, recorded so settings.json reproduces
         settings = settings.replace(classes=list(range(model.num_classes)))
     check_size(len(settings.seeds), model.data_shape)
-    out = Path(out) if out is not None else model.source / model.sample_dir_name(settings)
+    upsampler = None
+    if then is not None:
+        if len(model.data_shape) != 3:
+            raise ConfigError(f"--then: {model.source} makes vectors of shape {tuple(model.data_shape)}, not images")
+        upsampler = open_upsampler(then, model.data_shape, then_steps, settings.use_ema, device)
+        check_size(len(settings.seeds), upsampler.model.data_shape)
+    name = model.sample_dir_name(settings) + (f"-then-{Path(then).name}" if then is not None else "")
+    out = Path(out) if out is not None else model.source / name
     folder = OutputFolder(out, "settings.json", "sample folder")
     try:
         t0 = time.time()
         samples = family.sample(model, settings, request, device, progress)
-        seconds = time.time() - t0
         check_finite(samples.x, "samples")
-        write_samples(samples.x, settings.seeds, folder.path, settings, model.levels,
-                      extra={**model.provenance(), **samples.extra}, nrow=samples.nrow)
+        x, extra, levels = samples.x, {**model.provenance(), **samples.extra}, model.levels
+        if upsampler is not None:
+            write_samples(x, settings.seeds, folder.path, settings, levels, nrow=samples.nrow, stem="low")
+            x = upsampler(x, settings.seeds, settings.batch_size, device, progress)
+            check_finite(x, "upsampled samples")
+            extra["then"], levels = upsampler.provenance(), upsampler.model.levels
+        seconds = time.time() - t0
+        write_samples(x, settings.seeds, folder.path, settings, levels, extra=extra, nrow=samples.nrow)
     except BaseException:
         folder.discard()
         raise
@@ -146,15 +173,21 @@ def sample_run(run: Path | str, overrides: dict[str, Any] | None = None, request
 
 
 def write_samples(x: Tensor, seeds: Sequence[int], out_dir: Path | str, settings: Any, levels: int | None = None,
-                  extra: dict[str, Any] | None = None, nrow: int | None = None) -> Path:
-    """Write samples to ``out_dir`` (each file atomically; see the module docstring for the files)."""
+                  extra: dict[str, Any] | None = None, nrow: int | None = None, stem: str = "") -> Path:
+    """Write samples to ``out_dir`` (each file atomically; see the module docstring for the files). With a
+    ``stem`` (a cascade's first stage): only ``<stem>_grid.png`` and ``<stem>.npz``."""
     x = x.detach().cpu()
     seeds = [int(s) for s in seeds]
     if x.shape[0] != len(seeds):
         raise ValueError(f"{x.shape[0]} samples but {len(seeds)} seeds")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_samples_figure(x, out / "grid.png", levels=levels, nrow=nrow)
+    save_samples_figure(x, out / (f"{stem}_grid.png" if stem else "grid.png"), levels=levels, nrow=nrow)
+    if stem:
+        buf = io.BytesIO()
+        np.savez(buf, x=x.to(torch.float32).numpy(), seeds=np.asarray(seeds, dtype=np.int64))
+        atomic_write_bytes(out / f"{stem}.npz", buf.getvalue())
+        return out
     if x.ndim == 4:
         for seed, img in zip(seeds, x):
             atomic_write_bytes(out / f"sample_{seed}.png", png_bytes(image_grid(img[None], pad=0, upscale=1,
