@@ -28,7 +28,8 @@ from diffusekit.gaussian import (
 )
 from diffusekit.schedules import DiscreteSchedule
 
-__all__ = ["prior_kl", "nats_to_bits_per_dim", "mean_flat", "sum_flat", "decoder_log_variance", "vlb_term",
+__all__ = ["prior_kl", "nats_to_bits_per_dim", "mean_flat", "sum_flat", "decoder_log_variance", "learned_log_variance",
+           "bound_term", "vlb_term",
            "BoundResult", "vlb_exact", "vlb_estimate", "stratum_edges", "fit_reverse_log_variances"]
 
 
@@ -81,12 +82,46 @@ def decoder_log_variance(schedule: DiscreteSchedule, variance: str | Tensor = "b
     return table
 
 
+def learned_log_variance(v: Tensor, t: Tensor, schedule: DiscreteSchedule) -> Tensor:
+    """log Sigma_theta = v log beta_t + (1 - v) log beta_tilde_t (Nichol & Dhariwal 2021, sec. 3.1, eq. 15),
+    elementwise for a network's output v; the two ends are the tables of ``decoder_log_variance``, so
+    v = 0 gives exactly the beta_tilde bound and v = 1 the beta bound (at t = 1 both ends are
+    beta_tilde_2, and the decoder's variance is not learned). v is not constrained to [0, 1]."""
+    low = extract(decoder_log_variance(schedule, "beta_tilde"), t, v)
+    high = extract(decoder_log_variance(schedule, "beta"), t, v)
+    return v * high + (1 - v) * low
+
+
+def bound_term(x0: Tensor, mean_q: Tensor, logvar_q: Tensor, mean_p: Tensor, logvar_p: Tensor, t: Tensor,
+               levels: int) -> Tensor:
+    """One term of the bound per example in nats summed over dimensions, given q(x_{t-1} | x_t, x_0) =
+    N(mean_q, e^logvar_q) and p_theta(x_{t-1} | x_t) = N(mean_p, e^logvar_p):
+    t >= 2: L_{t-1} = KL(q || p_theta), the exact Gaussian KL;
+    t = 1:  L_0 = -log p_theta(x_0 | x_1), a discretized Gaussian over ``levels`` values.
+    Differentiable: the hybrid loss (``losses.hybrid_loss``) trains on exactly this term."""
+    kl = gaussian_kl(mean_q, logvar_q, mean_p, logvar_p)
+    decoder_nll = -discretized_gaussian_log_likelihood(x0, mean_p, 0.5 * logvar_p, levels)
+    return torch.where((t == 1).to(x0.device), sum_flat(decoder_nll), sum_flat(kl))
+
+
+def reverse_log_variance(variance: str | Tensor, pred, t: Tensor, schedule: DiscreteSchedule, like: Tensor) -> Tensor:
+    """log sigma_t^2 of p_theta(x_{t-1} | x_t) shaped like ``like``: a fixed or fitted table
+    (``decoder_log_variance``), or "learned", the network's own (``learned_log_variance`` of its v)."""
+    if isinstance(variance, str) and variance == "learned":
+        if pred.variance_v is None:
+            raise ValueError("variance 'learned' needs a network trained with learned variances "
+                             "(model.learned_variance = true)")
+        return learned_log_variance(pred.variance_v, t, schedule)
+    return extract(decoder_log_variance(schedule, variance), t, like).expand_as(like)
+
+
 @torch.no_grad()
 def vlb_term(denoiser, x0: Tensor, t: Tensor, schedule: DiscreteSchedule, noise: Tensor, levels: int,
              variance: str | Tensor = "beta_tilde", cond: dict | None = None) -> Tensor:
     """One term of the bound per example (t may differ per example), in nats summed over dimensions:
     t >= 2: L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t)) at x_t ~ q(x_t|x_0);
-    t = 1:  L_0 = -log p_theta(x_0|x_1), a discretized Gaussian over ``levels`` values."""
+    t = 1:  L_0 = -log p_theta(x_0|x_1), a discretized Gaussian over ``levels`` values.
+    ``variance``: beta_tilde, beta, a table of T + 1 log-variances, or learned (the network's v)."""
     return _vlb_terms(denoiser, x0, t, schedule, noise, levels, [variance], cond)[0]
 
 
@@ -98,14 +133,9 @@ def _vlb_terms(denoiser, x0: Tensor, t: Tensor, schedule: DiscreteSchedule, nois
     pred = denoiser(x_t, schedule.logsnr[t].to(x0.device), cond)
     mean_p, _, _ = posterior_mean_variance(pred.x0, x_t, t, schedule)
     mean_q, var_q, _ = posterior_mean_variance(x0, x_t, t, schedule)
-    first = (t == 1).to(x0.device)
-    out = []
-    for variance in variances:
-        logvar_p = extract(decoder_log_variance(schedule, variance), t, x0).expand_as(x0)
-        kl = gaussian_kl(mean_q, torch.log(var_q.clamp_min(1e-300)), mean_p, logvar_p)
-        decoder_nll = -discretized_gaussian_log_likelihood(x0, mean_p, 0.5 * logvar_p, levels)
-        out.append(torch.where(first, sum_flat(decoder_nll), sum_flat(kl)))
-    return out
+    logvar_q = torch.log(var_q.clamp_min(1e-300))
+    return [bound_term(x0, mean_q, logvar_q, mean_p, reverse_log_variance(variance, pred, t, schedule, x0), t, levels)
+            for variance in variances]
 
 
 @torch.no_grad()

@@ -49,12 +49,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffusekit.gaussian import q_sample
-from diffusekit.likelihood import mean_flat
+from diffusekit.gaussian import posterior_mean_variance, q_sample
+from diffusekit.likelihood import bound_term, learned_log_variance, mean_flat
 from diffusekit.parameterization import Denoiser, from_eps_x0, scales_from_logsnr
 from diffusekit.schedules import DiscreteSchedule
 
-__all__ = ["WEIGHTINGS", "log_kind_factor", "log_weight", "sample_timesteps", "diffusion_loss"]
+__all__ = ["WEIGHTINGS", "log_kind_factor", "log_weight", "sample_timesteps", "diffusion_loss", "vlb_loss_term",
+           "hybrid_loss"]
 
 Weighting = Literal["simple", "snr", "x0", "v", "min_snr", "truncated_snr", "elbo"]
 WEIGHTINGS: tuple[str, ...] = ("simple", "snr", "x0", "v", "min_snr", "truncated_snr", "elbo")
@@ -121,11 +122,50 @@ def diffusion_loss(denoiser: Denoiser, x0: Tensor, t: Tensor, schedule: Discrete
     logsnr = schedule.logsnr[t.cpu()].to(x0.device)
     x_t = q_sample(x0, t.cpu(), schedule, noise)
     raw = denoiser.raw(x_t, logsnr, cond)
+    return _weighted_error(denoiser.kind, raw, x0, t, schedule, noise, logsnr, weighting, gamma)
+
+
+def _weighted_error(kind: str, raw: Tensor, x0: Tensor, t: Tensor, schedule: DiscreteSchedule, noise: Tensor,
+                    logsnr: Tensor, weighting: str, gamma: float) -> Tensor:
+    """w(lambda) c_kind(lambda) mean_dims (raw - target)^2 per example (the module docstring)."""
     alpha, sigma = scales_from_logsnr(logsnr, x0)
-    target = from_eps_x0(denoiser.kind, noise, x0, alpha, sigma)
+    target = from_eps_x0(kind, noise, x0, alpha, sigma)
     log_factor = log_weight(weighting, logsnr.double(), gamma=gamma, schedule=schedule, t=t) + \
-        log_kind_factor(denoiser.kind, logsnr.double())
+        log_kind_factor(kind, logsnr.double())
     # the weight and the mean-squared error are reduced in fp32 at least: under fp16/bf16 autocast the
     # network may run in half precision, but the loss reduction stays in float32
     acc = torch.promote_types(x0.dtype, torch.float32)
     return torch.exp(log_factor).to(acc) * mean_flat((raw.to(acc) - target.to(acc)) ** 2)
+
+
+def vlb_loss_term(pred, x0: Tensor, x_t: Tensor, t: Tensor, schedule: DiscreteSchedule, levels: int) -> Tensor:
+    """The bound's term at t per example, in nats summed over dimensions, with the network's learned
+    variance and its mean held fixed (Nichol & Dhariwal 2021, sec. 3.1: "we apply a stop-gradient to the
+    mu_theta(x_t, t) output for the L_vlb term"): the exact Gaussian KL L_{t-1} for t >= 2 and the
+    discretized decoder's L_0 at t = 1, by the same ``likelihood.bound_term`` that the evaluated bound
+    (``likelihood.vlb_exact`` with variance "learned") uses, so only v receives its gradient."""
+    mean_p, _, _ = posterior_mean_variance(pred.x0.detach(), x_t, t, schedule)
+    mean_q, var_q, _ = posterior_mean_variance(x0, x_t, t, schedule)
+    logvar_p = learned_log_variance(pred.variance_v, t, schedule)
+    return bound_term(x0, mean_q, torch.log(var_q.clamp_min(1e-300)), mean_p, logvar_p, t, levels)
+
+
+def hybrid_loss(denoiser: Denoiser, x0: Tensor, t: Tensor, schedule: DiscreteSchedule, noise: Tensor, levels: int,
+                weighting: str = "simple", *, vlb_weight: float = 0.001, cond: dict | None = None,
+                gamma: float = 5.0) -> Tensor:
+    """L_hybrid = L_simple + lambda L_vlb per example, shape (B,) (Nichol & Dhariwal 2021, sec. 3.1, eq. 16,
+    lambda = 0.001), for a learned-variance denoiser (``Denoiser(..., learned_variance=True)``).
+
+    The first part is ``diffusion_loss``'s weighted error of the prediction ("simple": L_simple). L_vlb =
+    L_0 + ... + L_{T-1} is estimated at the example's t as T L_{t-1} (``vlb_loss_term``, stop-gradient on
+    the mean) in bits per dimension, the unit of Nichol & Dhariwal's code, where with T = 1000 this is
+    lambda T = 1 times the term; the parameter-free prior term L_T is left out."""
+    logsnr = schedule.logsnr[t.cpu()].to(x0.device)
+    x_t = q_sample(x0, t.cpu(), schedule, noise)
+    pred = denoiser(x_t, logsnr, cond)
+    if pred.variance_v is None:
+        raise ValueError("hybrid_loss needs a learned-variance denoiser (model.learned_variance = true)")
+    simple = _weighted_error(denoiser.kind, pred.raw, x0, t, schedule, noise, logsnr, weighting, gamma)
+    vlb = vlb_loss_term(pred, x0, x_t, t.cpu(), schedule, levels)
+    dims = x0[0].numel()
+    return simple + (vlb_weight * schedule.T / (dims * math.log(2.0))) * vlb.to(simple.dtype)

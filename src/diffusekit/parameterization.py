@@ -141,6 +141,7 @@ class Prediction:
     x0: Tensor
     raw: Tensor
     kind: str
+    variance_v: Tensor | None = None  # a learned-variance network's v (``likelihood.learned_log_variance``)
 
 
 class DenoiserFn(Protocol):
@@ -159,27 +160,44 @@ class Denoiser(nn.Module):
 
     ``cond`` is passed to the network as keyword arguments: a dict such as
     {"class_labels": y} or {"context": tokens}; None passes nothing.
+
+    ``learned_variance``: the network outputs twice x's channels (dim 1), the prediction of ``kind``
+    and then v, the interpolation weight of the reverse variance (Nichol & Dhariwal 2021, sec. 3.1);
+    ``raw`` returns the prediction alone and ``forward`` carries v as ``Prediction.variance_v``.
     """
 
-    def __init__(self, net: nn.Module, kind: PredictionKind = "eps"):
+    def __init__(self, net: nn.Module, kind: PredictionKind = "eps", learned_variance: bool = False):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown prediction kind {kind!r}; choose one of {KINDS}")
         self.net = net
         self.kind = kind
+        self.learned_variance = learned_variance
+
+    def raw_and_variance(self, x_t: Tensor, logsnr: Tensor, cond: dict | None = None) -> tuple[Tensor, Tensor | None]:
+        """The network's own output in x_t's dtype (a network run under bf16/fp16 autocast,
+        ``diffusekit.speed``, hands the losses and samplers fp32), split into (prediction, v) for a
+        learned-variance network, (output, None) otherwise."""
+        c_noise = logsnr.to(x_t.dtype).expand(x_t.shape[0]).to(x_t.device)
+        out = self.net(x_t, c_noise, **(cond or {})).to(x_t.dtype)
+        if not self.learned_variance:
+            return out, None
+        if out.ndim < 2 or out.shape[1] != 2 * x_t.shape[1]:
+            raise ValueError(f"a learned-variance network must output {2 * x_t.shape[1]} channels (dim 1: the "
+                             f"prediction, then v) for x_t of shape {tuple(x_t.shape)}, got {tuple(out.shape)}")
+        pred, v = out.chunk(2, dim=1)
+        return pred, v
 
     def raw(self, x_t: Tensor, logsnr: Tensor, cond: dict | None = None) -> Tensor:
-        """The network's own output (used by losses, which compare in the native space), in x_t's dtype: a
-        network run under bf16/fp16 autocast (``diffusekit.speed``) hands the losses and samplers fp32."""
-        c_noise = logsnr.to(x_t.dtype).expand(x_t.shape[0]).to(x_t.device)
-        return self.net(x_t, c_noise, **(cond or {})).to(x_t.dtype)
+        """The network's prediction of ``kind`` (used by losses, which compare in the native space)."""
+        return self.raw_and_variance(x_t, logsnr, cond)[0]
 
     def forward(self, x_t: Tensor, logsnr: Tensor, cond: dict | None = None) -> Prediction:
-        out = self.raw(x_t, logsnr, cond)
+        out, v = self.raw_and_variance(x_t, logsnr, cond)
         if logsnr.numel() == 1:  # one noise level for the batch (samplers): scalar scales, no tensor ops
             lam = float(logsnr)
             alpha, sigma = math.sqrt(_sigmoid(lam)), math.sqrt(_sigmoid(-lam))
         else:
             alpha, sigma = scales_from_logsnr(logsnr.expand(x_t.shape[0]), x_t)
         eps, x0 = to_eps_x0(self.kind, out, x_t, alpha, sigma)
-        return Prediction(eps=eps, x0=x0, raw=out, kind=self.kind)
+        return Prediction(eps=eps, x0=x0, raw=out, kind=self.kind, variance_v=v)

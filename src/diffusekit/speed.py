@@ -110,7 +110,8 @@ def compiled_denoiser(denoiser: DenoiserFn, backend: str | Callable = "inductor"
                       "runs eagerly", RuntimeWarning, stacklevel=3)
         return denoiser
     net = CompiledOrEager(denoiser.net, "sample.compile", backend)  # held as a plain attribute: nothing is copied
-    return Denoiser(net, denoiser.kind).train(denoiser.training)  # type: ignore[arg-type]
+    return Denoiser(net, denoiser.kind,  # type: ignore[arg-type]
+                    learned_variance=denoiser.learned_variance).train(denoiser.training)
 
 
 class FastDenoiser:
@@ -126,7 +127,9 @@ class FastDenoiser:
         with autocast(x_t.device, self.precision):
             pred = self.call(x_t, logsnr, cond)
         dtype = x_t.dtype
-        return dataclasses.replace(pred, eps=pred.eps.to(dtype), x0=pred.x0.to(dtype), raw=pred.raw.to(dtype))
+        v = None if pred.variance_v is None else pred.variance_v.to(dtype)
+        return dataclasses.replace(pred, eps=pred.eps.to(dtype), x0=pred.x0.to(dtype), raw=pred.raw.to(dtype),
+                                   variance_v=v)
 
     def __getattr__(self, name: str) -> Any:
         if name in ("denoiser", "precision", "call"):

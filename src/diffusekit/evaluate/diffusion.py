@@ -34,6 +34,7 @@ import torch
 
 from diffusekit.continuous import continuous_bound
 from diffusekit.data.registry import load_dataset
+from diffusekit.errors import ConfigError
 from diffusekit.evaluate.baselines import categorical_baseline, gaussian_baseline
 from diffusekit.evaluate.samples import score_samples
 from diffusekit.io.atomic import atomic_write_text
@@ -51,10 +52,14 @@ FIT_VALUES = 8192  # the reverse variances are fitted on ceil(FIT_VALUES / dims)
 
 def bound(run, test, exact: bool, n_strata: int, seed: int, progress: bool, variance: str = "fitted",
           out_dir: Path | None = None) -> dict[str, Any]:
-    """The discrete bound on ``test`` in bits/dim (fitted or fixed reverse variances), its baselines and,
-    for a class-conditional model, the conditional bound; the fitted variances go to ``out_dir``."""
+    """The discrete bound on ``test`` in bits/dim (fitted, fixed or the network's learned reverse variances),
+    its baselines and, for a class-conditional model, the conditional bound; the fitted variances go to
+    ``out_dir``."""
     if run.levels is None:
         return {"skipped": "continuous data: the discrete bound needs data on a finite number of levels"}
+    if variance == "learned" and not run.cfg.model.learned_variance:
+        raise ConfigError("--variance learned needs a run trained with model.learned_variance = true; this run has "
+                          "fixed variances (use fitted, beta_tilde or beta)")
     n_strata = min(n_strata, run.schedule.T)  # more strata than steps: one stratum per t (the mode says how many)
     train = load_dataset(run.cfg.data, "train")
     x = test.x
@@ -76,7 +81,7 @@ def bound(run, test, exact: bool, n_strata: int, seed: int, progress: bool, vari
     else:
         bound = vlb_estimate(run.denoiser, x, run.schedule, run.levels, n_strata=n_strata, seed=seed,
                              variance=table, progress=progress,
-                             compare_variance="beta_tilde" if variance == "fitted" else None)
+                             compare_variance="beta_tilde" if variance in ("fitted", "learned") else None)
     conditional = None
     if run.cfg.model.num_classes > 0 and test.labels is not None:  # -log p(x | y): the same t, noise and variances
         cond = {"class_labels": test.labels}

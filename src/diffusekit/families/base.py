@@ -187,7 +187,7 @@ class EvaluateSettings:
     split: str = "test"
     exact: bool = False
     strata: int = 50
-    variance: str = "fitted"
+    variance: str | None = None  # None: "learned" for a run with model.learned_variance, else "fitted"
     n_samples: int | None = None
     sampler: str | None = None
     steps: int | None = None
@@ -211,7 +211,8 @@ class EvaluateSettings:
              unknown[0] if unknown else self.metrics),
             ("--split", self.split in ("train", "test"), "'train' or 'test'", self.split),
             ("--strata", integer(self.strata) and 1 <= self.strata <= MAX_STRATA, f"in 1..{MAX_STRATA}", self.strata),
-            ("--variance", self.variance in BOUND_VARIANCES, f"one of {', '.join(BOUND_VARIANCES)}", self.variance),
+            ("--variance", self.variance is None or self.variance in BOUND_VARIANCES,
+             f"one of {', '.join(BOUND_VARIANCES)}", self.variance),
             ("--n-samples", self.n_samples is None or (integer(self.n_samples) and 2 <= self.n_samples <= MAX_SAMPLES),
              f"in 2..{MAX_SAMPLES}", self.n_samples),
             ("--steps", self.steps is None or (integer(self.steps) and self.steps >= 0), ">= 0", self.steps),

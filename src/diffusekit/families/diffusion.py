@@ -31,7 +31,7 @@ from diffusekit.families.base import (
 )
 from diffusekit.io.checkpoint import check_state, load_module_state
 from diffusekit.io.runfolder import RunCheckpoint
-from diffusekit.losses import diffusion_loss, sample_timesteps
+from diffusekit.losses import diffusion_loss, hybrid_loss, sample_timesteps
 from diffusekit.nn.build import build_network
 from diffusekit.parameterization import Denoiser, DenoiserFn
 from diffusekit.sampling.generate import generate
@@ -91,17 +91,21 @@ def grid_columns(period: int) -> int | None:
 
 
 class DiffusionObjective:
-    """The discrete-time denoising loss of ``[loss]`` for a network predicting ``model.prediction``."""
+    """The discrete-time denoising loss of ``[loss]`` for a network predicting ``model.prediction``; with
+    ``model.learned_variance``, the hybrid loss L_simple + ``loss.vlb_weight`` L_vlb (``losses.hybrid_loss``)."""
 
     def __init__(self, cfg: Config, data: ArrayDataset):
         check_class_labels(cfg, data)
-        self.cfg, self.data_shape = cfg, tuple(data.shape)
+        if cfg.model.learned_variance and data.levels is None:
+            raise ConfigError(f"model.learned_variance = true needs data on discrete levels (its L_vlb term at t = 1 "
+                              f"is the discretized decoder); data.name = {cfg.data.name!r} is continuous")
+        self.cfg, self.data_shape, self.levels = cfg, tuple(data.shape), data.levels
         self.schedule = build_schedule(cfg.diffusion)
         self.module = build_network(cfg.model, self.data_shape)
         self.kind = cfg.model.prediction
 
     def denoiser(self, module: nn.Module) -> Denoiser:
-        return Denoiser(module, self.kind)
+        return Denoiser(module, self.kind, learned_variance=self.cfg.model.learned_variance)
 
     def loss(self, module: nn.Module, x0: Tensor, labels: Tensor | None, generator: torch.Generator,
              extra_cond: dict | None = None) -> Tensor:
@@ -112,6 +116,9 @@ class DiffusionObjective:
         lc = self.cfg.loss
         t = sample_timesteps(x0.shape[0], self.schedule.T, generator, lc.t_sampling)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        if self.cfg.model.learned_variance:
+            return hybrid_loss(self.denoiser(module), x0, t, self.schedule, noise, self.levels, lc.weighting,
+                               vlb_weight=lc.vlb_weight, cond=cond, gamma=lc.min_snr_gamma)
         return diffusion_loss(self.denoiser(module), x0, t, self.schedule, noise, lc.weighting, cond=cond,
                               gamma=lc.min_snr_gamma)
 
@@ -156,7 +163,7 @@ def load(rc: RunCheckpoint, use_ema: bool = True, device: str | torch.device = "
     """A discrete-time run's denoiser and schedule from its newest checkpoint."""
     cfg, data_shape, ckpt = rc.cfg, rc.data_shape, rc.path
     net = load_network(rc, *rc.weights(use_ema))
-    denoiser = Denoiser(net, cfg.model.prediction).to(device).eval()
+    denoiser = Denoiser(net, cfg.model.prediction, learned_variance=cfg.model.learned_variance).to(device).eval()
     return DiffusionModel(rc.run_dir, cfg, data_shape, rc.levels, rc.step, ckpt, denoiser=denoiser,
                           schedule=build_schedule(cfg.diffusion))
 
@@ -181,6 +188,7 @@ def evaluate(model: DiffusionModel, settings: EvaluateSettings, out_dir: Path, p
     """The bound (and the continuous bound of a continuous run), the PF-ODE likelihood and the sample
     quality of ``settings.metrics``, with pictures written to ``out_dir``."""
     test = load_dataset(model.cfg.data, settings.split)
+    variance = settings.variance or ("learned" if model.cfg.model.learned_variance else "fitted")
     n = settings.n_samples or DEFAULT_QUALITY_SAMPLES
     sampling = evaluation_sample_settings(model, settings, n)
     sampling.check(settings.key, T=model.schedule.T)
@@ -189,14 +197,14 @@ def evaluate(model: DiffusionModel, settings: EvaluateSettings, out_dir: Path, p
         "run": str(model.source), "step": model.step, "split": settings.split, "data": model.cfg.data.name,
         "seed": settings.seed, "settings": {  # everything needed to repeat this evaluation
             "metrics": list(settings.metrics), "exact": settings.exact, "n_strata": settings.strata,
-            "variance": settings.variance, "n_samples": n, "ode_examples": settings.ode_examples,
+            "variance": variance, "n_samples": n, "ode_examples": settings.ode_examples,
             "trace": settings.trace, "ode_rtol": settings.ode_rtol, "ode_atol": settings.ode_atol,
             "sampling": {**sampling.to_dict(), "seeds": f"{settings.seed}-{settings.seed + n - 1}"}}}
     samples = None
     with torch.random.fork_rng():
         if "bpd" in settings.metrics:
             result["bpd"] = metrics.bound(model, test, settings.exact, settings.strata, settings.seed, progress,
-                                          settings.variance, out_dir)
+                                          variance, out_dir)
             if model.logsnr_schedule is not None:  # continuous-time run: the bound it trained on
                 result["bpd"]["continuous"] = metrics.continuous_bound_summary(model, test, settings.seed, progress)
         if "nll_ode" in settings.metrics:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusekit.nn.embeddings import noise_and_class_embedding
+from diffusekit.nn.embeddings import input_fourier_features, noise_and_class_embedding
 from diffusekit.nn.unet import Downsample, UNet, encoder_path, zero_init
 
 __all__ = ["ControlNet", "ControlledUNet", "HintEncoder"]
@@ -66,6 +66,7 @@ class ControlNet(nn.Module):
         self.in_channels, self.hint_channels = base.in_channels, hint_channels
         self.levels, self.num_classes, self.image_size = base.levels, base.num_classes, base.image_size
         self.skip_specs = list(base._skip_specs)
+        self.fourier_exponents = base.fourier_exponents  # the copied conv_in reads the base's input features
         for name in ("time_embed", "time_mlp", "class_embed", "conv_in", "down", "mid1", "mid_attn", "mid2"):
             setattr(self, name, copy.deepcopy(getattr(base, name)))
         # the base's emb_proj serves encoder, middle and decoder blocks in that order: keep the first rows
@@ -93,7 +94,8 @@ class ControlNet(nn.Module):
         self._check_control(x, control)
         emb = noise_and_class_embedding(self, c_noise, class_labels, x.shape[0], "base UNet")
         gain_shift = iter(self.emb_proj(F.silu(emb)).split(self.emb_split, dim=1))
-        skips, middle = encoder_path(self, self.conv_in(x) + self.hint(control), gain_shift, context, context_mask)
+        h = self.conv_in(input_fourier_features(x, self.fourier_exponents)) + self.hint(control)
+        skips, middle = encoder_path(self, h, gain_shift, context, context_mask)
         return [conv(f) for conv, f in zip(self.zero_convs, skips + [middle])]
 
 

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["noise_and_class_embedding", 
+__all__ = ["noise_and_class_embedding", "input_fourier_features",
     "SinusoidalEmbedding",
     "FourierEmbedding",
     "make_time_embedding",
@@ -28,6 +28,21 @@ __all__ = ["noise_and_class_embedding",
 ]
 
 EmbeddingKind = Literal["sinusoidal", "fourier"]
+
+
+def input_fourier_features(x: Tensor, exponents: tuple[int, ...]) -> Tensor:
+    """x with sin(2^k pi x) and cos(2^k pi x) appended along dim 1 for every k of ``exponents`` (Kingma et
+    al. 2021, appendix C, "Fourier features": they let the network see the finest scales of the data).
+    Order: x, then sin and cos for the first k, then for the next; no exponents returns x itself. The
+    sines and cosines are computed in float32 at least (2^k pi x loses its fine digits in half precision)."""
+    if not exponents:
+        return x
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    feats = [x]
+    for k in exponents:
+        arg = (2.0**k * math.pi) * xf
+        feats += [torch.sin(arg).to(x.dtype), torch.cos(arg).to(x.dtype)]
+    return torch.cat(feats, dim=1)
 
 
 def noise_level_vector(c_noise: Tensor, batch_size: int, owner: str) -> Tensor:

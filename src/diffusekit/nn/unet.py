@@ -38,7 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusekit.nn.embeddings import EmbeddingKind, embedding_mlp, make_time_embedding, noise_and_class_embedding
+from diffusekit.nn.embeddings import (
+    EmbeddingKind,
+    embedding_mlp,
+    input_fourier_features,
+    make_time_embedding,
+    noise_and_class_embedding,
+)
 
 __all__ = ["unet_fit_problems", "UNet", "ResBlock", "AttentionBlock", "Downsample", "Upsample"]
 
@@ -246,6 +252,8 @@ class UNet(nn.Module):
     ``image_size`` fixes which levels get attention (``attn_resolutions`` are spatial sizes, as in
     DDPM) and the default of ``residual_shapes``; forward accepts any H, W divisible by
     2 ** (len(channel_mult) - 1). ``mid_attention=False`` drops the middle attention block.
+    ``fourier_exponents``: conv_in also reads sin/cos(2^k pi x) of the input for each k
+    (``embeddings.input_fourier_features``).
     """
 
     def __init__(
@@ -265,6 +273,7 @@ class UNet(nn.Module):
         norm_groups: int = 8,
         context_dim: int | None = None,
         mid_attention: bool = True,
+        fourier_exponents: Sequence[int] = (),
     ):
         super().__init__()
         levels = len(channel_mult)
@@ -279,6 +288,7 @@ class UNet(nn.Module):
         self.in_channels, self.image_size, self.levels = in_channels, image_size, levels
         self.out_channels = in_channels if out_channels is None else out_channels
         self.num_classes, self.context_dim = num_classes, context_dim
+        self.fourier_exponents = tuple(fourier_exponents)
         emb_dim = 4 * base_channels
 
         self.time_embed = make_time_embedding(time_embedding, base_channels)
@@ -293,7 +303,7 @@ class UNet(nn.Module):
             )
             return UNetLayer(ResBlock(c_in, c_out, norm_groups, dropout), attn)
 
-        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.conv_in = nn.Conv2d(in_channels * (1 + 2 * len(self.fourier_exponents)), base_channels, 3, padding=1)
         self.down = nn.ModuleList()
         skips = [(base_channels, 1)]  # (channels, downsampling factor) of each stored skip
         ch = base_channels
@@ -409,7 +419,8 @@ class UNet(nn.Module):
         emb = noise_and_class_embedding(self, c_noise, class_labels, batch, "UNet")
         gain_shift = iter(self.emb_proj(F.silu(emb)).split(self._emb_split, dim=1))
 
-        skips, h = encoder_path(self, self.conv_in(x), gain_shift, context, context_mask)
+        skips, h = encoder_path(self, self.conv_in(input_fourier_features(x, self.fourier_exponents)), gain_shift,
+                                context, context_mask)
         if residuals is not None:  # ControlNet: a new list, the caller's is left untouched
             skips = [s + r for s, r in zip(skips, residuals)]
             h = h + residuals[-1]

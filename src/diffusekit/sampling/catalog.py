@@ -94,7 +94,7 @@ VARIANCES: tuple[str, ...] = ("beta", "beta_tilde")
 
 # evaluation (``diffusekit evaluate``): what it measures, and the reverse variances of the discrete bound
 EVAL_METRICS: tuple[str, ...] = ("bpd", "fd", "nll_ode")
-BOUND_VARIANCES: tuple[str, ...] = ("fitted", "beta_tilde", "beta")
+BOUND_VARIANCES: tuple[str, ...] = ("fitted", "beta_tilde", "beta", "learned")  # learned: model.learned_variance runs
 
 # restoration (``diffusekit restore``, ``runs.restore``)
 RESTORE_TASKS: tuple[str, ...] = ("inpaint", "outpaint", "superres", "colorize", "blur", "saturation")
