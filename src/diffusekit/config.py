@@ -119,7 +119,11 @@ class LossConfig:
     weighting: Literal["simple", "x0", "v", "elbo", "snr", "min_snr", "truncated_snr", "sigmoid", "edm"] = "simple"
     sigmoid_bias: float = 2.0  # weighting = "sigmoid": w(lambda) = sigmoid(sigmoid_bias - lambda)
     min_snr_gamma: float = 5.0
+    # importance (objective = "discrete", model.kind = unet | mlp): t ~ p_t proportional to sqrt(E[L_t^2]), each
+    # example weighted by 1 / (T p_t) (Nichol & Dhariwal 2021, sec. 3.3; diffusekit.timestep_proposal)
     t_sampling: Literal["uniform", "stratified", "importance"] = "uniform"
+    importance_history: int = 10  # t_sampling = "importance": last per-example losses kept per t for E[L_t^2]
+    importance_uniform: float = 0.001  # t_sampling = "importance": share of the uniform distribution mixed into p_t
     vlb_weight: float = 0.001  # model.learned_variance only: lambda of the hybrid objective L_simple + lambda L_vlb
 
 
@@ -665,6 +669,16 @@ def _validate_likelihood_model(m: ModelConfig, lo: LossConfig) -> None:
     _check(0.0 <= lo.vlb_weight <= 1e3, "loss.vlb_weight", "in [0, 1000]", lo.vlb_weight)
 
 
+def _validate_time_sampling(m: ModelConfig, lo: LossConfig) -> None:
+    """loss.t_sampling = "importance" and its keys (``diffusekit.timestep_proposal``)."""
+    _check(1 <= lo.importance_history <= 1000, "loss.importance_history", "in 1..1000", lo.importance_history)
+    _check(0.0 < lo.importance_uniform <= 1.0, "loss.importance_uniform",
+           "in (0, 1] (the floor u / T on every p_t keeps the weights 1 / (T p_t) finite)", lo.importance_uniform)
+    if lo.t_sampling == "importance" and not (lo.objective == "discrete" and m.kind in ("unet", "mlp")):
+        raise ConfigError(f"loss.t_sampling = 'importance' is built for loss.objective = 'discrete' with model.kind "
+                          f"= 'unet' or 'mlp' (got {lo.objective!r}, {m.kind!r}); use uniform or stratified")
+
+
 def _validate_img2img(cfg: Config) -> None:
     """The keys of the image-to-image family (``families.img2img``)."""
     ii = cfg.img2img
@@ -722,6 +736,7 @@ def _validate(cfg: Config) -> None:
     _check(df.cosine_s >= 0.0, "diffusion.cosine_s", ">= 0", df.cosine_s)
     _check(lo.min_snr_gamma > 0.0, "loss.min_snr_gamma", "> 0", lo.min_snr_gamma)
     _validate_objective(df, lo)
+    _validate_time_sampling(m, lo)
     _check(0 < t.steps < 10**8, "train.steps", "in 1..99999999", t.steps)
     _check(0 < t.batch_size <= MAX_BATCH_SIZE, "train.batch_size", f"in 1..{MAX_BATCH_SIZE}", t.batch_size)
     _check(t.lr > 0.0, "train.lr", "> 0", t.lr)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Literal, Protocol
+from typing import Any, Callable, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +29,7 @@ from diffusekit.errors import CheckpointError, ConfigError
 from diffusekit.io.runfolder import RunCheckpoint, read_run_checkpoint
 from diffusekit.sampling.catalog import BOUND_VARIANCES, EVAL_METRICS
 
-__all__ = ["Objective", "Model", "SampleRequest", "Samples", "EvaluateSettings", "Evaluation", "Family",
+__all__ = ["Objective", "StatefulObjective", "Model", "SampleRequest", "Samples", "EvaluateSettings", "Evaluation", "Family",
            "CONDITIONING_FLAGS", "check_labels_and_guidance", "load_run_dependency", "check_student_architecture"]
 
 
@@ -50,6 +50,18 @@ class Objective(Protocol):
     def loss(self, module: nn.Module, x0: Tensor, labels: Tensor | None, generator: torch.Generator) -> Tensor: ...
 
     def preview(self, module: nn.Module, n: int, device: torch.device) -> Tensor: ...
+
+
+@runtime_checkable
+class StatefulObjective(Protocol):
+    """An ``Objective`` that keeps state of its own beyond the module (the discrete family's t history under
+    ``loss.t_sampling = "importance"``): the trainer writes ``state_tensors()`` into checkpoints under
+    ``objective.<name>`` and hands them back on resume to ``load_state_tensors(tensors, source)``, which
+    raises a one-line CheckpointError naming ``source`` when they do not fit."""
+
+    def state_tensors(self) -> dict[str, Tensor]: ...
+
+    def load_state_tensors(self, tensors: dict[str, Tensor], source: str) -> None: ...
 
 
 @dataclass

@@ -37,6 +37,8 @@ from diffusekit.parameterization import Denoiser, DenoiserFn
 from diffusekit.sampling.generate import generate
 from diffusekit.sampling.settings import SampleSettings
 from diffusekit.schedules import DiscreteSchedule, make_schedule
+from diffusekit.timestep_proposal import LossHistory
+from diffusekit.train.distributed import gather_tensors
 from diffusekit.viz import save_samples_figure
 
 __all__ = ["build_schedule", "check_class_labels", "drop_labels", "DiffusionObjective", "DiffusionModel", "load_network", "load",
@@ -92,7 +94,14 @@ def grid_columns(period: int) -> int | None:
 
 class DiffusionObjective:
     """The discrete-time denoising loss of ``[loss]`` for a network predicting ``model.prediction``; with
-    ``model.learned_variance``, the hybrid loss L_simple + ``loss.vlb_weight`` L_vlb (``losses.hybrid_loss``)."""
+    ``model.learned_variance``, the hybrid loss L_simple + ``loss.vlb_weight`` L_vlb (``losses.hybrid_loss``).
+
+    With ``loss.t_sampling = "importance"`` it keeps ``t_history``, the recent per-example losses at each t
+    (``timestep_proposal.LossHistory``), draws t from its proposal and weights each example by 1 / (T p_t),
+    as Nichol & Dhariwal's code does for the whole per-example loss (sec. 3.3); ``state_tensors`` /
+    ``load_state_tensors`` carry the history through checkpoints (``objective.t_history.*``)."""
+
+    t_history: LossHistory | None = None  # loss.t_sampling = "importance" only
 
     def __init__(self, cfg: Config, data: ArrayDataset):
         check_class_labels(cfg, data)
@@ -103,6 +112,25 @@ class DiffusionObjective:
         self.schedule = build_schedule(cfg.diffusion)
         self.module = build_network(cfg.model, self.data_shape)
         self.kind = cfg.model.prediction
+        lc = cfg.loss
+        if lc.t_sampling == "importance":
+            self.t_history = LossHistory(self.schedule.T, lc.importance_history, lc.importance_uniform)
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """What a checkpoint keeps of the objective beyond the module: the t history (importance only)."""
+        if self.t_history is None:
+            return {}
+        return {f"t_history.{k}": v for k, v in self.t_history.state_tensors().items()}
+
+    def load_state_tensors(self, tensors: dict[str, Tensor], source: str) -> None:
+        """Restore ``state_tensors`` (a one-line CheckpointError naming ``source`` when it does not fit)."""
+        if self.t_history is None:
+            return
+        try:
+            self.t_history.load_state_tensors({k[10:]: v for k, v in tensors.items() if k.startswith("t_history.")},
+                                              source)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
 
     def denoiser(self, module: nn.Module) -> Denoiser:
         return Denoiser(module, self.kind, learned_variance=self.cfg.model.learned_variance)
@@ -110,17 +138,28 @@ class DiffusionObjective:
     def loss(self, module: nn.Module, x0: Tensor, labels: Tensor | None, generator: torch.Generator,
              extra_cond: dict | None = None) -> Tensor:
         """Per-example losses at t drawn by ``loss.t_sampling`` (``losses.diffusion_loss``); ``extra_cond``
-        joins the labels in the network's conditioning (ControlNet's hint)."""
+        joins the labels in the network's conditioning (ControlNet's hint). Importance sampling returns them
+        weighted by 1 / (T p_t) and appends the unweighted ones of every rank to ``t_history``."""
         labels = drop_labels(labels, self.cfg, generator)
         cond = {**({"class_labels": labels} if labels is not None else {}), **(extra_cond or {})} or None
         lc = self.cfg.loss
-        t = sample_timesteps(x0.shape[0], self.schedule.T, generator, lc.t_sampling)
+        if self.t_history is not None:
+            t, weights = self.t_history.draw(x0.shape[0], generator)
+        else:
+            t = sample_timesteps(x0.shape[0], self.schedule.T, generator, lc.t_sampling)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
         if self.cfg.model.learned_variance:
-            return hybrid_loss(self.denoiser(module), x0, t, self.schedule, noise, self.levels, lc.weighting,
-                               vlb_weight=lc.vlb_weight, cond=cond, gamma=lc.min_snr_gamma)
-        return diffusion_loss(self.denoiser(module), x0, t, self.schedule, noise, lc.weighting, cond=cond,
-                              gamma=lc.min_snr_gamma)
+            losses = hybrid_loss(self.denoiser(module), x0, t, self.schedule, noise, self.levels, lc.weighting,
+                                 vlb_weight=lc.vlb_weight, cond=cond, gamma=lc.min_snr_gamma)
+        else:
+            losses = diffusion_loss(self.denoiser(module), x0, t, self.schedule, noise, lc.weighting, cond=cond,
+                                    gamma=lc.min_snr_gamma)
+        if self.t_history is None:
+            return losses
+        # every rank appends the same values in the same order, so the histories stay equal across ranks
+        self.t_history.update(torch.cat(gather_tensors(t.cpu())),
+                              torch.cat(gather_tensors(losses.detach().to("cpu", torch.float64))))
+        return losses * weights.to(losses.device, losses.dtype)
 
     def preview(self, module: nn.Module, n: int, device: torch.device) -> Tensor:
         return generate(self.denoiser(module).eval(), self.schedule, self.data_shape,

@@ -1,8 +1,9 @@
 """What a training checkpoint holds, and the checks a resume makes before it changes anything.
 
 Tensors (``io.checkpoint`` format): ``model.*`` (the trained module's weights), ``ema.*`` (their fp32
-average), ``optim.<parameter>.<field>`` (AdamW's moments and step) and ``rng.<name>`` (this rank's RNG
-states; rank r > 0 under ``rng.<name>.rank<r>``). Metadata: ``config``, ``data`` (name, shape, levels,
+average), ``optim.<parameter>.<field>`` (AdamW's moments and step), ``rng.<name>`` (this rank's RNG
+states; rank r > 0 under ``rng.<name>.rank<r>``) and ``objective.<name>`` (the state an objective keeps
+beyond its module, ``families.base.StatefulObjective``; absent for most). Metadata: ``config``, ``data`` (name, shape, levels,
 number of classes), ``data_position`` (epoch, offset), ``ema_updates``, ``world_size``,
 ``optimizer_state`` (the fields of each parameter's state) and ``param_groups``; an fp16 run
 (``train.precision``) adds ``grad_scaler``, the state of ``torch.amp.GradScaler`` (its scale and
@@ -45,8 +46,10 @@ def _param_names(net: nn.Module) -> dict[int, str]:
 
 
 def training_tensors(net: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer,
-                     rng_states: dict[str, list[Tensor]]) -> dict[str, Tensor]:
-    """Every tensor needed to continue exactly; ``rng_states[name][r]`` is rank r's state ``name``."""
+                     rng_states: dict[str, list[Tensor]],
+                     objective_state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Every tensor needed to continue exactly; ``rng_states[name][r]`` is rank r's state ``name``,
+    ``objective_state`` the objective's own (the same on every rank)."""
     out = {f"model.{k}": v for k, v in net.state_dict().items()}
     out.update({f"ema.{k}": v for k, v in ema.shadow.items()})
     names = _param_names(net)
@@ -56,6 +59,7 @@ def training_tensors(net: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer,
     for key, states in rng_states.items():
         for rank, state in enumerate(states):
             out[rng_key(key, rank)] = state
+    out.update({f"objective.{k}": v for k, v in (objective_state or {}).items()})
     return out
 
 
@@ -92,6 +96,7 @@ class ResumePoint:
     position: dict[str, int]
     rngs: dict[str, Tensor]  # this rank's states
     grad_scaler: dict[str, Any] | None = None  # ``GradScaler.load_state_dict`` form (fp16 runs)
+    objective: dict[str, Tensor] | None = None  # the ``objective.*`` tensors, prefix removed (checked by the objective)
 
 
 # the config sections a resumed run may change: how long and how it trains, and how it samples; the rest
@@ -157,7 +162,8 @@ def read_resume(ckpt: Path, net: nn.Module, optimizer: torch.optim.Optimizer, da
     if isinstance(ema_updates, bool) or not isinstance(ema_updates, int) or ema_updates < 0:
         raise CheckpointError(f"{js_file}: meta.ema_updates must be a non-negative integer, got {ema_updates!r}")
     return ResumePoint(step, model, ema, ema_updates, {"state": state, "param_groups": groups}, position, rngs,
-                       _check_grad_scaler(meta.get("grad_scaler"), js_file))
+                       _check_grad_scaler(meta.get("grad_scaler"), js_file),
+                       {k[10:]: v for k, v in tensors.items() if k.startswith("objective.")})
 
 
 GRAD_SCALER_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")

@@ -43,7 +43,7 @@ from diffusekit.data.dataset import ArrayDataset
 from diffusekit.data.registry import load_dataset, resolved_data_config
 from diffusekit.errors import CheckpointError, ConfigError, TrainingError
 from diffusekit.families import family_for_config
-from diffusekit.families.base import Objective
+from diffusekit.families.base import Objective, StatefulObjective
 from diffusekit.io.atomic import atomic_write_text
 from diffusekit.io.checkpoint import clean_leftovers, latest_checkpoint, list_checkpoints, save_checkpoint
 from diffusekit.io.runfolder import claim_run_folder
@@ -168,6 +168,7 @@ class Trainer:
         self.scaler = grad_scaler(tc.precision, self.device)  # fp16 only; disabled it passes everything through
         self.skipped_steps = 0  # fp16 steps whose gradients overflowed (skipped by the scaler)
         self.skipped_in_a_row = 0  # since the last step taken; MAX_SKIPPED_IN_A_ROW of them end the run
+        self.loss_variance = 0.0  # of the per-example losses of the last step's global batch (logged as loss_std)
         self.noise_gen = torch.Generator().manual_seed(derive_seed(tc.seed, "noise", self.dist.rank))
         self.stream = DataStream(len(self.data), derive_seed(tc.seed, "data"))
         self.step = 0
@@ -200,9 +201,12 @@ class Trainer:
         on one example (``budget.activation_bytes``; x3 for what the backward pass keeps and makes)."""
         tc = self.cfg.train
         labels = None if self.labels is None else self.labels[:1].to(self.device)
+        saved = self._objective_state()
         with torch.random.fork_rng(devices=[]):
             per_example = activation_bytes(self.net, lambda: self.objective.loss(
                 self.net, self.x[:1].to(self.device), labels, torch.Generator().manual_seed(0)))
+        if saved:  # the measurement leaves the objective's state (the t history) as it was
+            self.objective.load_state_tensors(saved, "the memory check")
         params = parameter_bytes(self.net) * TRAIN_COPIES
         batch = per_example * 3 * tc.batch_size
         ok, free = fits(params + batch, self.device)
@@ -236,10 +240,14 @@ class Trainer:
             out["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         return out
 
+    def _objective_state(self) -> dict[str, Tensor]:
+        """The objective's own state (``families.base.StatefulObjective``); {} for most objectives."""
+        return self.objective.state_tensors() if isinstance(self.objective, StatefulObjective) else {}
+
     def state_tensors(self) -> dict[str, Tensor]:
         """Every tensor needed to continue exactly (``train.state``); a collective under DDP."""
         rngs = {key: ddp.gather_tensors(val.cpu()) for key, val in self._rng_tensors().items()}
-        return training_tensors(self.net, self.ema, self.optimizer, rngs)
+        return training_tensors(self.net, self.ema, self.optimizer, rngs, self._objective_state())
 
     def state_meta(self) -> dict[str, Any]:
         """The checkpoint's metadata (``train.state.training_meta``), the data's fingerprint included, and
@@ -258,6 +266,8 @@ class Trainer:
             raise CheckpointError(f"{self.run_dir}: --resume given but no complete checkpoint was found")
         point = read_resume(ckpt, self.net, self.optimizer, self.data, self.dist.world_size, self.dist.rank,
                             self._rng_tensors(), self.cfg)
+        if isinstance(self.objective, StatefulObjective):  # checks its tensors before anything changes
+            self.objective.load_state_tensors(point.objective or {}, f"{ckpt}.safetensors")
         self.net.load_state_dict(point.model, strict=True)
         self.ema.shadow = {k: v.to(self.device) for k, v in point.ema.items()}
         self.ema.updates = point.ema_updates
@@ -322,22 +332,33 @@ class Trainer:
 
         The loss is the mean over the global batch (all ranks). Gradients are all-reduced once per
         step: micro-batches before the last run under DDP's ``no_sync``. Raises ``TrainingError``
-        naming the step, before the weights change, when the loss or gradient norm is not finite."""
+        naming the step, before the weights change, when the loss or gradient norm is not finite.
+        ``loss_variance`` becomes the unbiased variance of the per-example losses of the global batch
+        (as the objective returns them: importance-weighted under ``loss.t_sampling = "importance"``)."""
         tc = self.cfg.train
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), dtype=torch.float64)
+        moments = torch.zeros(3, dtype=torch.float64)  # count, sum and sum of squares of the per-example losses
         for i in range(tc.grad_accum):
             x0, labels = self._micro_batch()
             sync = not self.dist.distributed or i == tc.grad_accum - 1
             with nullcontext() if sync else self.model.no_sync():
                 with autocast(self.device, tc.precision):  # forward and loss; the loss reduced in fp32
-                    loss = self.objective.loss(self.model, x0, labels, self.noise_gen).float().mean() / tc.grad_accum
+                    per_example = self.objective.loss(self.model, x0, labels, self.noise_gen).float()
+                    loss = per_example.mean() / tc.grad_accum
                 self.scaler.scale(loss).backward()
             total += loss.detach().to("cpu", torch.float64)
+            values = per_example.detach().to("cpu", torch.float64)
+            moments += torch.stack([torch.tensor(float(values.numel()), dtype=torch.float64), values.sum(),
+                                    (values ** 2).sum()])
         stop = self._stop_requested or time.time() > self._deadline
-        total, stop_votes = ddp.all_reduce_sum(torch.stack([total, torch.tensor(float(stop), dtype=torch.float64)]))
+        reduced = ddp.all_reduce_sum(torch.cat([total[None], torch.tensor([float(stop)], dtype=torch.float64),
+                                                moments]))
+        total, stop_votes = reduced[0], reduced[1]
+        n, s1, s2 = (float(v) for v in reduced[2:])
+        self.loss_variance = max(s2 - s1 * s1 / n, 0.0) / (n - 1) if n > 1 else 0.0
         loss_value = float(total) / self.dist.world_size
         self._stop_agreed = bool(stop_votes > 0)
         if not math.isfinite(loss_value):
@@ -382,18 +403,21 @@ class Trainer:
         self._deadline = start + tc.time_limit_s if tc.time_limit_s else float("inf")
         stopped = "finished"
         try:
+            variances = []  # per-step variances of the per-example losses, logged as loss_std
             while self.step < tc.steps:
                 loss, norm = self.train_step()
                 window.append(loss)
+                variances.append(self.loss_variance)
                 bar.update(1)
                 if self.step % tc.log_every == 0 or self.step == tc.steps:
                     rate = len(window) / max(time.time() - window_start, 1e-9)
-                    self._log({"step": self.step, "loss": sum(window) / len(window), "grad_norm": norm,
+                    self._log({"step": self.step, "loss": sum(window) / len(window),
+                               "loss_std": math.sqrt(sum(variances) / len(variances)), "grad_norm": norm,
                                "lr": self.lr_at(self.step - 1), "steps_per_s": rate,
                                "images_per_s": rate * tc.batch_size * tc.grad_accum * self.dist.world_size,
                                "elapsed_s": time.time() - start, **self._scaler_record()})
                     bar.set_postfix(loss=f"{sum(window) / len(window):.4f}")
-                    window, window_start = [], time.time()
+                    window, variances, window_start = [], [], time.time()
                 if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
                     self.save()
                 if tc.sample_every and self.step % tc.sample_every == 0 and self.step < tc.steps:
