@@ -48,3 +48,17 @@ def digits_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits") / "run"
     assert main(["train", *TINY, "--out", str(out), "--no-progress"]) == 0
     return out
+
+
+def assert_same_checkpoints(a, b, step: int) -> dict:
+    """The newest checkpoints of run folders ``a`` and ``b`` are both at ``step`` and hold the same tensors
+    bit for bit (a resumed run against one trained straight through); returns ``a``'s tensors."""
+    import torch
+
+    from diffusekit.io.checkpoint import load_checkpoint
+
+    (ta, ra), (tb, rb) = load_checkpoint(a), load_checkpoint(b)
+    assert ra["step"] == rb["step"] == step and sorted(ta) == sorted(tb)
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+    return ta

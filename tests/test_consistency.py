@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_checkpoints
 from test_cli import assert_one_line_error, run_cli
 
 from diffusekit.config import load_config
@@ -204,11 +205,7 @@ def test_interrupted_and_resumed_student_equals_uninterrupted(teacher_run, tmp_p
     train(load_config(None, _student(teacher_run, "train.steps=4")), tmp_path / "a", progress=False)
     train(load_config(None, _student(teacher_run, "train.steps=2")), tmp_path / "b", progress=False)
     train(load_config(None, _student(teacher_run, "train.steps=4")), tmp_path / "b", resume=True, progress=False)
-    ta, ra = load_checkpoint(tmp_path / "a")
-    tb, rb = load_checkpoint(tmp_path / "b")
-    assert ra["step"] == rb["step"] == 4 and sorted(ta) == sorted(tb)
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
+    assert_same_checkpoints(tmp_path / "a", tmp_path / "b", 4)
 
 
 def test_student_samples_without_its_teacher_and_refuses_a_changed_one(teacher_run, tmp_path, capsys):

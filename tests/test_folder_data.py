@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_checkpoints
 from PIL import Image
 from test_cli import assert_one_line_error, run_cli
 
@@ -237,11 +238,7 @@ def test_flipped_run_interrupted_and_resumed_equals_uninterrupted(tmp_path, cach
     train(load_config(None, base + ["train.steps=6"]), tmp_path / "a", progress=False)
     train(load_config(None, base + ["train.steps=3"]), tmp_path / "b", progress=False)
     train(load_config(None, base + ["train.steps=6"]), tmp_path / "b", resume=True, progress=False)
-    ta, ra = load_checkpoint(tmp_path / "a")
-    tb, rb = load_checkpoint(tmp_path / "b")
-    assert ra["step"] == rb["step"] == 6 and sorted(ta) == sorted(tb)
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
+    ta = assert_same_checkpoints(tmp_path / "a", tmp_path / "b", 6)
     train(load_config(None, TINY + [f"data.path={folder}", "train.steps=6"]), tmp_path / "c", progress=False)
     tc, _ = load_checkpoint(tmp_path / "c")  # the same run without flips: the flips did change the training
     assert any(not torch.equal(ta[k], tc[k]) for k in ta if k.startswith("model."))

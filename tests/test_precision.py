@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_checkpoints
 
 from diffusekit.config import load_config
 from diffusekit.errors import CheckpointError, ConfigError, TrainingError
@@ -82,10 +83,8 @@ def test_resume_is_bit_exact_in_low_precision(tmp_path, precision):
     train(_cfg(*base, "train.steps=10"), tmp_path / "a", progress=False)
     train(_cfg(*base, "train.steps=6"), tmp_path / "b", progress=False)
     train(_cfg(*base, "train.steps=10"), tmp_path / "b", resume=True, progress=False)
-    (ta, ra), (tb, rb) = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
-    assert ra["step"] == rb["step"] == 10 and sorted(ta) == sorted(tb)
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
+    assert_same_checkpoints(tmp_path / "a", tmp_path / "b", 10)
+    ra, rb = (load_checkpoint(tmp_path / r)[1] for r in "ab")
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
     assert ra["meta"].get("grad_scaler") == rb["meta"].get("grad_scaler")
     assert ("grad_scaler" in ra["meta"]) == (precision == "fp16")

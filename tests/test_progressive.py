@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_checkpoints
 from test_cli import TINY, assert_one_line_error, run_cli
 
 from diffusekit.cli import main
@@ -191,11 +192,7 @@ def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tmp_path, teac
     finally:
         trainer.close()
     train(cfg, tmp_path / "b", resume=True, progress=False)
-    ta, ra = load_checkpoint(tmp_path / "a")
-    tb, rb = load_checkpoint(tmp_path / "b")
-    assert ra["step"] == rb["step"] == 12 and sorted(ta) == sorted(tb)
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
+    ta = assert_same_checkpoints(tmp_path / "a", tmp_path / "b", 12)
     assert int(ta["model.teacher_round"]) == 2 and int(ta["model.step"]) == 12
 
 

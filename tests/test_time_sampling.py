@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import assert_same_checkpoints
 
 from diffusekit.config import load_config
 from diffusekit.errors import CheckpointError, ConfigError
@@ -116,11 +117,7 @@ def test_an_importance_run_resumes_bit_for_bit(tmp_path):
     first, _ = load_checkpoint(tmp_path / "b" / "checkpoints" / "step-00000003")
     assert bool((first["objective.t_history.counts"] == 2).all())  # importance draws before the checkpoint at 6
     train(full, tmp_path / "b", resume=True, progress=False)
-    ta, ra = load_checkpoint(tmp_path / "a")
-    tb, rb = load_checkpoint(tmp_path / "b")
-    assert ra["step"] == rb["step"] == 10 and sorted(ta) == sorted(tb)
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
+    assert_same_checkpoints(tmp_path / "a", tmp_path / "b", 10)
     log_a, log_b = ([json.loads(x) for x in (tmp_path / r / "log.jsonl").read_text().splitlines()] for r in "ab")
     assert [(r["loss"], r["loss_std"]) for r in log_a] == [(r["loss"], r["loss_std"]) for r in log_b]
 
