@@ -72,11 +72,10 @@ def run(args: argparse.Namespace) -> int:
     train_s = time.time() - t0
     evaluation, report = evaluate_run(args.out, EvaluateSettings(metrics=DEMO_METRICS, strata=25),
                                       progress=not args.no_progress)
-    lines = verdict(evaluation.result, train_s, result["step"], cfg.train.steps)
-    summary = ("\n".join(lines) + "\n\n"
-               f"config: {config or 'the defaults'}; total {time.time() - t0:.0f} s\n\n"
+    lines = "\n".join(verdict(evaluation.result, train_s, result["step"], cfg.train.steps))
+    details = (f"config: {config or 'the defaults'}; total {time.time() - t0:.0f} s\n\n"
                f"{format_table(evaluation.rows)}\n\nsamples: {args.out / 'samples.png'}\n"
                f"loss curve: {args.out / 'loss_curve.png'}\nreport: {report}\n")
-    atomic_write_text(args.out / "summary.txt", summary)
-    print(summary)
+    atomic_write_text(args.out / "summary.txt", f"{lines}\n\n{details}")  # the file opens with the verdict,
+    print(f"{details}\n{lines}")  # the terminal ends with it
     return 0
