@@ -117,7 +117,7 @@ def test_mismatched_stages_are_one_line_errors(runs, tmp_path, capsys):
     one_line("--run", runs / "low14", "--then", runs / "low7", needle="second stage of a cascade is an image-to-image")
     one_line("--run", runs / "low7", "--then", runs / "sr", needle="needs superres x4, but the run was trained for")
     one_line("--run", runs / "sr", "--then", runs / "sr", needle="no integer enlargement of the first stage")
-    one_line("--run", runs / "low14", "--then", tmp_path / "missing", needle="missing")
+    one_line("--run", runs / "low14", "--then", tmp_path / "missing", needle="--then: ")
     code = cli("sample", "--run", runs / "low14", "--then", runs / "sr", "--seeds", "0", "--then-steps", "21",
                "--no-progress", "--out", tmp_path / "x")
     err = capsys.readouterr().err

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffusekit.errors import ConfigError
+from diffusekit.errors import ConfigError, DiffusekitError
 from diffusekit.families import read_run
 from diffusekit.families.img2img import Img2ImgModel, sample_img2img
 from diffusekit.sampling.noise import PerSampleNoise
@@ -74,7 +74,10 @@ def open_upsampler(run: Path | str, low_shape: Sequence[int], steps: int = 0, us
                    device: str | torch.device = "cpu", flag: str = "--then") -> Upsampler:
     """The SR run ``run`` for samples of shape ``low_shape`` (C, h, w), with one-line ConfigErrors for a run
     that is not an image-to-image super-resolution run, or whose channels or size do not fit."""
-    family, source = read_run(run)
+    try:
+        family, source = read_run(run)
+    except DiffusekitError as exc:  # the message names the folder; say which of the two runs it is
+        raise type(exc)(f"{flag}: {exc}") from None
     if family.name != "img2img":
         raise ConfigError(f"{flag} {run}: a {family.name} run; the second stage of a cascade is an image-to-image "
                           "run trained for super-resolution (model.kind = 'img2img', img2img.tasks = ['superres'])")
