@@ -183,17 +183,14 @@ def write_samples(x: Tensor, seeds: Sequence[int], out_dir: Path | str, settings
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_samples_figure(x, out / (f"{stem}_grid.png" if stem else "grid.png"), levels=levels, nrow=nrow)
+    buf = io.BytesIO()
+    np.savez(buf, x=x.to(torch.float32).numpy(), seeds=np.asarray(seeds, dtype=np.int64))
+    atomic_write_bytes(out / f"{stem or 'samples'}.npz", buf.getvalue())
     if stem:
-        buf = io.BytesIO()
-        np.savez(buf, x=x.to(torch.float32).numpy(), seeds=np.asarray(seeds, dtype=np.int64))
-        atomic_write_bytes(out / f"{stem}.npz", buf.getvalue())
         return out
     if x.ndim == 4:
         for seed, img in zip(seeds, x):
             atomic_write_bytes(out / f"sample_{seed}.png", png_bytes(image_grid(img[None], pad=0, upscale=1,
                                                                                levels=levels)))
-    buf = io.BytesIO()
-    np.savez(buf, x=x.to(torch.float32).numpy(), seeds=np.asarray(seeds, dtype=np.int64))
-    atomic_write_bytes(out / "samples.npz", buf.getvalue())
     atomic_write_text(out / "settings.json", settings.to_json(extra=extra or {}) + "\n")
     return out
