@@ -18,7 +18,8 @@ def settings_from_args(args: argparse.Namespace) -> EvaluateSettings:
                             sampler=args.sampler, steps=args.steps, grid=args.grid,
                             guidance=args.guidance,
                             ode_examples=args.ode_examples, trace=args.trace, ode_rtol=args.ode_rtol,
-                            ode_atol=args.ode_atol, seed=args.seed, iwae_k=args.iwae_k)
+                            ode_atol=args.ode_atol, dequantization=args.dequantization,
+                            dequant_samples=args.dequant_samples, seed=args.seed, iwae_k=args.iwae_k)
 
 
 def run(args: argparse.Namespace) -> int:

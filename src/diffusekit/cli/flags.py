@@ -9,6 +9,7 @@ from pathlib import Path
 
 from diffusekit.sampling.catalog import (
     BOUND_VARIANCES,
+    DEQUANTIZATIONS,
     DPS_ZETA_SQRT_STEPS,
     EVAL_METRICS,
     GRID_CHOICES,
@@ -192,6 +193,13 @@ def _evaluate(sub) -> None:
                         "passes) (default: hutchinson)")
     p.add_argument("--ode-rtol", type=float, default=1e-5, help="nll_ode solver relative tolerance (default: 1e-5)")
     p.add_argument("--ode-atol", type=float, default=1e-5, help="nll_ode solver absolute tolerance (default: 1e-5)")
+    p.add_argument("--dequantization", choices=list(DEQUANTIZATIONS), default="uniform",
+                   help="nll_ode on discrete data, how the probability of a bin is bounded: uniform noise, the "
+                        "importance-weighted bound over --dequant-samples uniform draws (a bound with --trace exact), "
+                        "or normal noise of std s(t_min) cut to the bin (truncated_normal, i-DODE) (default: uniform)")
+    p.add_argument("--dequant-samples", type=int, default=1, metavar="K",
+                   help="nll_ode: dequantization draws per example, averaged (importance: log-mean-exp) "
+                        "(default: 1)")
     p.add_argument("--seed", type=int, default=0,
                    help="first seed of the bound's draws and of the quality samples (default: 0)")
     p.add_argument("--json", action="store_true", help="print the full results as JSON")

@@ -17,7 +17,9 @@ for the diffusion families (``families.diffusion`` turns them into its report).
   unconditional runs and the baselines) and, under ``conditional``, the bound on -log p(x | y) given
   the split's labels, from the same t, noise and reverse variances.
 - ``nll_ode``: -log p(x) through the probability-flow ODE of the run's VP SDE (``likelihood_ode``),
-  dequantized and in bits/dim for discrete data, on the first ``ode_examples`` of the split, with
+  dequantized (uniform, importance-weighted or truncated-normal, with K draws per example: the
+  ``dequantization`` and ``dequant_samples`` it records) and in bits/dim for discrete data, on the
+  first ``ode_examples`` of the split, with
   its standard error, the number of network calls and the time; beside the bound, which it should
   not exceed by more than noise.
 Each function takes a loaded model (``families.diffusion.DiffusionModel``: denoiser, schedule, config).
@@ -123,12 +125,17 @@ def continuous_bound_summary(run, test, seed: int, progress: bool, n_draws: int 
     return {**bound.summary(), "n_draws": n_draws, "seconds": time.time() - t0}
 
 
-def nll_ode(run, test, n: int, seed: int, trace: str, rtol: float, atol: float, progress: bool) -> dict[str, Any]:
-    """Bits/dim through the probability-flow ODE on the first ``n`` examples of the split."""
+def nll_ode(run, test, n: int, seed: int, trace: str, rtol: float, atol: float, progress: bool,
+            dequantization: str = "uniform", dequant_samples: int = 1) -> dict[str, Any]:
+    """Bits/dim through the probability-flow ODE on the first ``n`` examples of the split (discrete data:
+    dequantized with ``dequantization``, ``dequant_samples`` draws per example; recorded with the result)."""
+    if run.levels is None and (dequantization != "uniform" or dequant_samples != 1):
+        raise ConfigError(f"--dequantization {dequantization} --dequant-samples {dequant_samples}: the data is "
+                          "continuous, nll_ode dequantizes only data on discrete levels")
     sde = vp_from_schedule(run.schedule)
     x = test.x[:n]
     res = ode_nll(run.denoiser, sde, x, run.levels, trace=trace, seed=seed, rtol=rtol, atol=atol, batch_size=128,
-                  progress=progress)
+                  progress=progress, dequantization=dequantization, dequant_samples=dequant_samples)
     return {"bits_per_dim": res.bits_per_dim, "stderr_bits_per_dim": res.stderr_bits_per_dim,
             "n_examples": x.shape[0], "levels": run.levels, "dequantized": run.levels is not None,
             "nfe": res.nfe, "seconds": res.seconds, **res.settings}

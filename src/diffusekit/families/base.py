@@ -27,7 +27,7 @@ from diffusekit.config import Config
 from diffusekit.data.dataset import ArrayDataset
 from diffusekit.errors import CheckpointError, ConfigError
 from diffusekit.io.runfolder import RunCheckpoint, read_run_checkpoint
-from diffusekit.sampling.catalog import BOUND_VARIANCES, EVAL_METRICS
+from diffusekit.sampling.catalog import BOUND_VARIANCES, DEQUANTIZATIONS, EVAL_METRICS
 
 __all__ = ["Objective", "StatefulObjective", "Model", "SampleRequest", "Samples", "EvaluateSettings", "Evaluation", "Family",
            "CONDITIONING_FLAGS", "check_labels_and_guidance", "load_run_dependency", "check_student_architecture"]
@@ -42,7 +42,9 @@ class Objective(Protocol):
       batch's class labels (None for unlabelled data). ``module`` is what the trainer passes, possibly
       wrapped in DistributedDataParallel, so the loss must call it rather than ``self.module``; every
       random draw comes from ``generator`` (the run's checkpointed noise stream), which keeps resume exact;
-    - ``preview(module, n, device)``: n samples for the picture drawn during training.
+    - ``preview(module, n, device)``: n samples for the picture drawn during training;
+    - optionally ``encode_data(x)``: the training set as ``loss`` wants it (a frozen codec's latents), called
+      once when training starts; ``loss`` then receives rows of it instead of images.
     """
 
     module: nn.Module
@@ -183,6 +185,7 @@ class Samples:
 MAX_SAMPLES = 100_000
 MAX_STRATA = 10_000
 MAX_IWAE_K = 10_000
+MAX_DEQUANT_SAMPLES = 10_000
 
 
 @dataclass
@@ -193,7 +196,9 @@ class EvaluateSettings:
     bound is exact over all T terms (``exact``) or a stratified estimate (``strata``), with reverse
     variances ``variance``; quality samples: ``n_samples`` (None: the split's size, at most 1000), with
     the run's sampler settings unless ``sampler``/``steps``/``grid``/``guidance`` override them (``grid =
-    "tuned"``: the run's tuned grid, ``runs.grids``); ``iwae_k``: the importance samples of a VAE's IWAE bound."""
+    "tuned"``: the run's tuned grid, ``runs.grids``); ``dequantization`` / ``dequant_samples``: how nll_ode
+    bounds a bin of discrete data and with how many draws per example (``likelihood_ode.ode_nll``);
+    ``iwae_k``: the importance samples of a VAE's IWAE bound."""
 
     metrics: tuple[str, ...] = ("bpd", "fd")
     split: str = "test"
@@ -210,6 +215,8 @@ class EvaluateSettings:
     trace: Literal["hutchinson", "exact"] = "hutchinson"
     ode_rtol: float = 1e-5
     ode_atol: float = 1e-5
+    dequantization: str = "uniform"
+    dequant_samples: int = 1
     seed: int = 0
     iwae_k: int = 100
 
@@ -233,6 +240,10 @@ class EvaluateSettings:
             ("--trace", self.trace in ("hutchinson", "exact"), "hutchinson or exact", self.trace),
             ("--ode-rtol", positive(self.ode_rtol), "in (0, 1]", self.ode_rtol),
             ("--ode-atol", positive(self.ode_atol), "in (0, 1]", self.ode_atol),
+            ("--dequantization", self.dequantization in DEQUANTIZATIONS, f"one of {', '.join(DEQUANTIZATIONS)}",
+             self.dequantization),
+            ("--dequant-samples", integer(self.dequant_samples) and 1 <= self.dequant_samples <= MAX_DEQUANT_SAMPLES,
+             f"in 1..{MAX_DEQUANT_SAMPLES}", self.dequant_samples),
             ("--seed", integer(self.seed) and 0 <= self.seed < 2**62, "an integer >= 0", self.seed),
             ("--iwae-k", integer(self.iwae_k) and 1 <= self.iwae_k <= MAX_IWAE_K, f"in 1..{MAX_IWAE_K}", self.iwae_k),
         )

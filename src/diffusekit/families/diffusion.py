@@ -238,6 +238,7 @@ def evaluate(model: DiffusionModel, settings: EvaluateSettings, out_dir: Path, p
             "metrics": list(settings.metrics), "exact": settings.exact, "n_strata": settings.strata,
             "variance": variance, "n_samples": n, "ode_examples": settings.ode_examples,
             "trace": settings.trace, "ode_rtol": settings.ode_rtol, "ode_atol": settings.ode_atol,
+            "dequantization": settings.dequantization, "dequant_samples": settings.dequant_samples,
             "sampling": {**sampling.to_dict(), "seeds": f"{settings.seed}-{settings.seed + n - 1}"}}}
     samples = None
     with torch.random.fork_rng():
@@ -248,7 +249,8 @@ def evaluate(model: DiffusionModel, settings: EvaluateSettings, out_dir: Path, p
                 result["bpd"]["continuous"] = metrics.continuous_bound_summary(model, test, settings.seed, progress)
         if "nll_ode" in settings.metrics:
             result["nll_ode"] = metrics.nll_ode(model, test, settings.ode_examples, settings.seed, settings.trace,
-                                                settings.ode_rtol, settings.ode_atol, progress)
+                                                settings.ode_rtol, settings.ode_atol, progress,
+                                                settings.dequantization, settings.dequant_samples)
         if "fd" in settings.metrics:
             result["quality"], samples = metrics.sample_quality(model, test, sampling, progress)
         trajectory = metrics.trajectory(model, out_dir, settings.seed)
@@ -322,7 +324,9 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
                   f"{c['reconstruction_bits_per_dim']:.4f} / {c['diffusion_bits_per_dim']:.4f}")]
     o = result.get("nll_ode")
     if o:
-        unit = "bits/dim" + (f", dequantized, {o['levels']} levels" if o["dequantized"] else "")
+        k = o.get("dequant_samples") or 1
+        how = f"{o.get('dequantization') or 'uniform'}" + (f" x{k}" if k > 1 else "")
+        unit = "bits/dim" + (f", dequantized ({how}), {o['levels']} levels" if o["dequantized"] else "")
         rows += [(f"PF-ODE NLL, {unit} ({o['n_examples']} examples, {o['trace']} trace)",
                   f"{o['bits_per_dim']:.4f} ± {o['stderr_bits_per_dim']:.3f}"),
                  ("  network calls / seconds", f"{o['nfe']} / {o['seconds']:.1f}")]

@@ -25,7 +25,7 @@ from typing import Literal
 
 __all__ = ["SamplerSpec", "SAMPLERS", "SAMPLER_NAMES", "DISCRETE_SAMPLERS", "GRIDS", "GRID_CHOICES", "TUNED_GRID",
            "TUNABLE_SAMPLERS", "SPACINGS",
-           "VARIANCES", "EVAL_METRICS", "BOUND_VARIANCES", "RESTORE_TASKS", "RESTORE_METHODS",
+           "VARIANCES", "EVAL_METRICS", "BOUND_VARIANCES", "DEQUANTIZATIONS", "RESTORE_TASKS", "RESTORE_METHODS",
            "DPS_ONLY_TASKS", "DPS_ZETA_SQRT_STEPS", "IMG2IMG_METHOD", "MASKS", "DEFAULT_MASK", "sampler_spec", "default_grid"]
 
 CallShape = Literal["discrete", "ode", "sde", "adaptive", "levels"]
@@ -95,6 +95,8 @@ VARIANCES: tuple[str, ...] = ("beta", "beta_tilde")
 # evaluation (``diffusekit evaluate``): what it measures, and the reverse variances of the discrete bound
 EVAL_METRICS: tuple[str, ...] = ("bpd", "fd", "nll_ode")
 BOUND_VARIANCES: tuple[str, ...] = ("fitted", "beta_tilde", "beta", "learned")  # learned: model.learned_variance runs
+# how the PF-ODE likelihood bounds the probability of a bin of discrete data (``likelihood_ode.ode_nll``)
+DEQUANTIZATIONS: tuple[str, ...] = ("uniform", "importance", "truncated_normal")
 
 # restoration (``diffusekit restore``, ``runs.restore``)
 RESTORE_TASKS: tuple[str, ...] = ("inpaint", "outpaint", "superres", "colorize", "blur", "saturation")
