@@ -42,7 +42,8 @@ __all__ = [
 
 
 # the datasets ``diffusekit.data.load_dataset`` knows (kept equal to ``diffusekit.data.DATASETS`` by a test)
-DATASET_NAMES = ("digits", "mnist", "photos", "moons", "swiss_roll", "8gaussians", "checkerboard", "gmm", "folder")
+DATASET_NAMES = ("digits", "mnist", "photos", "scenes", "moons", "swiss_roll", "8gaussians", "checkerboard", "gmm",
+                 "folder")
 
 
 # -- the sections ---------------------------------------------------------------------------------
@@ -50,13 +51,13 @@ DATASET_NAMES = ("digits", "mnist", "photos", "moons", "swiss_roll", "8gaussians
 class DataConfig:
     """``[data]``; which keys each dataset reads: ``data_keys_used`` (a folder: docs/data.md)."""
 
-    name: str = "digits"  # digits | mnist | photos | moons | swiss_roll | 8gaussians | checkerboard | gmm | folder
+    name: str = "digits"  # digits | mnist | photos | scenes | moons | swiss_roll | 8gaussians | checkerboard | gmm | folder
     path: str = ""  # image folder root (data.name = "folder")
-    image_size: int = 0  # folder (0 means 32; a multiple of 4, >= 8), photos (0 means 16), mnist (0 = 28; 14 or 7 pooled)
+    image_size: int = 0  # folder (0 means 32; a multiple of 4, >= 8), photos (0 means 16), mnist (0 = 28; 14 or 7 pooled), scenes (0 = 32, or 48)
     channels: int = 0  # folder only: 0 = inferred (3 if any image has colour, else 1), 1 (gray) or 3 (RGB)
-    n_train: int = 20000  # toys, gmm and photos only (a folder uses all its images)
-    n_test: int = 5000  # toys, gmm and photos only
-    seed: int = 0  # toys, gmm and photos: each split draws with a seed derived from (seed, split)
+    n_train: int = 20000  # toys, gmm, photos and scenes only (a folder uses all its images)
+    n_test: int = 5000  # toys, gmm, photos and scenes only
+    seed: int = 0  # toys, gmm, photos and scenes: each split draws with a seed derived from (seed, split)
     hflip: bool = False  # image data: mirror each training image left-right with probability 1/2
 
 
@@ -65,6 +66,7 @@ class DataConfig:
 _POINT_KEYS = ("n_train", "n_test", "seed")
 DATA_KEYS_USED: dict[str, tuple[str, ...]] = {
     "digits": ("hflip",), "mnist": ("image_size", "hflip"), "photos": ("image_size", *_POINT_KEYS, "hflip"),
+    "scenes": ("image_size", *_POINT_KEYS),  # no hflip: a mirrored scene would contradict "on the left"
     "folder": ("path", "image_size", "channels", "hflip"),
     **{name: _POINT_KEYS for name in ("moons", "swiss_roll", "8gaussians", "checkerboard", "gmm")},
 }
@@ -79,7 +81,7 @@ def data_keys_used(name: str) -> tuple[str, ...]:
 
 @dataclass
 class ModelConfig:
-    kind: str = "unet"  # the model family's kind (diffusekit.families: unet, mlp, vae, mhvae, autoencoder, latent_unet, controlnet, img2img)
+    kind: str = "unet"  # the model family's kind (diffusekit.families: unet, mlp, vae, mhvae, autoencoder, latent_unet, text_unet, controlnet, img2img)
     prediction: Literal["eps", "x0", "v", "score"] = "eps"
     base_channels: int = 32
     channel_mult: list[int] = field(default_factory=lambda: [1, 2])
@@ -707,6 +709,13 @@ def _validate(cfg: Config) -> None:
     if d.name == "mnist":
         _check(d.image_size in MNIST_SIZES, "data.image_size", "0 or 28 (MNIST's own 28x28), 14 or 7 (average-pooled "
                "by 2 or 4, the low-resolution stage of a cascade)", d.image_size)
+    elif d.name == "scenes":
+        _check(d.image_size in (0, 32, 48), "data.image_size", "0 or 32 (a 32x32 canvas) or 48", d.image_size)
+        if d.hflip:
+            raise ConfigError("data.hflip = true would mirror scenes whose captions say left and right; "
+                              "set data.hflip = false for data.name = 'scenes'")
+        _check(d.n_train <= 50000 and d.n_test <= 50000, "data.n_train / data.n_test", "at most 50000 scenes "
+               "for data.name = 'scenes' (each is drawn and measured when the data loads)", max(d.n_train, d.n_test))
     else:
         _check(d.image_size == 0 or 8 <= d.image_size <= MAX_IMAGE_SIZE, "data.image_size",
                f"0 (the dataset's own) or in 8..{MAX_IMAGE_SIZE}", d.image_size)
@@ -755,7 +764,8 @@ def _validate(cfg: Config) -> None:
            f"'fp32' for model.kind = {m.kind!r} (its likelihood terms are computed inside the network's forward)",
            t.precision)
     s.check(T=df.T)
-    _check(s.guidance == 1.0 or m.num_classes > 0, "sample.guidance",
+    text_scenes = m.kind in ("latent_unet", "text_unet") and d.name == "scenes"  # conditioned on captions
+    _check(s.guidance == 1.0 or m.num_classes > 0 or text_scenes, "sample.guidance",
            "1.0 for an unconditional model (guidance needs model.num_classes > 0)", s.guidance)
     v = cfg.vae
     _check(1 <= v.latent_dim <= MAX_WIDTH * 16, "vae.latent_dim", f"in 1..{MAX_WIDTH * 16}", v.latent_dim)

@@ -1,7 +1,9 @@
 """``load_dataset``: the ``[data]`` config section -> an in-memory ``ArrayDataset``.
 
 Splits: digits and MNIST have fixed stratified splits; photo patches (``data/photos.py``) come from
-disjoint column ranges of each photo (``n_train`` / ``n_test`` patches); toys and the Gaussian-mixture oracle draw
+disjoint column ranges of each photo (``n_train`` / ``n_test`` patches); scenes (``data/scenes.py``) place digits
+of the MNIST-5k split of the same name on a canvas (``n_train`` / ``n_test`` scenes, drawn with a seed derived from
+``(data.seed, split)``); toys and the Gaussian-mixture oracle draw
 ``n_train`` / ``n_test`` points with seeds derived from ``(data.seed, split)``, so the two splits
 are independent and every seed gives different data; an image folder (``data/folder.py``) holds out a
 fixed 10% for "test" (``folder_split``: the same files for every seed) when it has at least 10 images, and
@@ -27,7 +29,7 @@ from diffusekit.oracle import default_mixture
 
 __all__ = ["DATASETS", "GMM_DIM", "folder_split", "load_dataset", "pooled", "resolved_data_config", "split_seed"]
 
-DATASETS = ("digits", "mnist", "photos", *TOYS, "gmm", "folder")
+DATASETS = ("digits", "mnist", "photos", "scenes", *TOYS, "gmm", "folder")
 GMM_DIM = 2  # dimension of the oracle mixture behind data.name = "gmm"
 DEFAULT_IMAGE_SIZE = 32  # data.image_size = 0 means this for an image folder
 PHOTO_PATCH_SIZE = 16  # and this for the photo patches
@@ -81,6 +83,10 @@ def load_dataset(cfg, split: Literal["train", "test"]) -> ArrayDataset:
     if name == "mnist":
         return pooled(load_mnist(split), 28 // cfg.image_size if cfg.image_size else 1)
     n = cfg.n_train if split == "train" else cfg.n_test
+    if name == "scenes":
+        from diffusekit.data.scenes import load_scenes
+
+        return load_scenes(split, n, cfg.seed, cfg.image_size or 32)
     if name == "photos":
         return load_photos(split, cfg.image_size or PHOTO_PATCH_SIZE, n, split_seed(cfg.seed, split))
     if name in TOYS:

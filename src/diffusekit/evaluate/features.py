@@ -39,7 +39,7 @@ __all__ = ["FEATURE_NET_VERSION", "FEATURE_DIM", "FeatureNetConfig", "FeatureNet
 
 FEATURE_NET_VERSION = 1  # bump when the architecture or the training recipe changes: old caches retrain
 FEATURE_DIM = 64
-DatasetName = Literal["digits", "mnist"]
+DatasetName = Literal["digits", "mnist", "scenes"]
 
 
 @dataclass(frozen=True)
@@ -68,14 +68,16 @@ class _Recipe:
 # 8x8 -> 4x4 -> 2x2 and 28x28 -> 14 -> 7 -> 3: chosen for test accuracy per CPU second
 _CONFIGS = {"digits": FeatureNetConfig(image_size=8, stem=32, stages=((64, 2), (128, 1))),
             "mnist": FeatureNetConfig(image_size=28, stem=16, stages=((32, 2), (64, 2), (128, 1)))}
+_CONFIGS["scenes"] = _CONFIGS["mnist"]  # the digits cut out of scenes (data.scenes.scene_crops), 28x28
 _RECIPES = {"digits": _Recipe(epochs=15, batch_size=64, lr=3e-3, max_shift=1),
             "mnist": _Recipe(epochs=8, batch_size=64, lr=3e-3, max_shift=2)}
+_RECIPES["scenes"] = _RECIPES["mnist"]
 
 
 def feature_net_config(dataset_name: DatasetName) -> FeatureNetConfig:
     """The architecture used for ``dataset_name``."""
     if dataset_name not in _CONFIGS:
-        raise ValueError(f"no feature network for dataset {dataset_name!r}; choose 'digits' or 'mnist'")
+        raise ValueError(f"no feature network for dataset {dataset_name!r}; choose 'digits', 'mnist' or 'scenes'")
     return _CONFIGS[dataset_name]
 
 
@@ -148,7 +150,12 @@ def _random_shift(x: Tensor, max_shift: int, generator: torch.Generator) -> Tens
 
 
 def feature_dataset(dataset_name: DatasetName, split: Literal["train", "test"]):
-    """The labelled ``split`` of the dataset a feature net is trained on (digits or MNIST-5k)."""
+    """The labelled ``split`` of the dataset a feature net is trained on (digits, MNIST-5k, or the digits
+    cut out of the 32x32 scenes)."""
+    if dataset_name == "scenes":
+        from diffusekit.data.scenes import scene_crops
+
+        return scene_crops(split)
     return (load_digits if dataset_name == "digits" else load_mnist)(split)
 
 

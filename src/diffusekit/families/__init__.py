@@ -42,8 +42,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("vae", "VAE, Markov hierarchical VAE and KL autoencoder (ancestral sampling)",
            kinds=vae.VAE_KINDS, objective=None, build_objective=vae.VAEObjective, load=vae.load, sample=vae.sample,
            evaluate=vae.evaluate, settings=vae.settings, read_settings=vae.read_settings),
-    Family("text_latent", "text-to-image latent diffusion on an autoencoder's latents (cross-attention over MiniLM)",
-           kinds=("latent_unet",), objective="discrete", build_objective=text_latent.TextLatentObjective,
+    Family("text_latent", "text-to-image diffusion with cross-attention over MiniLM, on an autoencoder's latents "
+           "(latent_unet) or on pixels (text_unet)", kinds=text_latent.KINDS, objective="discrete", build_objective=text_latent.TextLatentObjective,
            load=text_latent.load, sample=text_latent.sample, evaluate=text_latent.evaluate,
            conditioning=("prompts",), guidance=True),
     Family("controlnet", "ControlNet: a trainable encoder copy steering a frozen U-Net with Sobel-edge hints",

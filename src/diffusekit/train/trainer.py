@@ -150,6 +150,9 @@ class Trainer:
         self._place_data(tc)
         torch.manual_seed(derive_seed(tc.seed, "global", 0))  # the same initial weights on every rank
         self.objective = build_objective(cfg, self.data)
+        encode = getattr(self.objective, "encode_data", None)
+        if encode is not None:  # a frozen codec's latents of the whole set, once (the objective trains on them)
+            self._place_data(tc, encode(self.data.x).float())
         self.net = self.objective.module.to(self.device)  # trained, EMA'd and checkpointed
         self._check_memory()
         if self.dist.rank != 0:
@@ -186,13 +189,14 @@ class Trainer:
                                     "continue it or choose another --out")
             self._truncate_log(0)
 
-    def _place_data(self, tc) -> None:
-        """The training set on the device once (``train.data_on_device``), or in host memory (pinned when
-        training on CUDA) from which each batch is copied without blocking."""
+    def _place_data(self, tc, x: Tensor | None = None) -> None:
+        """The training set (or ``x``, what the objective made of it) on the device once
+        (``train.data_on_device``), or in host memory (pinned when training on CUDA) from which each batch is
+        copied without blocking."""
         on_device = tc.data_on_device or self.device.type == "cpu"
         pin = not on_device and self.device.type == "cuda"
         place = (lambda t: t.to(self.device)) if on_device else (lambda t: t.pin_memory() if pin else t)
-        self.x = place(self.data.x)
+        self.x = place(self.data.x if x is None else x)
         self.labels = place(self.data.labels) if self.data.labels is not None else None
 
     def _check_memory(self) -> None:
