@@ -328,7 +328,8 @@ def test_denoising_score_matching_optimum_is_the_oracle_score():
       "diffusion.logsnr_max=4"], "diffusion.logsnr_max"),
     (["loss.objective=\"continuous\"", "loss.weighting=\"elbo\"", "diffusion.schedule=\"sigmoid\""],
      "diffusion.schedule"),
-    (["loss.objective=\"continuous\"", "loss.weighting=\"elbo\"", "loss.t_sampling=\"importance\""],
+    (["loss.objective=\"continuous\"", "loss.weighting=\"elbo\"", "loss.t_sampling=\"importance\"",
+      "diffusion.learned_schedule=true"],
      "loss.t_sampling"),
 ])
 def test_bad_continuous_configs_name_the_key(overrides, key):

@@ -122,7 +122,8 @@ class LossConfig:
     sigmoid_bias: float = 2.0  # weighting = "sigmoid": w(lambda) = sigmoid(sigmoid_bias - lambda)
     min_snr_gamma: float = 5.0
     # importance (objective = "discrete", model.kind = unet | mlp): t ~ p_t proportional to sqrt(E[L_t^2]), each
-    # example weighted by 1 / (T p_t) (Nichol & Dhariwal 2021, sec. 3.3; diffusekit.timestep_proposal)
+    # example weighted by 1 / (T p_t) (Nichol & Dhariwal 2021, sec. 3.3; diffusekit.timestep_proposal); with
+    # objective = "continuous" and a fixed schedule, the same over 100 bins of t in [0, 1] (weight 1 / q(t))
     t_sampling: Literal["uniform", "stratified", "importance"] = "uniform"
     importance_history: int = 10  # t_sampling = "importance": last per-example losses kept per t for E[L_t^2]
     importance_uniform: float = 0.001  # t_sampling = "importance": share of the uniform distribution mixed into p_t
@@ -290,10 +291,15 @@ class LatentConfig:
 @dataclass
 class ControlNetConfig:
     """ControlNet (model.kind = "controlnet", families.controlnet): a trainable copy of the encoder of
-    the frozen U-Net of ``base_run`` learns to steer it with a control image computed from each example."""
+    the frozen U-Net of ``base_run`` learns to steer it with a control image computed from each example.
+    Over a text-conditioned pixel base (model.kind = "text_unet" on scenes) it reads the captions too;
+    train.class_dropout is then the caption dropout."""
 
-    base_run: str = "runs/digits_class"  # run folder of a trained model.kind = "unet" run (kept frozen)
-    hint: Literal["edges"] = "edges"  # edges: Sobel gradient magnitude of the image
+    base_run: str = "runs/digits_class"  # run folder of a trained model.kind = "unet" or "text_unet" run (kept frozen)
+    # edges: Sobel gradient magnitude; edges_lowres: the same at 1/lowres_factor resolution, upsampled;
+    # skeleton: the 1-pixel skeleton of the ink; layout: one filled square box per blob of ink (its frame)
+    hint: Literal["edges", "edges_lowres", "skeleton", "layout"] = "edges"
+    lowres_factor: int = 4  # edges_lowres: the image is average-pooled by this factor (2 or 4) before Sobel
 
 
 @dataclass
@@ -643,9 +649,10 @@ def _validate_objective(df: DiffusionConfig, lo: LossConfig) -> None:
         raise ConfigError(f"loss.weighting = {lo.weighting!r} depends on the schedule under loss.objective = "
                           "'continuous'; use 'elbo' (the bound) or a w(lambda): sigmoid, edm, x0, v, min_snr, "
                           "truncated_snr")
-    if lo.t_sampling == "importance":
-        raise ConfigError("loss.t_sampling = 'importance' is not available with loss.objective = 'continuous'; "
-                          "use uniform or stratified (a learned schedule is the importance sampler)")
+    if lo.t_sampling == "importance" and df.learned_schedule:
+        raise ConfigError("loss.t_sampling = 'importance' needs a fixed schedule with loss.objective = 'continuous'; "
+                          "diffusion.learned_schedule = true already minimises that variance (VDM): use uniform or "
+                          "stratified, or learned_schedule = false")
     if df.schedule == "sigmoid" and not df.learned_schedule:
         raise ConfigError("diffusion.schedule = 'sigmoid' has no log-SNR form for loss.objective = 'continuous'; "
                           "use cosine, linear (in log-SNR) or diffusion.learned_schedule = true")
@@ -676,9 +683,11 @@ def _validate_time_sampling(m: ModelConfig, lo: LossConfig) -> None:
     _check(1 <= lo.importance_history <= 1000, "loss.importance_history", "in 1..1000", lo.importance_history)
     _check(0.0 < lo.importance_uniform <= 1.0, "loss.importance_uniform",
            "in (0, 1] (the floor u / T on every p_t keeps the weights 1 / (T p_t) finite)", lo.importance_uniform)
-    if lo.t_sampling == "importance" and not (lo.objective == "discrete" and m.kind in ("unet", "mlp")):
-        raise ConfigError(f"loss.t_sampling = 'importance' is built for loss.objective = 'discrete' with model.kind "
-                          f"= 'unet' or 'mlp' (got {lo.objective!r}, {m.kind!r}); use uniform or stratified")
+    if lo.t_sampling == "importance" and not (lo.objective in ("discrete", "continuous")
+                                              and m.kind in ("unet", "mlp")):
+        raise ConfigError(f"loss.t_sampling = 'importance' is built for loss.objective = 'discrete' or 'continuous' "
+                          f"with model.kind = 'unet' or 'mlp' (got {lo.objective!r}, {m.kind!r}); use uniform or "
+                          "stratified")
 
 
 def _validate_img2img(cfg: Config) -> None:
@@ -764,7 +773,8 @@ def _validate(cfg: Config) -> None:
            f"'fp32' for model.kind = {m.kind!r} (its likelihood terms are computed inside the network's forward)",
            t.precision)
     s.check(T=df.T)
-    text_scenes = m.kind in ("latent_unet", "text_unet") and d.name == "scenes"  # conditioned on captions
+    # conditioned on captions (a ControlNet on scenes: over a text_unet base; families.controlnet checks the base)
+    text_scenes = m.kind in ("latent_unet", "text_unet", "controlnet") and d.name == "scenes"
     _check(s.guidance == 1.0 or m.num_classes > 0 or text_scenes, "sample.guidance",
            "1.0 for an unconditional model (guidance needs model.num_classes > 0)", s.guidance)
     v = cfg.vae
@@ -776,7 +786,8 @@ def _validate(cfg: Config) -> None:
     _check(m.kind != "latent_unet" or bool(cfg.latent.autoencoder_run.strip()), "latent.autoencoder_run",
            "the run folder of a trained autoencoder", cfg.latent.autoencoder_run)
     _check(m.kind != "controlnet" or bool(cfg.controlnet.base_run.strip()), "controlnet.base_run",
-           "the run folder of a trained unet", cfg.controlnet.base_run)
+           "the run folder of a trained unet or text_unet", cfg.controlnet.base_run)
+    _check(cfg.controlnet.lowres_factor in (2, 4), "controlnet.lowres_factor", "2 or 4", cfg.controlnet.lowres_factor)
     ds = cfg.distill
     if lo.objective in ("progressive", "consistency"):
         _check(bool(ds.teacher_run.strip()), "distill.teacher_run", "the run folder of a trained diffusion run",
