@@ -184,7 +184,8 @@ def test_an_unexpected_error_is_one_line_in_the_page_and_on_the_console(capsys, 
     ("vae", (1, 8, 8), 0, {"measure"}, {"sampler", "trajectory", "restore", "guidance"}),
     ("text_latent", (1, 28, 28), 0, {"prompts", "guidance", "sampler", "measure"},
      {"trajectory", "restore", "classes"}),
-    ("controlnet", (1, 8, 8), 0, {"control", "sampler", "measure"}, {"trajectory", "restore", "prompts"}),
+    ("controlnet", (1, 8, 8), 0, {"control", "sampler", "measure"}, {"trajectory", "restore", "prompts", "guidance"}),
+    ("controlnet-text", (1, 32, 32), 0, {"control", "prompts", "guidance", "measure"}, {"trajectory", "restore"}),
     ("consistency", (1, 8, 8), 0, {"trajectory", "measure"}, {"restore", "control"}),
     ("diffusers", (3, 32, 32), 0, {"sampler", "trajectory"}, {"measure", "restore"}),
 ])
@@ -193,7 +194,8 @@ def test_each_family_shows_only_its_sections(family, shape, num_classes, shown, 
     from diffusekit.families import family_named
 
     state = AppRun.__new__(AppRun)  # the sections read the family's row and the model's shape only
-    state.family, state.data_shape, state.num_classes = family_named(family), shape, num_classes
+    state.family, state.data_shape, state.num_classes = family_named(family.split("-")[0]), shape, num_classes
+    state.prompted = family != "controlnet"  # a ControlNet over a unet base takes no prompts; over a text base it does
     sections = state.sections()
     assert all(sections[s] for s in shown), sections
     assert not any(sections[s] for s in hidden), sections

@@ -12,7 +12,7 @@ from conftest import fake_data
 from diffusekit.nn import UNet
 from diffusekit.nn.controlnet import ControlledUNet, ControlNet
 
-TINY = dict(base_channels=8, norm_groups=4, image_size=8, channel_mult=(1, 2), attn_resolutions=(4,))
+TINY = {"base_channels": 8, "norm_groups": 4, "image_size": 8, "channel_mult": (1, 2), "attn_resolutions": (4,)}
 
 
 def perturb(model: torch.nn.Module, std: float = 0.2, seed: int = 1) -> torch.nn.Module:

@@ -150,6 +150,7 @@ class AppRun:
         schedule = getattr(model, "schedule", None)
         self.T = schedule.T if schedule is not None else None
         self.trained_tasks = {task.name for task in getattr(model, "tasks", ())}  # an image-to-image run's
+        self.prompted = bool(getattr(model, "text_base", True))  # a ControlNet takes prompts over a text base only
         del model
         self._tmp = tempfile.TemporaryDirectory(prefix="diffusekit-app-", dir=tmp_root, ignore_cleanup_errors=True)
         self.root = Path(self._tmp.name)
@@ -174,8 +175,9 @@ class AppRun:
     def sections(self) -> dict[str, bool]:
         """Which parts of the page apply to this run, from its family's row and its model."""
         f, conditioning = self.family, self.family.conditioning
+        prompted = "prompts" in conditioning and getattr(self, "prompted", True)
         return {"sample": True, "sampler": f.settings is None, "classes": self.num_classes > 0,
-                "guidance": f.guidance or self.num_classes > 0, "prompts": "prompts" in conditioning,
+                "guidance": (f.guidance and prompted) or self.num_classes > 0, "prompts": prompted,
                 "control": "control_images" in conditioning,
                 "trajectory": f.name in TRAJECTORY_FAMILIES and self.image and f.settings is None,
                 "restore": (f.restore or f.trained_restore) and self.image, "measure": f.evaluate is not None}

@@ -46,10 +46,11 @@ FAMILIES: tuple[Family, ...] = (
            "(latent_unet) or on pixels (text_unet)", kinds=text_latent.KINDS, objective="discrete", build_objective=text_latent.TextLatentObjective,
            load=text_latent.load, sample=text_latent.sample, evaluate=text_latent.evaluate,
            conditioning=("prompts",), guidance=True),
-    Family("controlnet", "ControlNet: a trainable encoder copy steering a frozen U-Net with Sobel-edge hints",
+    Family("controlnet", "ControlNet: a trainable encoder copy steering a frozen U-Net (class- or text-conditioned) "
+           "with hints: edges, low-resolution edges, a skeleton or a box layout",
            kinds=(controlnet.KIND,), objective="discrete", build_objective=controlnet.build_objective,
            load=controlnet.load, sample=controlnet.sample, evaluate=controlnet.evaluate,
-           conditioning=("control_from", "control_images", "control_scale")),
+           conditioning=("prompts", "control_from", "control_images", "control_scale"), guidance=True),
     Family("consistency", "consistency distillation of a diffusion run (Song et al. 2023): 1-4 step sampling",
            kinds=consistency.KINDS, objective="consistency", build_objective=consistency.build_objective,
            load=consistency.load, sample=diffusion.sample, evaluate=consistency.evaluate),

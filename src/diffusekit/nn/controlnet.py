@@ -15,6 +15,11 @@ output, while dL/dZ_k = dL/dr_k h_k^T is nonzero, so the zero convolutions (and,
 update, the copy and the hint encoder) learn. The base receives the residuals through its
 ``residuals`` argument; no list a caller passes is modified (the original ``cldm/cldm.py`` pops from
 the caller's list).
+
+Over a text-conditioned base (a U-Net built with ``context_dim``) the copied layers include its
+cross-attention blocks, so the control branch reads the caption tokens too: Zhang et al. (2023, sec.
+3.2 and Fig. 3) feed the prompt features c_t to the trainable copy as well as to the locked model.
+``context`` and ``context_mask`` go to both unchanged; they are checked once, before either runs.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusekit.nn.embeddings import input_fourier_features, noise_and_class_embedding
-from diffusekit.nn.unet import Downsample, UNet, encoder_path, zero_init
+from diffusekit.nn.unet import Downsample, UNet, _check_context_mask, encoder_path, zero_init
 
 __all__ = ["ControlNet", "ControlledUNet", "HintEncoder"]
 
@@ -120,10 +125,24 @@ class ControlledUNet(nn.Module):
         self.in_channels, self.out_channels = base.in_channels, base.out_channels
         self.image_size, self.num_classes, self.context_dim = base.image_size, base.num_classes, base.context_dim
 
-    def train(self, mode: bool = True) -> "ControlledUNet":
+    def train(self, mode: bool = True) -> ControlledUNet:
         super().train(mode)
         self.base.eval()
         return self
+
+    def _check_context(self, x: Tensor, context: Tensor | None, context_mask: Tensor | None) -> None:
+        """The base's checks of the caption tokens, made before the ControlNet reads them."""
+        if context is not None:
+            if self.context_dim is None:
+                raise ValueError("ControlledUNet: context given, but the base U-Net has no cross-attention "
+                                 "(context_dim=None)")
+            if not isinstance(context, Tensor) or context.ndim != 3 or context.shape[::2] != (x.shape[0],
+                                                                                                 self.context_dim):
+                got = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
+                raise ValueError(f"ControlledUNet: context must have shape ({x.shape[0]}, L, {self.context_dim}), "
+                                 f"got {got}")
+        if context_mask is not None:
+            _check_context_mask(context_mask, context)
 
     def residual_shapes(self, batch_size: int, size: int | tuple[int, int] | None = None):
         return self.base.residual_shapes(batch_size, size)
@@ -134,7 +153,8 @@ class ControlledUNet(nn.Module):
         if control is None:
             raise ValueError("ControlledUNet: no control image given (pass control=(B, C_hint, H, W))")
         self.base._check_input(x)
-        cond = dict(class_labels=class_labels, context=context, context_mask=context_mask)
+        self._check_context(x, context, context_mask)
+        cond = {"class_labels": class_labels, "context": context, "context_mask": context_mask}
         controls = [self.scale * r for r in self.controlnet(x, c_noise, control, **cond)]
         if residuals is not None:
             if len(residuals) != len(controls):
