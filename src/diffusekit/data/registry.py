@@ -23,6 +23,7 @@ from diffusekit.data.dataset import ArrayDataset
 from diffusekit.data.folder import load_image_folder
 from diffusekit.data.images import load_digits, load_mnist
 from diffusekit.data.photos import load_photos
+from diffusekit.data.scenes import load_scenes
 from diffusekit.data.toys import TOYS, make_toy
 from diffusekit.errors import ConfigError
 from diffusekit.oracle import default_mixture
@@ -84,8 +85,6 @@ def load_dataset(cfg, split: Literal["train", "test"]) -> ArrayDataset:
         return pooled(load_mnist(split), 28 // cfg.image_size if cfg.image_size else 1)
     n = cfg.n_train if split == "train" else cfg.n_test
     if name == "scenes":
-        from diffusekit.data.scenes import load_scenes
-
         return load_scenes(split, n, cfg.seed, cfg.image_size or 32)
     if name == "photos":
         return load_photos(split, cfg.image_size or PHOTO_PATCH_SIZE, n, split_seed(cfg.seed, split))

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffusekit.data.dataset import ArrayDataset
+from diffusekit.data.images import load_mnist
 from diffusekit.errors import ConfigError
 
 __all__ = [
@@ -219,7 +220,7 @@ def normalize_crop(ink: Tensor, mask: Tensor | None = None) -> Tensor:
 def measure_digit(ink28: Tensor) -> tuple[float, float]:
     """(thickness, slant) of a renormalized 28x28 ink image: ink mass / skeleton length, and -mu11 / mu02."""
     try:
-        from skimage.morphology import skeletonize
+        from skimage.morphology import skeletonize  # optional (the photos extra)
     except ImportError:
         raise ConfigError("data.name = 'scenes' measures stroke thickness with scikit-image: "
                           "pip install 'diffusekit[photos]'") from None
@@ -355,8 +356,6 @@ def _thresholds(scenes: Sequence[Scene]) -> Thresholds:
 def scene_table(split: Split, n: int, seed: int = 0, canvas: int = 32) -> SceneTable:
     """The ``split`` scenes (``n`` of them) drawn from that split of MNIST-5k, with the thresholds of the
     training split's digits (the train split with ``n_train`` = 4000 scenes and the same seed and canvas)."""
-    from diffusekit.data.images import load_mnist
-
     if canvas not in SCENE_SIZES:
         raise ConfigError(f"data.image_size = {canvas} is not a scene canvas; choose one of "
                           f"{', '.join(map(str, SCENE_SIZES))} (0 means 32)")
@@ -396,8 +395,6 @@ def scene_crops(split: Split, seed: int = 0, canvas: int = 32) -> ArrayDataset:
 
 def heldout_combo_scenes(n: int, seed: int = 0, canvas: int = 32) -> tuple[Tensor, list[Scene]]:
     """``n`` test scenes whose first digit sits in its held-out (position, size)."""
-    from diffusekit.data.images import load_mnist
-
     return make_scenes(load_mnist("test"), n, _split_seed(seed, "test", 1), canvas, exclude_heldout=False,
                        force_heldout=True)
 

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from diffusekit.data import load_digits, load_mnist
+from diffusekit.data.scenes import scene_crops
 from diffusekit.io.atomic import atomic_write_bytes, atomic_write_text
 
 __all__ = ["FEATURE_NET_VERSION", "FEATURE_DIM", "FeatureNetConfig", "FeatureNet", "feature_net_config",
@@ -153,8 +154,6 @@ def feature_dataset(dataset_name: DatasetName, split: Literal["train", "test"]):
     """The labelled ``split`` of the dataset a feature net is trained on (digits, MNIST-5k, or the digits
     cut out of the 32x32 scenes)."""
     if dataset_name == "scenes":
-        from diffusekit.data.scenes import scene_crops
-
         return scene_crops(split)
     return (load_digits if dataset_name == "digits" else load_mnist)(split)
 

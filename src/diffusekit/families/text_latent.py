@@ -43,9 +43,11 @@ from torch import Tensor, nn
 from diffusekit.config import Config
 from diffusekit.data.captions import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, caption, caption_grid
 from diffusekit.data.dataset import ArrayDataset
+from diffusekit.data.scenes import adherence, heldout_combo_scenes, scene_table
+from diffusekit.data.scenes import caption as scene_caption
 from diffusekit.errors import CheckpointError, ConfigError
 from diffusekit.evaluate.features import load_feature_net
-from diffusekit.evaluate.quality import _snap_to_levels, image_quality
+from diffusekit.evaluate.quality import _snap_to_levels, image_quality, pixel_quality
 from diffusekit.families import vae
 from diffusekit.families.base import EvaluateSettings, Evaluation, Model, SampleRequest, Samples, load_run_dependency
 from diffusekit.families.diffusion import build_schedule, check_class_labels, drop_labels, grid_columns
@@ -165,9 +167,6 @@ class SceneCaptions:
     picked per example, and ``train.class_dropout`` of them are replaced by ""."""
 
     def __init__(self, cfg: Config):
-        from diffusekit.data.scenes import caption as scene_caption
-        from diffusekit.data.scenes import scene_table
-
         self.cfg = cfg
         table = scene_table("train", cfg.data.n_train, cfg.data.seed, cfg.data.image_size or 32)
         rng = np.random.default_rng([cfg.data.seed, 7])
@@ -185,8 +184,6 @@ class SceneCaptions:
         return torch.where(drop, torch.full_like(rows, self.null_row), rows)
 
     def preview_prompts(self, n: int) -> list[str]:
-        from diffusekit.data.scenes import caption as scene_caption
-
         scenes = self.test.scenes
         return [scene_caption(scenes[i % len(scenes)], self.test.thresholds, "train") for i in range(n)]
 
@@ -383,9 +380,6 @@ def scene_prompt_sets(model: TextLatentModel, n: int) -> dict[str, tuple[list[st
     the first ``n`` test scenes in the training wording and in the held-out wording (the same scenes and
     seeds, only the words differ), and ``n`` scenes whose first digit sits in its held-out (position, size),
     in the training wording. Every prompt states every attribute its digits have."""
-    from diffusekit.data.scenes import caption as scene_caption
-    from diffusekit.data.scenes import heldout_combo_scenes, scene_table
-
     d = model.cfg.data
     canvas = d.image_size or 32
     test = scene_table("test", max(n, d.n_test), d.seed, canvas)
@@ -404,9 +398,6 @@ def evaluate_scenes(model: TextLatentModel, settings: SampleSettings, n_samples:
     """Adherence per attribute (``data.scenes.adherence``) and realism (pixel sliced W2 to the test scenes,
     as a ratio to real training scenes) for each prompt set of ``scene_prompt_sets``, sample i from seed i;
     the real scenes of each set, scored by the same ruler, are the reference (``real``)."""
-    from diffusekit.data.scenes import adherence, scene_table
-    from diffusekit.evaluate.quality import pixel_quality
-
     d = model.cfg.data
     canvas = d.image_size or 32
     test = scene_table("test", max(n_samples, d.n_test), d.seed, canvas)
