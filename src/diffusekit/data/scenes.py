@@ -6,7 +6,8 @@ digit has attributes that are known by construction or measured:
 - **digit**: the MNIST label of the source image;
 - **position**: one of nine anchors (``POSITIONS``: the centre, the four sides, the four corners), the
   centre of the digit's 28x28 frame after scaling, jittered by at most one pixel;
-- **size**: the frame scaled to ``SIZES`` of the canvas side (small 10/32, large 17/32);
+- **size**: the frame scaled to ``SIZES`` of the canvas side (small 13/32, large 19/32; at 10/32 a small
+  digit keeps too little stroke detail to be read reliably when scaled back up);
 - **thickness** and **slant**, measured on the placed digit (``measure_digit``): its ink cut out of the
   canvas and renormalized the way MNIST was made (ink box scaled to 20 pixels, centred by mass in 28x28);
   thickness = ink mass / skeleton length (the mean stroke width in pixels of the 28x28 frame), slant =

@@ -2,7 +2,8 @@
 sample quality ("FD-digits", "FD-mnist").
 
 No Inception weights can be downloaded here, so image samples are scored in the feature space of
-``FeatureNet``, a small CNN trained on the train split of the same data (digits or MNIST-5k), in the
+``FeatureNet``, a small CNN trained on the train split of the same data (digits, MNIST-5k, or the digits
+cut out of the scenes, ``data.scenes.scene_crops``: the reader of the scenes' prompt adherence), in the
 spirit of FID (Heusel et al., 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to a
 Local Nash Equilibrium"), which uses Inception-v3's pool3 layer the same way.
 
@@ -166,7 +167,7 @@ def evaluate_accuracy(net: FeatureNet, x: Tensor, labels: Tensor) -> float:
 
 def train_feature_net(dataset_name: DatasetName, seed: int = 0, epochs: int | None = None,
                       progress: bool = False) -> FeatureNet:
-    """Train a ``FeatureNet`` on the train split of ``dataset_name`` (digits or MNIST-5k).
+    """Train a ``FeatureNet`` on the train split of ``dataset_name`` (digits, MNIST-5k or scene digits).
 
     AdamW with a one-cycle learning rate, cross-entropy, random shifts of up to 1 (digits) or 2
     (MNIST) pixels. Deterministic under ``seed``; the caller's global RNG state is left as it was.
