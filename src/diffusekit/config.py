@@ -773,8 +773,9 @@ def _validate(cfg: Config) -> None:
            f"'fp32' for model.kind = {m.kind!r} (its likelihood terms are computed inside the network's forward)",
            t.precision)
     s.check(T=df.T)
-    # conditioned on captions (a ControlNet on scenes: over a text_unet base; families.controlnet checks the base)
-    text_scenes = m.kind in ("latent_unet", "text_unet", "controlnet") and d.name == "scenes"
+    # conditioned on captions (the text family checks its data; a ControlNet on scenes: over a text_unet base,
+    # families.controlnet checks the base)
+    text_scenes = m.kind in ("latent_unet", "text_unet") or (m.kind == "controlnet" and d.name == "scenes")
     _check(s.guidance == 1.0 or m.num_classes > 0 or text_scenes, "sample.guidance",
            "1.0 for an unconditional model (guidance needs model.num_classes > 0)", s.guidance)
     v = cfg.vae

@@ -96,7 +96,8 @@ def load_codec(path: str | Path, data_shape: tuple[int, ...] | None = None, devi
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{where}: autoencoder run folder {path} does not exist (train it: diffusekit train "
-                              f"--config configs/autoencoder_mnist.toml --out {path})")
+                              f"--config configs/autoencoder_mnist.toml --out {path}, or autoencoder_scenes.toml "
+                              "for scenes)")
     return load_run_dependency(path, where, "an autoencoder", lambda rc: rc.kind == "autoencoder", vae.load,
                                data_shape, "the autoencoder codes", device)
 
