@@ -39,6 +39,14 @@ def trained_steps(run: Path) -> int:
     return int(load_checkpoint(run)[1]["step"])
 
 
+def emit(result: dict[str, Any], path: Path | None) -> None:
+    """Print ``result`` as JSON, and write it to ``path`` when given."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    if path:
+        path.write_text(text + "\n")
+
+
 def step_seconds(runs: dict[str, Path], train_steps: int, repeats: int) -> dict[str, float]:
     """Median seconds of one training step of each run's config, timed interleaved."""
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -99,10 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     single_s = result["training"]["single"]["seconds"]
     cascade_s = result["training"]["low"]["seconds"] + result["training"]["sr"]["seconds"]
     result["training_cost_ratio_cascade_to_single"] = cascade_s / single_s
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit(result, args.json)
     return 0
 
 

@@ -16,7 +16,6 @@ batch would add). Adherence and realism come from ``diffusekit evaluate`` on eac
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from cascade import step_seconds, trained_steps
+from cascade import emit, step_seconds, trained_steps
 
 from diffusekit.config import load_config
 from diffusekit.data.registry import load_dataset
@@ -76,10 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     encode = encode_seconds(args.autoencoder, batch, args.repeats)
     result["encode_seconds_per_batch"] = encode
     result["encode_share"] = encode / (encode + per_step["latent"])
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit(result, args.json)
     return 0
 
 

@@ -66,6 +66,30 @@ class StatefulObjective(Protocol):
     def load_state_tensors(self, tensors: dict[str, Tensor], source: str) -> None: ...
 
 
+class TimeHistoryState:
+    """``StatefulObjective`` for an objective whose only state is the history of importance-sampled t
+    (``self.t_history``: ``timestep_proposal.LossHistory`` or ``BinnedTimeProposal``, None unless
+    ``loss.t_sampling = "importance"``), kept in checkpoints as ``objective.t_history.*``."""
+
+    t_history: Any = None
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """What a checkpoint keeps of the objective beyond the module: the t history (importance only)."""
+        if self.t_history is None:
+            return {}
+        return {f"t_history.{k}": v for k, v in self.t_history.state_tensors().items()}
+
+    def load_state_tensors(self, tensors: dict[str, Tensor], source: str) -> None:
+        """Restore ``state_tensors`` (a one-line CheckpointError naming ``source`` when it does not fit)."""
+        if self.t_history is None:
+            return
+        try:
+            self.t_history.load_state_tensors({k[10:]: v for k, v in tensors.items() if k.startswith("t_history.")},
+                                              source)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
+
+
 @dataclass
 class Model:
     """A trained model of some family, loaded for sampling and evaluation. Families subclass it with what

@@ -20,7 +20,7 @@ from diffusekit.config import Config
 from diffusekit.continuous.elbo import prior_kl_at, reconstruction_nll, sample_times
 from diffusekit.continuous.module import build_continuous_module, load_continuous
 from diffusekit.data.dataset import ArrayDataset
-from diffusekit.errors import CheckpointError
+from diffusekit.families.base import TimeHistoryState
 from diffusekit.families.diffusion import DiffusionModel, check_class_labels, drop_labels, preview_settings
 from diffusekit.io.runfolder import RunCheckpoint
 from diffusekit.sampling.generate import generate
@@ -30,7 +30,7 @@ from diffusekit.train.distributed import gather_tensors
 __all__ = ["ContinuousObjective", "load"]
 
 
-class ContinuousObjective:
+class ContinuousObjective(TimeHistoryState):
     """The trainer's ``Objective`` for ``loss.objective = "continuous"``: the whole loss is the module's
     forward, so DistributedDataParallel wraps it and a learned schedule trains with the network.
 
@@ -49,22 +49,6 @@ class ContinuousObjective:
         self.t_sampling = "antithetic" if lc.t_sampling == "stratified" else "uniform"
         if lc.t_sampling == "importance":
             self.t_history = BinnedTimeProposal(lc.importance_history, lc.importance_uniform)
-
-    def state_tensors(self) -> dict[str, Tensor]:
-        """What a checkpoint keeps of the objective beyond the module: the t history (importance only)."""
-        if self.t_history is None:
-            return {}
-        return {f"t_history.{k}": v for k, v in self.t_history.state_tensors().items()}
-
-    def load_state_tensors(self, tensors: dict[str, Tensor], source: str) -> None:
-        """Restore ``state_tensors`` (a one-line CheckpointError naming ``source`` when it does not fit)."""
-        if self.t_history is None:
-            return
-        try:
-            self.t_history.load_state_tensors({k[10:]: v for k, v in tensors.items() if k.startswith("t_history.")},
-                                              source)
-        except ValueError as exc:
-            raise CheckpointError(str(exc)) from None
 
     def t_free_terms(self, x0: Tensor, noise: Tensor, like: Tensor) -> Tensor:
         """C per example in bits/dim as ``like``: prior + reconstruction, computed as the module adds them

@@ -27,6 +27,7 @@ from diffusekit.families.base import (
     Model,
     SampleRequest,
     Samples,
+    TimeHistoryState,
     check_labels_and_guidance,
 )
 from diffusekit.io.checkpoint import check_state, load_module_state
@@ -92,7 +93,7 @@ def grid_columns(period: int) -> int | None:
     return period if 1 < period <= 16 else None
 
 
-class DiffusionObjective:
+class DiffusionObjective(TimeHistoryState):
     """The discrete-time denoising loss of ``[loss]`` for a network predicting ``model.prediction``; with
     ``model.learned_variance``, the hybrid loss L_simple + ``loss.vlb_weight`` L_vlb (``losses.hybrid_loss``).
 
@@ -115,22 +116,6 @@ class DiffusionObjective:
         lc = cfg.loss
         if lc.t_sampling == "importance":
             self.t_history = LossHistory(self.schedule.T, lc.importance_history, lc.importance_uniform)
-
-    def state_tensors(self) -> dict[str, Tensor]:
-        """What a checkpoint keeps of the objective beyond the module: the t history (importance only)."""
-        if self.t_history is None:
-            return {}
-        return {f"t_history.{k}": v for k, v in self.t_history.state_tensors().items()}
-
-    def load_state_tensors(self, tensors: dict[str, Tensor], source: str) -> None:
-        """Restore ``state_tensors`` (a one-line CheckpointError naming ``source`` when it does not fit)."""
-        if self.t_history is None:
-            return
-        try:
-            self.t_history.load_state_tensors({k[10:]: v for k, v in tensors.items() if k.startswith("t_history.")},
-                                              source)
-        except ValueError as exc:
-            raise CheckpointError(str(exc)) from None
 
     def denoiser(self, module: nn.Module) -> Denoiser:
         return Denoiser(module, self.kind, learned_variance=self.cfg.model.learned_variance)

@@ -437,6 +437,19 @@ def _scene_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def _evaluation_sampling(model: TextLatentModel, settings: EvaluateSettings, minimum: int,
+                         why: str) -> tuple[int, SampleSettings]:
+    """(prompts per set, the sampler settings) of an evaluation: ``--n-samples`` (default 200, at least
+    ``minimum``) and the run's [sample] with the command's overrides."""
+    n = 200 if settings.n_samples is None else settings.n_samples
+    if n < minimum:
+        raise ConfigError(f"--n-samples must be at least {minimum}{why}, got {n}")
+    sampling = SampleSettings.from_config(model.cfg.sample, key=settings.key, batch_size=250,
+                                          **settings.sample_overrides())
+    sampling.check(settings.key, T=model.schedule.T)
+    return n, sampling
+
+
 def evaluate(model: TextLatentModel, settings: EvaluateSettings, out_dir: Path, progress: bool = True) -> Evaluation:
     """Prompt accuracy (training and held-out templates), fd and fd_ratio at ``settings.guidance`` (default:
     the run's sample.guidance) on ``n_samples`` (default 200) samples per template set; writes
@@ -444,12 +457,7 @@ def evaluate(model: TextLatentModel, settings: EvaluateSettings, out_dir: Path, 
     (``evaluate_scenes``) instead."""
     if model.cfg.data.name == "scenes":
         return _evaluate_scenes_run(model, settings, out_dir, progress)
-    n = 200 if settings.n_samples is None else settings.n_samples
-    if n < 10:
-        raise ConfigError(f"--n-samples must be at least 10 (one per digit), got {n}")
-    sampling = SampleSettings.from_config(model.cfg.sample, key=settings.key, batch_size=250,
-                                          **settings.sample_overrides())
-    sampling.check(settings.key, T=model.schedule.T)
+    n, sampling = _evaluation_sampling(model, settings, 10, " (one per digit)")
     result = evaluate_prompts(model, sampling, n_samples=n, progress=progress)
     name = f"text2img-g{sampling.guidance:g}"
     prompts = [caption(d, t) for t in GRID_PROMPTS for d in range(10)]
@@ -469,12 +477,7 @@ def evaluate(model: TextLatentModel, settings: EvaluateSettings, out_dir: Path, 
 
 def _evaluate_scenes_run(model: TextLatentModel, settings: EvaluateSettings, out_dir: Path,
                          progress: bool) -> Evaluation:
-    n = 200 if settings.n_samples is None else settings.n_samples
-    if n < 2:
-        raise ConfigError(f"--n-samples must be at least 2, got {n}")
-    sampling = SampleSettings.from_config(model.cfg.sample, key=settings.key, batch_size=250,
-                                          **settings.sample_overrides())
-    sampling.check(settings.key, T=model.schedule.T)
+    n, sampling = _evaluation_sampling(model, settings, 2, "")
     result = evaluate_scenes(model, sampling, n_samples=n, progress=progress)
     name = f"text2img-g{sampling.guidance:g}"
     sets = scene_prompt_sets(model, 6)
