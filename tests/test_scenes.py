@@ -206,3 +206,38 @@ def test_a_tiny_pixel_text_run_on_scenes_trains_samples_and_is_scored(tmp_path, 
         assert 0 <= result[name]["adherence"]["position"] <= 1
         assert result[name]["real"]["position"] >= 0.5
         assert result[name]["sliced_wasserstein_ratio"] > 0
+
+
+def test_the_latent_vs_pixel_bench_prices_tiny_runs(tmp_path, fake_encoder, monkeypatch):
+    """bench/latent_vs_pixel.py on tiny scenes runs: per-step seconds of each, the cost ratio and the encoder's
+    share add up from their own parts."""
+    import importlib
+    import json
+    import sys
+    from pathlib import Path
+
+    from diffusekit.config import load_config
+    from diffusekit.train.trainer import train
+
+    small = ["data.n_train=16", "data.n_test=8", "train.steps=2", "train.batch_size=4", "train.checkpoint_every=2",
+             "train.log_every=1", "train.n_sample=2", "train.time_limit_s=0"]
+    train(load_config("configs/autoencoder_scenes.toml", [*small, "model.base_channels=8"]), tmp_path / "ae",
+          progress=False)
+    net = ["model.base_channels=8", "model.num_heads=1"]
+    train(load_config("configs/text2img_scenes.toml", [*small, *net, "model.attn_resolutions=[8]"]),
+          tmp_path / "pixel", progress=False)
+    codec = f'latent.autoencoder_run="{tmp_path / "ae"}"'
+    train(load_config("configs/text2img_scenes_latent.toml", [*small, *net, codec]), tmp_path / "latent",
+          progress=False)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    bench = importlib.import_module("latent_vs_pixel")
+    out = tmp_path / "bench.json"
+    assert bench.main(["--pixel", str(tmp_path / "pixel"), "--latent", str(tmp_path / "latent"), "--autoencoder",
+                       str(tmp_path / "ae"), "--train-steps", "1", "--repeats", "1", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    t = r["training"]
+    assert all(t[k]["steps"] == 2 and t[k]["seconds_per_step"] > 0 for k in ("pixel", "latent", "autoencoder"))
+    assert r["latent_total_seconds"] == pytest.approx(t["latent"]["seconds"] + t["autoencoder"]["seconds"])
+    assert r["cost_ratio_latent_to_pixel"] == pytest.approx(r["latent_total_seconds"] / t["pixel"]["seconds"])
+    assert 0 < r["encode_share"] < 1
+    sys.modules.pop("latent_vs_pixel", None)
