@@ -279,6 +279,12 @@ def test_a_pipe_closed_early_and_an_ascii_terminal(trained, tmp_path):
     proc = subprocess.run(f"{sys.executable} -m diffusekit train --dry-run | head -1", shell=True, capture_output=True,
                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0 and "Traceback" not in proc.stderr and proc.stdout.strip() == "[data]"
+    # the progress bars and the summary go to a reader that has left: the samples are still all written
+    closed = tmp_path / "closed"
+    proc = subprocess.run(f"{sys.executable} -m diffusekit sample --run {trained} --seeds 0-3 --steps 2 --out {closed} "
+                          "2>&1 | head -c 0; exit ${PIPESTATUS[0]}", shell=True, executable="/bin/bash",
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and (closed / "samples.npz").is_file() and (closed / "settings.json").is_file()
     out = tmp_path / "sämples"  # a non-ASCII path, printed to an ASCII-only terminal
     proc = _run_cli("sample", "--run", trained, "--seeds", "0", "--steps", "2", "--out", out, "--no-progress",
                     env={"PYTHONIOENCODING": "ascii", "LC_ALL": "C", "LANG": "C"})
