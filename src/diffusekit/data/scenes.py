@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -169,7 +169,6 @@ class SceneTable:
     x: Tensor  # (N, 1, S, S) in [-1, 1], 8-bit levels
     thresholds: Thresholds
     size: int
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 # -- drawing --------------------------------------------------------------------------------------
