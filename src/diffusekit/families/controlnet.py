@@ -76,8 +76,7 @@ from diffusekit.config import Config
 from diffusekit.data.dataset import ArrayDataset
 from diffusekit.data.images import read_image
 from diffusekit.data.registry import load_dataset
-from diffusekit.data.scenes import INK, adherence, locate_digits, scene_table
-from diffusekit.data.scenes import caption as scene_caption
+from diffusekit.data.scenes import INK, adherence, locate_digits
 from diffusekit.errors import ConfigError
 from diffusekit.evaluate.features import load_feature_net
 from diffusekit.families import diffusion, text_latent
@@ -362,16 +361,6 @@ def _load_base(cfg: Config, data_shape: tuple[int, ...] | None) -> Model:
                                _base_kind(where), _load_any, data_shape, "the base models")
 
 
-def _scene_requests(cfg: Config, n: int) -> tuple[list[str], list[Any], Tensor, Any]:
-    """The first ``n`` test scenes of ``cfg.data``: captions stating every attribute in the training wording,
-    the scenes, their images (n, 1, S, S) and the thresholds."""
-    d = cfg.data
-    test = scene_table("test", max(n, d.n_test), d.seed, d.image_size or 32)
-    rng = np.random.default_rng([d.seed, 0])
-    scenes = list(test.scenes[:n])
-    return [scene_caption(s, test.thresholds, "train", rng) for s in scenes], scenes, test.x[:n], test.thresholds
-
-
 class ControlObjective(diffusion.DiffusionObjective):
     """The denoising loss of the frozen base's family, for ``ControlledUNet`` with the hint of each example
     (and, over a text base, the caption features of its scene)."""
@@ -429,7 +418,7 @@ class ControlObjective(diffusion.DiffusionObjective):
                 x = load_dataset(self.cfg.data, "test").x[:n]
             return generate(denoiser, self.schedule, self.data_shape, settings, device=device, progress=False,
                             cond={"control": self.hint(x).to(device)})
-        prompts, _, x, _ = _scene_requests(self.cfg, n)
+        prompts, _, x, _ = text_latent.scene_prompts(self.cfg.data, n)
         return _guided(denoiser, self.schedule, self.data_shape, settings.replace(guidance=self.cfg.sample.guidance),
                        prompts, self.hint(x), None, device, False)
 
@@ -620,7 +609,7 @@ def evaluate_text(model: ControlNetModel, settings: SampleSettings, n_prompts: i
     if n_prompts < 1 or seeds_per_prompt < 2:
         raise ValueError(f"n_prompts must be >= 1 and seeds_per_prompt >= 2, got {n_prompts} and {seeds_per_prompt}")
     kind, factor = model.cfg.controlnet.hint, model.cfg.controlnet.lowres_factor
-    prompts, scenes, real, thresholds = _scene_requests(model.cfg, n_prompts)
+    prompts, scenes, real, thresholds = text_latent.scene_prompts(model.cfg.data, n_prompts)
     n = len(prompts)
     hints = model.hint(real)
     classifier = load_feature_net("scenes")

@@ -376,22 +376,26 @@ def evaluate_prompts(model: TextLatentModel, settings: SampleSettings, n_samples
 SCENE_SETS = ("train_wording", "heldout_wording", "heldout_combos")
 
 
+def scene_prompts(data_cfg, n: int, name: str = "train_wording") -> tuple[list[str], list, Tensor, Any]:
+    """One prompt set of ``SCENE_SETS`` for the scenes of ``data_cfg``, ``n`` prompts: (prompts, scenes, the real
+    images, the test split's attribute thresholds). "train_wording" and "heldout_wording" are the first ``n``
+    test scenes in the training and the held-out wording (the same scenes, only the words differ);
+    "heldout_combos" holds ``n`` scenes whose first digit sits in its held-out (position, size), in the training
+    wording. Every prompt states every attribute its digits have."""
+    canvas = data_cfg.image_size or 32
+    test = scene_table("test", max(n, data_cfg.n_test), data_cfg.seed, canvas)
+    if name == "heldout_combos":
+        x, scenes = heldout_combo_scenes(n, data_cfg.seed, canvas)
+    else:
+        x, scenes = test.x[:n], test.scenes[:n]
+    wording = "heldout" if name == "heldout_wording" else "train"
+    rng = np.random.default_rng([data_cfg.seed, SCENE_SETS.index(name)])
+    return [scene_caption(s, test.thresholds, wording, rng) for s in scenes], list(scenes), x, test.thresholds
+
+
 def scene_prompt_sets(model: TextLatentModel, n: int) -> dict[str, tuple[list[str], list, Tensor]]:
-    """The three prompt sets of a scenes run, ``n`` prompts each: (prompts, scenes, the real images):
-    the first ``n`` test scenes in the training wording and in the held-out wording (the same scenes and
-    seeds, only the words differ), and ``n`` scenes whose first digit sits in its held-out (position, size),
-    in the training wording. Every prompt states every attribute its digits have."""
-    d = model.cfg.data
-    canvas = d.image_size or 32
-    test = scene_table("test", max(n, d.n_test), d.seed, canvas)
-    combo_x, combo = heldout_combo_scenes(n, d.seed, canvas)
-    out = {}
-    for name, scenes, x, wording in (("train_wording", test.scenes[:n], test.x[:n], "train"),
-                                     ("heldout_wording", test.scenes[:n], test.x[:n], "heldout"),
-                                     ("heldout_combos", combo, combo_x, "train")):
-        rng = np.random.default_rng([d.seed, SCENE_SETS.index(name)])
-        out[name] = ([scene_caption(s, test.thresholds, wording, rng) for s in scenes], list(scenes), x)
-    return out
+    """The three prompt sets of a scenes run (``scene_prompts``), ``n`` prompts each: (prompts, scenes, images)."""
+    return {name: scene_prompts(model.cfg.data, n, name)[:3] for name in SCENE_SETS}
 
 
 def evaluate_scenes(model: TextLatentModel, settings: SampleSettings, n_samples: int = 200, encoder=None,
