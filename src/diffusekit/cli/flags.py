@@ -229,7 +229,7 @@ def _restore(sub) -> None:
     p.add_argument("--fraction", type=float, default=0.5,
                    help="random mask: share of unknown pixels (default: 0.5)")
     p.add_argument("--mask-seed", type=int, default=0,
-                   help="random mask: seed; each input gets its own mask (default: 0)")
+                   help="random, freeform, box and uncrop masks: seed; each input gets its own mask (default: 0)")
     p.add_argument("--factor", type=int, default=None, help="superres: downsampling factor (default: 2)")
     p.add_argument("--blur-size", type=int, default=None, help="blur: odd kernel side in pixels (default: 5)")
     p.add_argument("--blur-width", type=float, default=None,

@@ -52,7 +52,7 @@ from diffusekit.errors import ConfigError, DataError
 from diffusekit.evaluate.features import evaluate_accuracy, load_feature_net
 from diffusekit.evaluate.samples import has_feature_net
 from diffusekit.families import read_run
-from diffusekit.families.img2img import sample_img2img
+from diffusekit.families.img2img import box_masks, freeform_masks, sample_img2img, uncrop_masks
 from diffusekit.io.atomic import OutputFolder, atomic_write_bytes, atomic_write_text
 from diffusekit.sampling.catalog import (
     DEFAULT_MASK,
@@ -82,6 +82,7 @@ from diffusekit.viz import image_grid, png_bytes
 __all__ = ["RestoreSettings", "make_masks", "read_mask", "load_inputs", "psnr", "restore_run", "noise_seed",
            "measurement_noise", "dps_zeta", "resolve_method"]
 
+PALETTE_MASKS = {"freeform": freeform_masks, "box": box_masks, "uncrop": uncrop_masks}
 MAX_RESAMPLE = 1_000
 MAX_NOISE_STD = 2.0  # the data range is [-1, 1]: more noise than this leaves nothing to restore
 MAX_ZETA = 100.0  # a DPS step of 2 zeta in the norm of x: beyond this it is no longer a step
@@ -94,7 +95,9 @@ class RestoreSettings:
 
     ``mask`` names the region to generate: "center" (a centred square of half the side), "border"
     (all but that square: outpainting), "left" / "right" / "top" / "bottom" (that half), "random"
-    (a ``fraction`` of the pixels, drawn per input from (``mask_seed``, input index)), or a PNG file
+    (a ``fraction`` of the pixels, drawn per input from (``mask_seed``, input index)), "freeform" / "box" /
+    "uncrop" (one mask per input, drawn from (``mask_seed``, input index), from the distribution an
+    image-to-image run is trained on: Palette's brush strokes, a box, or uncropping), or a PNG file
     of the image size whose white pixels (>= 128) are generated; "" takes the task's default (inpaint:
     center, outpaint: border). ``factor`` is the super-resolution factor, ``blur_size`` and ``blur_width``
     the Gaussian blur's kernel side and standard deviation (pixels), ``gain`` the saturation's
@@ -273,6 +276,9 @@ def make_masks(spec: str, n: int, size: tuple[int, int], fraction: float = 0.5, 
             g = torch.Generator().manual_seed(noise_seed(mask_seed, k))
             out[k, torch.randperm(H * W, generator=g)[:n_unknown]] = False
         return out.reshape(n, 1, H, W)
+    if spec in PALETTE_MASKS:
+        draw = PALETTE_MASKS[spec]
+        return torch.cat([draw(1, size, torch.Generator().manual_seed(noise_seed(mask_seed, k))) for k in range(n)])
     if spec in MASKS:
         unknown = torch.zeros(H, W, dtype=torch.bool)
         h, w = H // 2, W // 2

@@ -107,7 +107,9 @@ DPS_ONLY_TASKS: tuple[str, ...] = ("blur", "saturation")
 # DPS's default step size: zeta = DPS_ZETA_SQRT_STEPS / sqrt(sampling steps), measured on digits
 # (docs/restoration.md, "Choosing zeta")
 DPS_ZETA_SQRT_STEPS = 5.0
-MASKS: tuple[str, ...] = ("center", "border", "left", "right", "top", "bottom", "random")
+# "random": scattered pixels; "freeform", "box", "uncrop": one mask per input from the masks image-to-image runs
+# are trained on (families.img2img: Palette's free-form strokes, boxes and uncropping)
+MASKS: tuple[str, ...] = ("center", "border", "left", "right", "top", "bottom", "random", "freeform", "box", "uncrop")
 DEFAULT_MASK = {"inpaint": "center", "outpaint": "border"}
 
 
