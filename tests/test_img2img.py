@@ -302,3 +302,61 @@ def test_the_app_restores_with_an_img2img_run(img2img_run):
         with pytest.raises(ConfigError, match="--method repaint") as info:
             app.restore({"task": "superres", "method": "repaint", "steps": 3, "n": 1, "seeds": "0"}, job=2)()
         assert "\n" not in str(info.value)
+
+
+# -- the training masks as restore masks, and the side-by-side bench -----------------------------------------
+@pytest.mark.parametrize("name,draw", [("freeform", freeform_masks), ("box", box_masks), ("uncrop", uncrop_masks)])
+def test_restore_draws_each_input_a_training_mask_from_its_own_seed(name, draw):
+    """--mask freeform / box / uncrop: input k's mask is the family's draw from SeedSequence([mask_seed, k]), so it
+    does not depend on how many inputs there are."""
+    masks = runs_restore.make_masks(name, 5, (8, 8), mask_seed=3)
+    for k in range(5):
+        own = draw(1, (8, 8), torch.Generator().manual_seed(runs_restore.noise_seed(3, k)))
+        assert torch.equal(masks[k:k + 1], own)
+    assert torch.equal(runs_restore.make_masks(name, 2, (8, 8), mask_seed=3), masks[:2])
+    assert not torch.equal(runs_restore.make_masks(name, 5, (8, 8), mask_seed=4), masks)
+    assert len({m.numpy().tobytes() for m in masks}) > 1  # one mask per input, not one for all
+
+
+def test_the_restoration_bench_scores_what_restore_wrote(img2img_run, digits_run, tmp_path, monkeypatch):
+    """bench/restoration.py on tiny runs: its PSNR columns are restore's own metrics, the projections are
+    consistent, A+ y is consistent and deterministic, bicubic is not consistent, and SSIM and diversity are what
+    they are on hand-made cases."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    bench = importlib.import_module("restoration")
+    try:
+        x = digits(4)
+        assert torch.allclose(bench.ssim(x, x), torch.ones(4, dtype=torch.float64), atol=1e-12)
+        assert (bench.ssim(x + 0.3 * digits(4, seed=1), x) < 1).all()
+        two = torch.stack([x, -x], 1)  # seeds 2 apart by |2 x| everywhere
+        assert bench.diversity(two, None) == pytest.approx((2 * x).pow(2).flatten(1).mean(1).sqrt().mean().item())
+        out = tmp_path / "json"
+        result = bench.main(["--trained", str(img2img_run), "--free", str(digits_run), "--tasks", "superres,inpaint:freeform",
+                             "--n", "4", "--seeds", "0-1", "--steps", "4",
+                             "--out", str(tmp_path / "b"), "--json", str(out), "--no-progress"])
+        assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+        sr, inpaint = result["tasks"]
+        assert inpaint["mask"] == "freeform"
+        assert [r["method"] for r in sr["rows"]] == ["A+y (nearest)", "bicubic", "img2img", "repaint", "ddnm", "dps"]
+        for task in (sr, inpaint):
+            for row in task["rows"]:
+                if "folder" in row:
+                    m = json.loads((Path(row["folder"]) / "metrics.json").read_text())
+                    assert row["psnr_sample"][0] == pytest.approx(m["psnr"], abs=1e-9)
+                    assert row["psnr_mean"][0] == pytest.approx(m["psnr_of_mean"], abs=1e-9)
+                    d = row["distribution"]  # the feature-net score of the 8 restorations, as evaluate scores
+                    assert d["name"] == "fd_ratio" and d["interval"][0] <= d["interval"][1] and d["value"] > 0
+                    if row["method"] != "dps" and task is inpaint:  # a projection keeps the known pixels
+                        assert row["consistency"] == 0
+                else:  # a baseline is one deterministic image per input
+                    assert row["psnr_sample"] == row["psnr_mean"] and row["diversity"] != row["diversity"]
+            base = task["rows"][0]
+            assert base["consistency"] < 1e-6 and base["s_per_image"] is None
+        assert sr["rows"][1]["consistency"] > 1e-3  # bicubic upsampling does not pool back to y
+        assert result["training"]["trained"]["steps"] == 4
+    finally:
+        sys.modules.pop("restoration", None)
