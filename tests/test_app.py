@@ -356,6 +356,22 @@ def test_restore_of_test_images_superres_equals_the_cli(capsys, tmp_path, monkey
     assert image.status_code == 200 and Image.open(io.BytesIO(image.content)).size == (8, 8)
 
 
+def test_restore_with_a_training_mask_from_a_seed_equals_the_cli(capsys, tmp_path, app, tiny_run):
+    """mask "freeform" with a mask seed: the page's command is the CLI's, and the masks are the seeded draws."""
+    from diffusekit.runs.restore import make_masks
+
+    _, client = app
+    result = done(client, "restore", {"task": "inpaint", "method": "ddnm", "mask": "freeform", "mask_seed": 7,
+                                      "steps": 4, "n": 2, "seeds": "0"})
+    assert "--mask freeform" in result["command"] and "--mask-seed 7" in result["command"]
+    argv = shlex.split(result["command"])[1:] + ["--out", str(tmp_path / "cli"), "--no-progress"]
+    code, _, err = cli(capsys, *argv)
+    assert code == 0, err
+    page, ours = npz(client, result["files"] + "restored.npz"), np.load(tmp_path / "cli" / "restored.npz")
+    assert np.array_equal(page["restored"], ours["restored"])
+    assert np.array_equal(page["known"], make_masks("freeform", 2, (8, 8), mask_seed=7).numpy())
+
+
 def test_dps_blur_with_noise_equals_the_cli_and_the_shown_command_reproduces_it(capsys, tmp_path, monkeypatch, app,
                                                                                 tiny_run):
     from diffusekit.runs.restore import measurement_noise

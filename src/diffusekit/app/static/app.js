@@ -2,6 +2,9 @@
 // Every action posts JSON to /api/<action>, which starts a job; the page polls /api/job/<id> until it ends.
 "use strict";
 
+// the masks drawn per input from --mask-seed (runs/restore.py make_masks): no single preview
+const PER_INPUT_MASKS = ["random", "freeform", "box", "uncrop"];
+
 const $ = (selector, root = document) => root.querySelector(selector);
 const $$ = (selector, root = document) => Array.from(root.querySelectorAll(selector));
 let RUN = null; // what /api/run says about the run
@@ -311,7 +314,7 @@ const MASK = {
     if (this.background) ctx.drawImage(this.preview(this.background), 0, 0, canvas.width, canvas.height);
     const task = field($("#restore-form"), "task").value;
     const mask = field($("#restore-form"), "mask").value;
-    if (!["inpaint", "outpaint"].includes(task) || ["random", "file"].includes(mask)) return;
+    if (!["inpaint", "outpaint"].includes(task) || [...PER_INPUT_MASKS, "file"].includes(mask)) return;
     const sx = canvas.width / this.W, sy = canvas.height / this.H;
     ctx.fillStyle = "rgba(230, 30, 30, 0.6)";
     for (let i = 0; i < this.H; i++) {
@@ -419,10 +422,8 @@ async function restoreBody() {
       if (!file) throw new Error("--mask: choose a mask file (white pixels are generated)");
       body.mask_image = await readFile(file);
     }
-    if (mask === "random") {
-      body.fraction = numberOrNull(field(form, "fraction"));
-      body.mask_seed = numberOrNull(field(form, "mask_seed"));
-    }
+    if (mask === "random") body.fraction = numberOrNull(field(form, "fraction"));
+    if (PER_INPUT_MASKS.includes(mask)) body.mask_seed = numberOrNull(field(form, "mask_seed"));
   }
   if (form.querySelector("input[name=source]:checked").value === "upload") {
     const files = Array.from($("#restore-files").files);
