@@ -13,7 +13,9 @@ Columns (``restored`` clamped to [-1, 1]; the region is the unknown pixels for m
 
 - ``psnr_sample``: PSNR (dB, peak-to-peak 2) of one restoration, averaged over the seeds, mean and standard
   error over the inputs; ``psnr_mean``: the same for the mean of the seeds' restorations (an estimate of the
-  posterior mean, which PSNR favours);
+  posterior mean, which PSNR favours); ``psnr_mean_pooled``: 10 log10(4 / MSE) with the MSE of that mean
+  averaged over the inputs first, the loss the posterior mean minimises (an average of per-image PSNR weighs
+  the inputs a baseline gets almost exactly right, e.g. gray patches for colorization, far more);
 - ``ssim_sample`` / ``ssim_mean``: SSIM over the whole image (Wang et al. 2004, "Image Quality Assessment: From
   Error Visibility to Structural Similarity": Gaussian window of sigma 1.5, side 7 or the image side if
   smaller; scikit-image), likewise;
@@ -140,9 +142,11 @@ class Scorer:
         flat = restored.flatten(0, 1)
         per_sample = psnr(flat, rep(self.x), None if self.region is None else rep(self.region)).reshape(K, S).mean(1)
         mean = restored.mean(1)
+        mse_of_mean = 4.0 / 10 ** (psnr(mean, self.x, self.region) / 10)  # per input, over the region
         row: dict[str, Any] = {
             "method": method, "n_inputs": K, "n_seeds": S,
             "psnr_sample": mean_se(per_sample), "psnr_mean": mean_se(psnr(mean, self.x, self.region)),
+            "psnr_mean_pooled": 10 * math.log10(4.0 / mse_of_mean.mean().item()),
             "ssim_sample": mean_se(ssim(flat, rep(self.x)).reshape(K, S).mean(1)),
             "ssim_mean": mean_se(ssim(mean, self.x)),
             "consistency": self.consistency(restored),
@@ -206,9 +210,9 @@ def bench_task(task: str, trained: Path, free: Path, settings: RestoreSettings, 
 
 
 def markdown(result: dict[str, Any]) -> str:
-    header = ("| task | method | PSNR, a sample | PSNR, mean of seeds | SSIM, a sample | SSIM, mean | consistency | "
-              "distribution | accuracy | diversity | s / image |")
-    lines = [header, "|" + "---|" * 11]
+    header = ("| task | method | PSNR, a sample | PSNR, mean of seeds | PSNR of the pooled MSE, mean of seeds | "
+              "SSIM, a sample | SSIM, mean | consistency | distribution | accuracy | diversity | s / image |")
+    lines = [header, "|" + "---|" * 12]
     for task in result["tasks"]:
         label = task["task"] + (f" ({task['mask']})" if task["mask"] else "")
         for i, r in enumerate(task["rows"]):
@@ -218,11 +222,12 @@ def markdown(result: dict[str, Any]) -> str:
             two = lambda v, f=".2f": f"{v[0]:{f}} ± {v[1]:{f}}"
             lines.append(" | ".join([
                 "", label if i == 0 else "", r["method"], two(r["psnr_sample"]), two(r["psnr_mean"]),
+                f"{r['psnr_mean_pooled']:.2f}",
                 two(r["ssim_sample"], ".3f"), two(r["ssim_mean"], ".3f"), f"{r['consistency']:.3f}", dist, acc,
                 "" if math.isnan(r["diversity"]) else f"{r['diversity']:.3f}",
                 "" if r["s_per_image"] is None else f"{r['s_per_image']:.3f}", ""]).strip())
         if task["y_only_accuracy"] is not None:
-            lines.append(f"| | | *classifier on A+y alone: accuracy {task['y_only_accuracy']:.3f}* |" + " |" * 8)
+            lines.append(f"| | | *classifier on A+y alone: accuracy {task['y_only_accuracy']:.3f}* |" + " |" * 9)
     return "\n".join(lines)
 
 

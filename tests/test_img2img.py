@@ -352,6 +352,10 @@ def test_the_restoration_bench_scores_what_restore_wrote(img2img_run, digits_run
                     assert d["name"] == "fd_ratio" and d["interval"][0] <= d["interval"][1] and d["value"] > 0
                     if row["method"] != "dps" and task is inpaint:  # a projection keeps the known pixels
                         assert row["consistency"] == 0
+                    z = np.load(Path(row["folder"]) / "restored.npz")
+                    mse = [np.mean((r.clip(-1, 1) - o) ** 2) for r, o in zip(z["restored"].mean(1), z["original"])]
+                    if task is sr:  # every pixel is the region: the pooled MSE of the seeds' mean
+                        assert row["psnr_mean_pooled"] == pytest.approx(10 * np.log10(4 / np.mean(mse)), abs=1e-4)
                 else:  # a baseline is one deterministic image per input
                     assert row["psnr_sample"] == row["psnr_mean"] and row["diversity"] != row["diversity"]
             base = task["rows"][0]
