@@ -30,6 +30,9 @@ Columns (``restored`` clamped to [-1, 1]; the region is the unknown pixels for m
   pairs and inputs (0 for a deterministic method);
 - ``s_per_image``: wall seconds per restored image on this machine (``torch.get_num_threads()`` threads).
 
+Each task's folder also gets ``side_by_side.png``: for the first inputs, the degraded image (unknown pixels red),
+seed 0 of every method in the row order, and the original.
+
     OMP_NUM_THREADS=2 .venv/bin/python bench/restoration.py --trained runs/digits_palette --free runs/digits_lik \\
         --tasks superres,inpaint,inpaint:freeform,outpaint [--n 64] [--seeds 0-3] [--steps 100] \\
         [--out runs/bench-restoration/digits] [--json digits.json]
@@ -56,7 +59,8 @@ from diffusekit.data.registry import load_dataset
 from diffusekit.evaluate.features import load_feature_net
 from diffusekit.evaluate.samples import has_feature_net, score_samples
 from diffusekit.families import read_run
-from diffusekit.runs.restore import RestoreSettings, build_operator, measure, psnr, restore_run
+from diffusekit.io.atomic import atomic_write_bytes
+from diffusekit.runs.restore import RestoreSettings, _picture, build_operator, measure, psnr, restore_run
 from diffusekit.sampling.restore import Inpaint
 
 FREE_METHODS = ("repaint", "ddnm", "dps")
@@ -188,9 +192,20 @@ def load_npz(folder: Path) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
+PICTURE_INPUTS = 6
+
+
+def side_by_side(scorer: Scorer, degraded: Tensor, restored: dict[str, Tensor], path: Path) -> None:
+    """The first inputs' rows: degraded (unknown pixels red) | seed 0 of each method in ``restored`` | original."""
+    k = min(PICTURE_INPUTS, len(scorer.x))
+    columns = torch.stack([r[:k, 0] for r in restored.values()], 1)
+    known = None if scorer.known is None else scorer.known[:k]
+    atomic_write_bytes(path, _picture(degraded[:k], columns, scorer.x[:k], known, scorer.run.levels))
+
+
 def bench_task(task: str, trained: Path, free: Path, settings: RestoreSettings, out: Path,
                progress: bool) -> dict[str, Any]:
-    rows, scorer = [], None
+    rows, scorer, pictured = [], None, {}
     for run_dir, methods in ((trained, ("img2img",)), (free, FREE_METHODS)):
         for method in methods:
             if run_dir is None:
@@ -202,11 +217,14 @@ def bench_task(task: str, trained: Path, free: Path, settings: RestoreSettings, 
                 family, source = read_run(run_dir)
                 scorer = Scorer(family.load(source, True, "cpu"), s, z)
                 rows += baselines(scorer, task, torch.from_numpy(z["degraded"]), settings.factor)
-            row = scorer.row(method, torch.from_numpy(z["restored"]), metrics["seconds"])
+            pictured[method] = torch.from_numpy(z["restored"])
+            row = scorer.row(method, pictured[method], metrics["seconds"])
             row["folder"] = str(folder)
             rows.append(row)
             print(f"{task} {method}: PSNR of the mean {row['psnr_mean'][0]:.2f} dB", file=sys.stderr)
-    return {"task": task, "mask": settings.mask, "y_only_accuracy": scorer.y_only_accuracy(), "rows": rows}
+    side_by_side(scorer, torch.from_numpy(z["degraded"]), pictured, out / "side_by_side.png")
+    return {"task": task, "mask": settings.mask, "y_only_accuracy": scorer.y_only_accuracy(), "rows": rows,
+            "picture": str(out / "side_by_side.png"), "picture_columns": ["degraded", *pictured, "original"]}
 
 
 def markdown(result: dict[str, Any]) -> str:

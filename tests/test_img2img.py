@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import fake_data
+from PIL import Image
 
 from diffusekit.cli import main as cli_main
 from diffusekit.config import load_config
@@ -361,6 +362,9 @@ def test_the_restoration_bench_scores_what_restore_wrote(img2img_run, digits_run
             base = task["rows"][0]
             assert base["consistency"] < 1e-6 and base["s_per_image"] is None
         assert sr["rows"][1]["consistency"] > 1e-3  # bicubic upsampling does not pool back to y
+        with Image.open(sr["picture"]) as im:  # 4 inputs x (degraded, 4 methods, original), 64-px tiles
+            assert sr["picture_columns"] == ["degraded", "img2img", "repaint", "ddnm", "dps", "original"]
+            assert im.size[0] > 6 * 64 and im.size[1] > 4 * 64 and im.size[1] < 5 * 64
         assert result["training"]["trained"]["steps"] == 4
     finally:
         sys.modules.pop("restoration", None)
