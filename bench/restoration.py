@@ -250,12 +250,16 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def training_cost(run_dir: Path | None) -> dict[str, Any] | None:
-    """Steps and wall seconds of a run's training, from the last line of its log.jsonl."""
+    """Steps and wall seconds of a run's training from its log.jsonl; a resumed run's clock restarts, so the
+    seconds of each segment are added."""
     if run_dir is None or not (run_dir / "log.jsonl").is_file():
         return None
     lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
     timed = [e for e in lines if "elapsed_s" in e and "step" in e]
-    return {"steps": timed[-1]["step"], "seconds": round(timed[-1]["elapsed_s"], 1)} if timed else None
+    if not timed:
+        return None
+    seconds = sum(a["elapsed_s"] for a, b in zip(timed, timed[1:]) if b["elapsed_s"] < a["elapsed_s"])
+    return {"steps": timed[-1]["step"], "seconds": round(seconds + timed[-1]["elapsed_s"], 1)}
 
 
 def parse_seeds(text: str) -> list[int]:

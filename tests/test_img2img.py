@@ -366,5 +366,11 @@ def test_the_restoration_bench_scores_what_restore_wrote(img2img_run, digits_run
             assert sr["picture_columns"] == ["degraded", "img2img", "repaint", "ddnm", "dps", "original"]
             assert im.size[0] > 6 * 64 and im.size[1] > 4 * 64 and im.size[1] < 5 * 64
         assert result["training"]["trained"]["steps"] == 4
+        resumed = tmp_path / "resumed"  # a resumed run's clock restarts: its segments add up
+        resumed.mkdir()
+        (resumed / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in (
+            {"step": 50, "elapsed_s": 10.0}, {"step": 100, "elapsed_s": 20.0}, {"event": "resume"},
+            {"step": 150, "elapsed_s": 12.5})))
+        assert bench.training_cost(resumed) == {"steps": 150, "seconds": 32.5}
     finally:
         sys.modules.pop("restoration", None)
