@@ -46,7 +46,7 @@ import argparse
 import json
 import math
 import sys
-from itertools import combinations
+from itertools import combinations, pairwise
 from pathlib import Path
 from typing import Any
 
@@ -258,7 +258,7 @@ def training_cost(run_dir: Path | None) -> dict[str, Any] | None:
     timed = [e for e in lines if "elapsed_s" in e and "step" in e]
     if not timed:
         return None
-    seconds = sum(a["elapsed_s"] for a, b in zip(timed, timed[1:]) if b["elapsed_s"] < a["elapsed_s"])
+    seconds = sum(a["elapsed_s"] for a, b in pairwise(timed) if b["elapsed_s"] < a["elapsed_s"])
     return {"steps": timed[-1]["step"], "seconds": round(seconds + timed[-1]["elapsed_s"], 1)}
 
 
