@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffusekit.data.registry import load_dataset
+from diffusekit.errors import DiffusekitError
 from diffusekit.evaluate.features import load_feature_net
 from diffusekit.evaluate.samples import has_feature_net, score_samples
 from diffusekit.families import read_run
@@ -302,4 +303,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DiffusekitError as exc:  # a bad run, task or mask: restore's own one-line message
+        sys.exit(f"bench/restoration.py: error: {exc}")
