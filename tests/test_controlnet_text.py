@@ -301,6 +301,34 @@ def test_evaluation_reports_prompt_and_hint_adherence_and_diversity(runs, tmp_pa
     assert any("diversity" in k for k, _ in evaluation.rows)
 
 
+def test_a_control_scale_sweep_reuses_the_seeds_and_keeps_scale_one(runs, monkeypatch, capsys):
+    """bench/control_scale.py: evaluate_text at scales 0, 0.5, 1; scales 0 and 1 equal the default evaluation's
+    rows exactly (the same prompts, hints and seeds at every scale), and the table has a row per scale."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    ruler = ConstantClassifier(3)
+    ruler.test_accuracy = 0.1
+    monkeypatch.setattr("diffusekit.families.controlnet.load_feature_net", lambda name: ruler)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    bench = importlib.import_module("control_scale")
+    try:
+        r = bench.main(["--run", str(runs[1]), "--scales", "0,0.5,1", "--n", "2", "--steps", "2"])
+        from diffusekit.families import open_run
+        from diffusekit.sampling.settings import SampleSettings
+
+        model = open_run(runs[1])
+        default, _ = C.evaluate_text(model, SampleSettings.from_config(model.cfg.sample, batch_size=250, steps=2),
+                                     n_prompts=2)
+        assert r["base"] == default["base"] and r["controlnet"] == default["controlnet"]
+        assert r["scale 0.5"]["control_scale"] == 0.5 and r["scale 0.5"]["diversity"] > 0
+        table = capsys.readouterr().out.split("| scale |")[1]
+        assert [line.split("|")[1].strip() for line in table.splitlines()[2:5]] == ["0", "0.5", "1"]
+    finally:
+        sys.modules.pop("control_scale", None)
+
+
 def test_bad_input_is_one_line(runs, tmp_path):
     from conftest import fake_data
     from PIL import Image

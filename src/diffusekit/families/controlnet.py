@@ -596,10 +596,11 @@ def edge_agreement(model: ControlNetModel, settings: SampleSettings, n: int = 20
 @torch.no_grad()
 def evaluate_text(model: ControlNetModel, settings: SampleSettings, n_prompts: int = 50,
                   seeds_per_prompt: int = SEEDS_PER_PROMPT, encoder=None, device: str | torch.device = "cpu",
-                  progress: bool = False) -> tuple[dict[str, Any], dict[str, Tensor]]:
+                  progress: bool = False, scales: Sequence[float] = (0.0, 1.0)) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """A ControlNet over a text base on the first ``n_prompts`` test scenes: each is asked with its caption
     (every attribute stated, training wording) and the hint of its image, ``seeds_per_prompt`` times (sample
-    j n + i: prompt i, seed j n + i), by the base alone (scale 0) and with the control (scale 1). For each:
+    j n + i: prompt i, seed j n + i), at each control scale of ``scales``: "base" is scale 0 (the base alone),
+    "controlnet" scale 1, any other "scale <s>" (the same seeds at every scale: a --control-scale sweep). For each:
     prompt adherence (``data.scenes.adherence`` with the scenes' digit classifier), hint adherence (the means of
     ``hint_adherence``) and diversity (the mean over prompts of ``pairwise_diversity`` of its samples). The real
     test images are the reference ("real": their own hints, the ceiling; "chance": the hint of the next scene).
@@ -621,10 +622,11 @@ def evaluate_text(model: ControlNetModel, settings: SampleSettings, n_prompts: i
                            "seeds_per_prompt": k, "scene_classifier_test_accuracy": classifier.test_accuracy,
                            "examples": prompts[:8]}
     pictures = {"real": real, "hints": hints}
-    for name, scale in (("base", 0.0), ("controlnet", 1.0)):
+    for scale in scales:
+        name = {0.0: "base", 1.0: "controlnet"}.get(float(scale), f"scale {float(scale):g}")
         x = controlled_samples(model, prompts, asked_hints, plan, scale, encoder, device, progress)
         pictures[name] = x
-        out[name] = {"control_scale": scale,
+        out[name] = {"control_scale": float(scale),
                      "prompt_adherence": adherence(x, asked_scenes, thresholds, classifier),
                      "hint_adherence": _mean_scores(hint_adherence(kind, x, asked_hints, factor)),
                      "diversity": float(pairwise_diversity(x.reshape(k, n, *x.shape[1:]).transpose(0, 1)).mean())}
