@@ -4,8 +4,8 @@ adherence and diversity at each scale, on the same prompts, hints and seeds.
 ``families.controlnet.evaluate_text`` at every scale of ``--scales`` (the first ``--n`` test scenes, each asked
 with its full caption and the hint of its own image, 4 seeds each; the run's ``[sample]`` settings with
 ``--sampler``, ``--steps`` and ``--guidance`` overriding them). Scale 0 is the base alone and 1 the ControlNet as
-trained; between and beyond, the residuals are scaled (Zhang et al. 2023, "Adding Conditional Control to
-Text-to-Image Diffusion Models", sec. 3.4 and 4.3).
+trained; between and beyond, the residuals the ControlNet adds to the base are multiplied by the scale
+(Zhang et al. 2023, "Adding Conditional Control to Text-to-Image Diffusion Models", sec. 3).
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/control_scale.py --run runs/controlnet_scenes \\
         [--scales 0,0.25,0.5,1,1.5,2] [--n 25] [--sampler ddim --steps 50] [--json out.json]
