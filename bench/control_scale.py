@@ -16,10 +16,11 @@ Prints the result as JSON, then a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from cascade import emit
 
 from diffusekit.errors import DiffusekitError
 from diffusekit.families import open_run
@@ -27,7 +28,7 @@ from diffusekit.families.controlnet import evaluate_text
 from diffusekit.sampling.settings import SampleSettings
 
 
-def markdown(result: dict[str, Any], scales: list[float]) -> str:
+def markdown(result: dict[str, Any]) -> str:
     rows = [key for key, value in result.items() if isinstance(value, dict) and "control_scale" in value]
     hint_keys = list(result[rows[0]]["hint_adherence"])
     head = ["scale", "digit", "position", "size", "all right", *hint_keys, "diversity"]
@@ -58,11 +59,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = SampleSettings.from_config(model.cfg.sample, batch_size=250, **overrides)
     settings.check(lambda f: f"--{f}", T=model.schedule.T)
     result, _ = evaluate_text(model, settings, n_prompts=args.n, scales=scales)
-    text = json.dumps(result, indent=1)
-    print(text)
-    print(markdown(result, scales))
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit(result, args.json)
+    print(markdown(result))
     return result
 
 

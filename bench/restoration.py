@@ -17,14 +17,14 @@ Columns (``restored`` clamped to [-1, 1]; the region is the unknown pixels for m
   averaged over the inputs first, the loss the posterior mean minimises (an average of per-image PSNR weighs
   the inputs a baseline gets almost exactly right, e.g. gray patches for colorization, far more);
 - ``ssim_sample`` / ``ssim_mean``: SSIM over the whole image (Wang et al. 2004, "Image Quality Assessment: From
-  Error Visibility to Structural Similarity": Gaussian window of sigma 1.5, side 7 or the image side if
-  smaller; scikit-image), likewise;
+  Error Visibility to Structural Similarity": a Gaussian window of sigma 1.5 and side 7; on images smaller
+  than 7 pixels a uniform window of their odd side; scikit-image), likewise;
 - ``consistency``: RMS of A(restored) - y over the measured values (how far the restoration is from agreeing
   with its measurement; 0 for a projection);
 - ``distribution``: the feature-net ``fd_ratio`` with its 95% bootstrap interval (digits, MNIST) or the pixel
   sliced-W2 ratio (photos) of all restorations against the test split, as ``diffusekit evaluate`` scores samples;
 - ``accuracy``: the dataset's classifier on the restorations against the inputs' labels, with its binomial
-  standard error, and ``accuracy_y_only``: a logistic regression trained on the degraded train images (the same
+  standard error, and ``y_only_accuracy`` (per task): a logistic regression trained on the degraded train images (the same
   degradation, other masks) reading only A+ y: about what y alone tells of the class;
 - ``diversity``: RMS distance between two seeds' restorations of the same input over the region, averaged over
   pairs and inputs (0 for a deterministic method);
@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from cascade import emit
 from torch import Tensor
 
 from diffusekit.data.registry import load_dataset
@@ -99,6 +100,11 @@ def diversity(restored: Tensor, region: Tensor | None) -> float:
     return torch.stack(out).mean().item()
 
 
+def repeat_per_seed(S: int):
+    """Per input -> per restored sample: each input's row repeated for its S seeds (restored.flatten(0, 1) order)."""
+    return lambda t: t.repeat_interleave(S, 0)
+
+
 class Scorer:
     """The columns of one task: inputs, labels, operator and measurement of the restore folders, and the
     dataset's classifier and distribution score."""
@@ -118,7 +124,7 @@ class Scorer:
 
     def consistency(self, restored: Tensor) -> float:
         S = restored.shape[1]
-        rep = lambda t: t.repeat_interleave(S, 0)  # per input -> per restored sample
+        rep = repeat_per_seed(S)
         op = Inpaint(rep(self.known)) if self.known is not None else self.op
         residual = (op.A(restored.flatten(0, 1).clamp(-1, 1)) - rep(self.y)).double().flatten(1)
         measured = (rep(self.known).expand(-1, self.x.shape[1], -1, -1).flatten(1).sum(1) if self.known is not None
@@ -143,14 +149,15 @@ class Scorer:
     def row(self, method: str, restored: Tensor, seconds: float | None) -> dict[str, Any]:
         """The columns for restorations (K, S, C, H, W)."""
         K, S = restored.shape[:2]
-        rep = lambda t: t.repeat_interleave(S, 0)
+        rep = repeat_per_seed(S)
         flat = restored.flatten(0, 1)
         per_sample = psnr(flat, rep(self.x), None if self.region is None else rep(self.region)).reshape(K, S).mean(1)
         mean = restored.mean(1)
-        mse_of_mean = 4.0 / 10 ** (psnr(mean, self.x, self.region) / 10)  # per input, over the region
+        psnr_of_mean = psnr(mean, self.x, self.region)
+        mse_of_mean = 4.0 / 10 ** (psnr_of_mean / 10)  # per input, over the region
         row: dict[str, Any] = {
             "method": method, "n_inputs": K, "n_seeds": S,
-            "psnr_sample": mean_se(per_sample), "psnr_mean": mean_se(psnr(mean, self.x, self.region)),
+            "psnr_sample": mean_se(per_sample), "psnr_mean": mean_se(psnr_of_mean),
             "psnr_mean_pooled": 10 * math.log10(4.0 / mse_of_mean.mean().item()),
             "ssim_sample": mean_se(ssim(flat, rep(self.x)).reshape(K, S).mean(1)),
             "ssim_mean": mean_se(ssim(mean, self.x)),
@@ -294,11 +301,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                    seeds=parse_seeds(args.seeds))
         result["tasks"].append(bench_task(task, args.trained, args.free, settings,
                                           args.out / spec.replace(":", "-"), not args.no_progress))
-    text = json.dumps(result, indent=1)
-    print(text)
+    emit(result, args.json)
     print(markdown(result))
-    if args.json:
-        args.json.write_text(text + "\n")
     return result
 
 
