@@ -45,20 +45,20 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, required=True, help="a ControlNet run over a text_unet scenes base")
-    p.add_argument("--scales", default="0,0.25,0.5,1,1.5,2")
+    p.add_argument("--scales", type=lambda text: [float(s) for s in text.split(",")], default="0,0.25,0.5,1,1.5,2",
+                   help="comma-separated control scales")
     p.add_argument("--n", type=int, default=25, help="test scenes (4 seeds each)")
     p.add_argument("--sampler", default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    scales = [float(s) for s in args.scales.split(",")]
     model = open_run(args.run)
     overrides = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("guidance", args.guidance))
                  if v is not None}
     settings = SampleSettings.from_config(model.cfg.sample, batch_size=250, **overrides)
     settings.check(lambda f: f"--{f}", T=model.schedule.T)
-    result, _ = evaluate_text(model, settings, n_prompts=args.n, scales=scales)
+    result, _ = evaluate_text(model, settings, n_prompts=args.n, scales=args.scales)
     emit(result, args.json)
     print(markdown(result))
     return result

@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--tasks", default="superres,inpaint,outpaint",
                    help="comma-separated; TASK:MASK picks a mask, e.g. inpaint:freeform (default: the task's own)")
     p.add_argument("--n", type=int, default=64)
-    p.add_argument("--seeds", default="0-3")
+    p.add_argument("--seeds", type=parse_seeds, default="0-3", help="e.g. 0-3 or 0,5,7")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--factor", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("runs/bench-restoration"))
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for spec in args.tasks.split(","):
         task, _, mask = spec.partition(":")
         settings = RestoreSettings(task=task, mask=mask, factor=args.factor, steps=args.steps, n=args.n,
-                                   seeds=parse_seeds(args.seeds))
+                                   seeds=args.seeds)
         result["tasks"].append(bench_task(task, args.trained, args.free, settings,
                                           args.out / spec.replace(":", "-"), not args.no_progress))
     emit(result, args.json)
