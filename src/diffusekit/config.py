@@ -99,6 +99,10 @@ class ModelConfig:
     # unet, mlp, loss.objective = "discrete": the network also outputs v, the reverse variance
     # exp(v log beta_t + (1 - v) log beta_tilde_t), trained by L_simple + loss.vlb_weight L_vlb (Nichol & Dhariwal 2021, sec. 3.1)
     learned_variance: bool = False
+    # data on levels in [-1, 1]: the model's x0 is the prediction clipped to [-1, 1]. Discrete objective: in the
+    # reverse mean at t >= 2 (likelihood.reverse_x0) of evaluate's bound and the hybrid loss's L_vlb; continuous:
+    # everywhere (loss, bound, samplers). Never a looser bound term than the unclipped model's
+    bound_clip: bool = False
 
 
 @dataclass
@@ -148,6 +152,11 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     class_dropout: float = 0.1  # probability of the null label (classifier-free guidance)
     time_limit_s: float = 0.0  # 0 = none
+    cpu_limit_s: float = 0.0  # 0 = none; CPU seconds of this process (all its threads), held-out bounds left out
+    # > 0: every N steps (and at the end) the EMA model's bound on the test split's first bound_examples images,
+    # in <run>/bound.jsonl and bound_curve.png beside loss_std (diffusion runs; not counted in cpu_s)
+    bound_every: int = 0
+    bound_examples: int = 256
     # speed (docs/scale.md#speed-on-a-gpu): how the network runs, not what it computes
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast of forward and loss; fp32 weights, EMA and loss
     compile: bool = False  # torch.compile the trained module (eager, with a warning, where the backend is missing)
@@ -663,7 +672,7 @@ FOURIER_MAX_EXPONENT = 16  # 2^16 pi x: finer than any float32 image needs
 
 
 def _validate_likelihood_model(m: ModelConfig, lo: LossConfig) -> None:
-    """model.fourier_features, model.learned_variance and loss.vlb_weight."""
+    """model.fourier_features, model.learned_variance, model.bound_clip and loss.vlb_weight."""
     ff = m.fourier_features
     _check(len(ff) <= 8 and len(set(ff)) == len(ff) and all(0 <= k <= FOURIER_MAX_EXPONENT for k in ff),
            "model.fourier_features", f"a list of at most 8 distinct exponents k in 0..{FOURIER_MAX_EXPONENT} "
@@ -676,6 +685,9 @@ def _validate_likelihood_model(m: ModelConfig, lo: LossConfig) -> None:
            f"false with loss.objective = {lo.objective!r} (the hybrid loss is a discrete-time objective)",
            m.learned_variance)
     _check(0.0 <= lo.vlb_weight <= 1e3, "loss.vlb_weight", "in [0, 1000]", lo.vlb_weight)
+    _check(not m.bound_clip or (m.kind in ("unet", "mlp") and lo.objective in ("discrete", "continuous")),
+           "model.bound_clip", f"false for model.kind = {m.kind!r} with loss.objective = {lo.objective!r} (the clipped "
+           "x0 is built for unet and mlp runs of the discrete and continuous objectives)", m.bound_clip)
 
 
 def _validate_time_sampling(m: ModelConfig, lo: LossConfig) -> None:
@@ -769,6 +781,9 @@ def _validate(cfg: Config) -> None:
     _check(1 <= t.n_sample <= 1024, "train.n_sample", "in 1..1024", t.n_sample)
     _check(0.0 <= t.class_dropout <= 1.0, "train.class_dropout", "in [0, 1]", t.class_dropout)
     _check(t.time_limit_s >= 0.0, "train.time_limit_s", ">= 0 (0 = none)", t.time_limit_s)
+    _check(t.cpu_limit_s >= 0.0, "train.cpu_limit_s", ">= 0 (0 = none)", t.cpu_limit_s)
+    _check(0 <= t.bound_every <= MAX_SAMPLE_STEPS * 100, "train.bound_every", ">= 0 (0 = never)", t.bound_every)
+    _check(2 <= t.bound_examples <= 100_000, "train.bound_examples", "in 2..100000", t.bound_examples)
     _check(t.precision == "fp32" or m.kind not in FP32_ONLY_KINDS, "train.precision",
            f"'fp32' for model.kind = {m.kind!r} (its likelihood terms are computed inside the network's forward)",
            t.precision)

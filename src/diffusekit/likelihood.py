@@ -29,7 +29,7 @@ from diffusekit.gaussian import (
 from diffusekit.schedules import DiscreteSchedule
 
 __all__ = ["prior_kl", "nats_to_bits_per_dim", "mean_flat", "sum_flat", "decoder_log_variance", "learned_log_variance",
-           "bound_term", "vlb_term",
+           "bound_term", "reverse_x0", "vlb_term",
            "BoundResult", "vlb_exact", "vlb_estimate", "stratum_edges", "fit_reverse_log_variances"]
 
 
@@ -115,23 +115,40 @@ def reverse_log_variance(variance: str | Tensor, pred, t: Tensor, schedule: Disc
     return extract(decoder_log_variance(schedule, variance), t, like).expand_as(like)
 
 
+def reverse_x0(x0_hat: Tensor, t: Tensor, clip: bool) -> Tensor:
+    """The prediction of x_0 that the reverse model's mean mu(x_t, x0_hat) takes: ``x0_hat`` itself, or with
+    ``clip`` (``model.bound_clip``) x0_hat clamped to the data range [-1, 1] at t >= 2.
+
+    Any function of x_t is a valid reverse mean, so the clipped model's bound is a bound. It is never
+    looser term by term at equal variances: for t >= 2 the posterior mean is c_0 x_0 + c_t x_t with
+    c_0 > 0 (Ho et al. 2020, eq. 7), so the KL's mean part is c_0^2 (x0_hat - x_0)^2 / (2 sigma^2) per
+    dimension, and projecting onto [-1, 1] moves x0_hat towards every x_0 in [-1, 1]. At t = 1 the
+    discretized decoder is left alone: there a mean beyond an edge puts more mass on the edge's
+    open-ended bin, and clamping it would lower that probability."""
+    if not clip:
+        return x0_hat
+    t = torch.as_tensor(t).to(x0_hat.device).reshape(-1, *([1] * (x0_hat.ndim - 1)))
+    return torch.where(t >= 2, x0_hat.clamp(-1.0, 1.0), x0_hat)
+
+
 @torch.no_grad()
 def vlb_term(denoiser, x0: Tensor, t: Tensor, schedule: DiscreteSchedule, noise: Tensor, levels: int,
-             variance: str | Tensor = "beta_tilde", cond: dict | None = None) -> Tensor:
+             variance: str | Tensor = "beta_tilde", cond: dict | None = None, clip: bool = False) -> Tensor:
     """One term of the bound per example (t may differ per example), in nats summed over dimensions:
     t >= 2: L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p_theta(x_{t-1}|x_t)) at x_t ~ q(x_t|x_0);
     t = 1:  L_0 = -log p_theta(x_0|x_1), a discretized Gaussian over ``levels`` values.
-    ``variance``: beta_tilde, beta, a table of T + 1 log-variances, or learned (the network's v)."""
-    return _vlb_terms(denoiser, x0, t, schedule, noise, levels, [variance], cond)[0]
+    ``variance``: beta_tilde, beta, a table of T + 1 log-variances, or learned (the network's v);
+    ``clip``: the reverse mean takes x0_hat clipped to [-1, 1] (``reverse_x0``)."""
+    return _vlb_terms(denoiser, x0, t, schedule, noise, levels, [variance], cond, clip)[0]
 
 
 def _vlb_terms(denoiser, x0: Tensor, t: Tensor, schedule: DiscreteSchedule, noise: Tensor, levels: int,
-               variances: list, cond: dict | None) -> list[Tensor]:
+               variances: list, cond: dict | None, clip: bool = False) -> list[Tensor]:
     """``vlb_term`` for several reverse-variance choices from one network call."""
     t = torch.as_tensor(t, dtype=torch.long).expand(x0.shape[0]).cpu()
     x_t = q_sample(x0, t, schedule, noise)
     pred = denoiser(x_t, schedule.logsnr[t].to(x0.device), cond)
-    mean_p, _, _ = posterior_mean_variance(pred.x0, x_t, t, schedule)
+    mean_p, _, _ = posterior_mean_variance(reverse_x0(pred.x0, t, clip), x_t, t, schedule)
     mean_q, var_q, _ = posterior_mean_variance(x0, x_t, t, schedule)
     logvar_q = torch.log(var_q.clamp_min(1e-300))
     return [bound_term(x0, mean_q, logvar_q, mean_p, reverse_log_variance(variance, pred, t, schedule, x0), t, levels)
@@ -140,7 +157,8 @@ def _vlb_terms(denoiser, x0: Tensor, t: Tensor, schedule: DiscreteSchedule, nois
 
 @torch.no_grad()
 def fit_reverse_log_variances(denoiser, x0: Tensor, schedule: DiscreteSchedule, levels: int, *, seed: int = 0,
-                              batch_size: int = 256, cond: dict | None = None, progress: bool = False) -> Tensor:
+                              batch_size: int = 256, cond: dict | None = None, progress: bool = False,
+                              clip: bool = False) -> Tensor:
     """Reverse variances sigma_t^2 that minimise the bound on ``x0`` (training data) for the model's
     fixed means, as log sigma_t^2 for t = 0..T (entry 0 unused); pass the result as ``variance`` to
     ``vlb_exact`` / ``vlb_estimate`` of held-out data.
@@ -149,7 +167,8 @@ def fit_reverse_log_variances(denoiser, x0: Tensor, schedule: DiscreteSchedule, 
     (1/2)[log sigma^2 - log beta_tilde_t + (beta_tilde_t + e_t) / sigma^2 - 1], with e_t the mean of
     (mu_q - mu_theta)^2 over examples and dimensions; it is minimal at sigma_t^2 = beta_tilde_t + e_t
     (the optimum that Analytic-DPM, Bao et al. 2022, estimates from the score's norm; here the mean
-    error is measured directly, one draw of x_t per example and t). An imperfect model gets a wider
+    error is measured directly, one draw of x_t per example and t; ``clip``: of the clipped model's mean,
+    ``reverse_x0``). An imperfect model gets a wider
     reverse step than beta_tilde exactly where its mean is unsure, which is where the fixed-variance
     bound pays most (small t). For t = 1 the discretized-Gaussian decoder's scale has no closed form:
     the best of a log-spaced grid (refined once) is taken. Noise is seeded per (seed, t), as in
@@ -168,7 +187,7 @@ def fit_reverse_log_variances(denoiser, x0: Tensor, schedule: DiscreteSchedule, 
             tt = torch.full((x0[sl].shape[0],), t, dtype=torch.long)
             x_t = q_sample(x0[sl], tt, schedule, noise[sl].to(x0.device))
             pred = denoiser(x_t, schedule.logsnr[tt].to(x0.device), c)
-            mean_p, _, _ = posterior_mean_variance(pred.x0, x_t, tt, schedule)
+            mean_p, _, _ = posterior_mean_variance(reverse_x0(pred.x0, tt, clip), x_t, tt, schedule)
             if t == 1:
                 means_1.append(mean_p.double().cpu())
             else:
@@ -227,7 +246,7 @@ class BoundResult:
 @torch.no_grad()
 def vlb_exact(denoiser, x0: Tensor, schedule: DiscreteSchedule, levels: int, *, seed: int = 0,
               batch_size: int = 256, variance: str | Tensor = "beta_tilde", cond: dict | None = None,
-              progress: bool = False) -> BoundResult:
+              progress: bool = False, clip: bool = False) -> BoundResult:
     """Every term of the bound for every example (T network calls per example).
 
     No t is sampled, but each term L_{t-1} is still evaluated at one draw x_t ~ q(x_t | x_0) per
@@ -243,7 +262,7 @@ def vlb_exact(denoiser, x0: Tensor, schedule: DiscreteSchedule, levels: int, *, 
             sl = slice(i, i + batch_size)
             c = {k: v[sl] for k, v in cond.items()} if cond else None
             terms[sl, t - 1] = vlb_term(denoiser, x0[sl], torch.tensor(t), schedule, noise[sl].to(x0.device),
-                                        levels, variance, c).double().cpu()
+                                        levels, variance, c, clip).double().cpu()
     result = BoundResult(prior_kl(x0.cpu(), schedule), terms, dims)
     if n > 1:
         result.stderr_nats = result.total.std().item() / math.sqrt(n)
@@ -263,7 +282,7 @@ def stratum_edges(T: int, n: int) -> Tensor:
 @torch.no_grad()
 def vlb_estimate(denoiser, x0: Tensor, schedule: DiscreteSchedule, levels: int, *, n_strata: int = 16,
                  seed: int = 0, batch_size: int = 256, variance: str | Tensor = "beta_tilde", cond: dict | None = None,
-                 progress: bool = False, compare_variance: str | Tensor | None = None) -> BoundResult:
+                 progress: bool = False, compare_variance: str | Tensor | None = None, clip: bool = False) -> BoundResult:
     """Stratified estimate of sum_t L_{t-1} with two draws of t per stratum for every example.
 
     1..T is cut into ``n_strata`` strata h whose sizes grow geometrically (the terms of the bound change
@@ -294,7 +313,8 @@ def vlb_estimate(denoiser, x0: Tensor, schedule: DiscreteSchedule, levels: int, 
             for i in range(0, n, batch_size):
                 sl = slice(i, i + batch_size)
                 c = {k: v[sl] for k, v in cond.items()} if cond else None
-                terms = _vlb_terms(denoiser, x0[sl], t[sl], schedule, noise[sl].to(x0.device), levels, variances, c)
+                terms = _vlb_terms(denoiser, x0[sl], t[sl], schedule, noise[sl].to(x0.device), levels, variances, c,
+                                   clip)
                 vals[:, sl] = torch.stack([v.double().cpu() for v in terms])
             pair.append(vals)
         estimate += size * (pair[0] + pair[1]) / 2

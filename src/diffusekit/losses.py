@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffusekit.gaussian import posterior_mean_variance, q_sample
-from diffusekit.likelihood import bound_term, learned_log_variance, mean_flat
+from diffusekit.likelihood import bound_term, learned_log_variance, mean_flat, reverse_x0
 from diffusekit.parameterization import Denoiser, from_eps_x0, scales_from_logsnr
 from diffusekit.schedules import DiscreteSchedule
 
@@ -138,13 +138,15 @@ def _weighted_error(kind: str, raw: Tensor, x0: Tensor, t: Tensor, schedule: Dis
     return torch.exp(log_factor).to(acc) * mean_flat((raw.to(acc) - target.to(acc)) ** 2)
 
 
-def vlb_loss_term(pred, x0: Tensor, x_t: Tensor, t: Tensor, schedule: DiscreteSchedule, levels: int) -> Tensor:
+def vlb_loss_term(pred, x0: Tensor, x_t: Tensor, t: Tensor, schedule: DiscreteSchedule, levels: int,
+                  clip: bool = False) -> Tensor:
     """The bound's term at t per example, in nats summed over dimensions, with the network's learned
     variance and its mean held fixed (Nichol & Dhariwal 2021, sec. 3.1: "we apply a stop-gradient to the
     mu_theta(x_t, t) output for the L_vlb term"): the exact Gaussian KL L_{t-1} for t >= 2 and the
     discretized decoder's L_0 at t = 1, by the same ``likelihood.bound_term`` that the evaluated bound
-    (``likelihood.vlb_exact`` with variance "learned") uses, so only v receives its gradient."""
-    mean_p, _, _ = posterior_mean_variance(pred.x0.detach(), x_t, t, schedule)
+    (``likelihood.vlb_exact`` with variance "learned") uses, so only v receives its gradient; ``clip``: the
+    reverse mean of ``model.bound_clip`` (``likelihood.reverse_x0``)."""
+    mean_p, _, _ = posterior_mean_variance(reverse_x0(pred.x0.detach(), t, clip), x_t, t, schedule)
     mean_q, var_q, _ = posterior_mean_variance(x0, x_t, t, schedule)
     logvar_p = learned_log_variance(pred.variance_v, t, schedule)
     return bound_term(x0, mean_q, torch.log(var_q.clamp_min(1e-300)), mean_p, logvar_p, t, levels)
@@ -152,7 +154,7 @@ def vlb_loss_term(pred, x0: Tensor, x_t: Tensor, t: Tensor, schedule: DiscreteSc
 
 def hybrid_loss(denoiser: Denoiser, x0: Tensor, t: Tensor, schedule: DiscreteSchedule, noise: Tensor, levels: int,
                 weighting: str = "simple", *, vlb_weight: float = 0.001, cond: dict | None = None,
-                gamma: float = 5.0) -> Tensor:
+                gamma: float = 5.0, clip: bool = False) -> Tensor:
     """L_hybrid = L_simple + lambda L_vlb per example, shape (B,) (Nichol & Dhariwal 2021, sec. 3.1, eq. 16,
     lambda = 0.001), for a learned-variance denoiser (``Denoiser(..., learned_variance=True)``).
 
@@ -166,6 +168,6 @@ def hybrid_loss(denoiser: Denoiser, x0: Tensor, t: Tensor, schedule: DiscreteSch
     if pred.variance_v is None:
         raise ValueError("hybrid_loss needs a learned-variance denoiser (model.learned_variance = true)")
     simple = _weighted_error(denoiser.kind, pred.raw, x0, t, schedule, noise, logsnr, weighting, gamma)
-    vlb = vlb_loss_term(pred, x0, x_t, t.cpu(), schedule, levels)
+    vlb = vlb_loss_term(pred, x0, x_t, t.cpu(), schedule, levels, clip)
     dims = x0[0].numel()
     return simple + (vlb_weight * schedule.T / (dims * math.log(2.0))) * vlb.to(simple.dtype)

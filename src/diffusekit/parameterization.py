@@ -164,15 +164,20 @@ class Denoiser(nn.Module):
     ``learned_variance``: the network outputs twice x's channels (dim 1), the prediction of ``kind``
     and then v, the interpolation weight of the reverse variance (Nichol & Dhariwal 2021, sec. 3.1);
     ``raw`` returns the prediction alone and ``forward`` carries v as ``Prediction.variance_v``.
+
+    ``clip_x0`` (a continuous run's ``model.bound_clip``): the model predicts x0 clamped to the data range
+    [-1, 1], and the eps that goes with it; ``raw`` stays the network's unclamped output.
     """
 
-    def __init__(self, net: nn.Module, kind: PredictionKind = "eps", learned_variance: bool = False):
+    def __init__(self, net: nn.Module, kind: PredictionKind = "eps", learned_variance: bool = False,
+                 clip_x0: bool = False):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown prediction kind {kind!r}; choose one of {KINDS}")
         self.net = net
         self.kind = kind
         self.learned_variance = learned_variance
+        self.clip_x0 = clip_x0  # the model's x0 is the prediction clamped to [-1, 1], eps made to agree with it
 
     def raw_and_variance(self, x_t: Tensor, logsnr: Tensor, cond: dict | None = None) -> tuple[Tensor, Tensor | None]:
         """The network's own output in x_t's dtype (a network run under bf16/fp16 autocast,
@@ -200,4 +205,8 @@ class Denoiser(nn.Module):
         else:
             alpha, sigma = scales_from_logsnr(logsnr.expand(x_t.shape[0]), x_t)
         eps, x0 = to_eps_x0(self.kind, out, x_t, alpha, sigma)
+        if self.clip_x0:  # eps recomputed only where the clamp moved x0 (elsewhere the network's own, exactly)
+            clipped = x0.clamp(-1.0, 1.0)
+            eps = torch.where(clipped != x0, (x_t - alpha * clipped) / sigma, eps)
+            x0 = clipped
         return Prediction(eps=eps, x0=x0, raw=out, kind=self.kind, variance_v=v)

@@ -29,6 +29,7 @@ __all__ = [
     "save_scatter",
     "save_samples_figure",
     "plot_loss_curve",
+    "plot_bound_curve",
     "save_trajectory_strip",
 ]
 
@@ -241,6 +242,49 @@ def plot_loss_curve(steps: Sequence[float], losses: Sequence[float], path: Path 
     else:
         ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes)
     ax.set_title(title or "training loss", fontsize=10)
+    return _save_figure(fig, path)
+
+
+def plot_bound_curve(bounds: Sequence[dict], log: Sequence[dict], path: Path | str, title: str | None = None) -> Path:
+    """Two panels along training: the held-out bound in bits/dim with ±2 standard errors (``bounds``: records
+    with step, bits_per_dim, stderr_bits_per_dim and cpu_s), on a CPU-seconds axis above the step axis, and
+    ``loss_std``, the spread of the per-example losses within a batch (``log``: the records of log.jsonl)."""
+    fig, axes = _figure(1, 2, size=(10.0, 3.8))
+    ax, ax2 = axes[0, 0], axes[0, 1]
+    b = [r for r in bounds if all(isinstance(r.get(k), (int, float)) for k in ("step", "bits_per_dim"))]
+    if b:
+        steps = np.array([r["step"] for r in b], dtype=np.float64)
+        bpd = np.array([r["bits_per_dim"] for r in b], dtype=np.float64)
+        se = np.array([r.get("stderr_bits_per_dim") or 0.0 for r in b], dtype=np.float64)
+        ax.errorbar(steps, bpd, yerr=2 * se, color="tab:green", marker="o", markersize=3, linewidth=1.5, capsize=2,
+                    label=f"held-out bound ({b[-1].get('n_examples', '?')} images)")
+        ax.annotate(f"{bpd[-1]:.3f}", (steps[-1], bpd[-1]), textcoords="offset points", xytext=(-10, 6), fontsize=8)
+        cpu = [r.get("cpu_s") for r in b]
+        if all(isinstance(c, (int, float)) for c in cpu) and len(b) > 1 and steps[-1] > steps[0]:
+            rate = (cpu[-1] - cpu[0]) / (steps[-1] - steps[0])  # CPU seconds per step, for the top axis
+            offset = cpu[0] - rate * steps[0]
+            if rate > 0:
+                top = ax.secondary_xaxis("top", functions=(lambda s: offset + rate * s, lambda c: (c - offset) / rate))
+                top.set_xlabel("training CPU seconds", fontsize=8)
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no bound yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits/dim")
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title or "held-out bound (±2 SE)", fontsize=10)
+    rows = [r for r in log if isinstance(r.get("loss_std"), (int, float)) and isinstance(r.get("step"), (int, float))]
+    if rows:
+        y = np.array([r["loss_std"] for r in rows], dtype=np.float64)
+        ax2.plot([r["step"] for r in rows], y, color="tab:purple", linewidth=1.2)
+        if (y > 0).all():
+            ax2.set_yscale("log")
+    else:
+        ax2.text(0.5, 0.5, "no loss_std logged", ha="center", va="center", transform=ax2.transAxes)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("loss_std")
+    ax2.grid(True, which="both", alpha=0.3)
+    ax2.set_title("spread of the per-example losses in a batch", fontsize=10)
     return _save_figure(fig, path)
 
 

@@ -173,6 +173,9 @@ def _evaluate(sub) -> None:
                    help="reverse variances of the bound: fitted to the train split for the model's means, the "
                         "fixed beta_tilde / beta, or the network's own (learned; a run trained with "
                         "model.learned_variance = true) (default: learned for such a run, else fitted)")
+    p.add_argument("--bound-clip", choices=["on", "off"], default=None,
+                   help="the bound's reverse mean takes the predicted x0 clipped to [-1, 1] at t >= 2, never a looser "
+                        "term (default: the run's model.bound_clip)")
     p.add_argument("--n-samples", type=int, default=None,
                    help="samples for the quality score (default: 1000, 200 for ControlNet and text-to-image "
                         "runs; fewer make fd_ratio too noisy to rank by)")

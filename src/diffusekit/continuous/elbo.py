@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from diffusekit.gaussian import discretized_gaussian_log_likelihood, gaussian_kl, normal_log_prob
 from diffusekit.likelihood import nats_to_bits_per_dim, sum_flat
 from diffusekit.losses import log_kind_factor, log_weight
-from diffusekit.parameterization import append_dims, from_eps_x0
+from diffusekit.parameterization import append_dims, from_eps_x0, to_eps_x0
 from diffusekit.schedules import alpha_sigma_from_logsnr
 
 __all__ = ["KG_WEIGHTINGS", "MONOTONE_WEIGHTINGS", "sample_times", "diffuse", "prior_kl_at", "reconstruction_nll",
@@ -124,7 +124,13 @@ def eps_sq_error(denoiser, x0: Tensor, logsnr: Tensor, noise: Tensor, cond: dict
         alpha, sigma = _scales(logsnr, x0)
         target = from_eps_x0(denoiser.kind, noise, x0, alpha, sigma)
         factor = torch.exp(log_kind_factor(denoiser.kind, logsnr)).to(device=x0.device, dtype=acc)
-        return factor * sum_flat((raw.to(acc) - target.to(acc)) ** 2)
+        err = append_dims(factor, x0.ndim) * (raw.to(acc) - target.to(acc)) ** 2
+        if getattr(denoiser, "clip_x0", False):
+            # ||eps - eps_hat||^2 = e^lambda ||x0 - x0_hat||^2: where the clamp moves x0_hat, the clamped one's error
+            x0_hat = to_eps_x0(denoiser.kind, raw, z, alpha, sigma)[1].to(acc)
+            snr = append_dims(torch.exp(logsnr.to(F64)).to(device=x0.device, dtype=acc), x0.ndim)
+            err = torch.where(x0_hat.abs() > 1, snr * (x0.to(acc) - x0_hat.clamp(-1.0, 1.0)) ** 2, err)
+        return sum_flat(err)
     eps_hat = denoiser(z, logsnr.to(x0.device), cond).eps
     return sum_flat((noise.to(acc) - eps_hat.to(acc)) ** 2)
 

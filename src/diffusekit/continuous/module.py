@@ -38,16 +38,17 @@ class ContinuousDiffusion(nn.Module):
     """
 
     def __init__(self, net: nn.Module, schedule: LogSNRSchedule, kind: str = "eps", levels: int | None = None,
-                 weighting: str = "elbo", sigmoid_bias: float = 2.0, gamma: float = 5.0):
+                 weighting: str = "elbo", sigmoid_bias: float = 2.0, gamma: float = 5.0, clip_x0: bool = False):
         super().__init__()
         self.net, self.schedule = net, schedule
-        self.kind, self.levels, self.weighting = kind, levels, weighting
+        self.kind, self.levels, self.weighting, self.clip_x0 = kind, levels, weighting, clip_x0
         self.weight_kw = {"sigmoid_bias": sigmoid_bias, "gamma": gamma}
 
     @property
     def denoiser(self) -> Denoiser:
-        """The network under the denoiser convention (shares the weights)."""
-        return Denoiser(self.net, self.kind)
+        """The network under the denoiser convention (shares the weights); with ``clip_x0`` (``model.bound_clip``)
+        its x0 is clamped to [-1, 1], in the loss and the bound as in sampling."""
+        return Denoiser(self.net, self.kind, clip_x0=self.clip_x0)
 
     def forward(self, x0: Tensor, t: Tensor, noise: Tensor, cond: dict | None = None) -> Tensor:
         lam, dlam = self.schedule(t)
@@ -83,7 +84,8 @@ def build_continuous_module(cfg, data_shape: tuple[int, ...], levels: int | None
     """The network of ``[model]`` and the log-SNR schedule of ``[diffusion]`` with the loss of ``[loss]``."""
     lc = cfg.loss
     return ContinuousDiffusion(build_network(cfg.model, tuple(data_shape)), build_logsnr_schedule(cfg.diffusion),
-                               cfg.model.prediction, levels, lc.weighting, lc.sigmoid_bias, lc.min_snr_gamma)
+                               cfg.model.prediction, levels, lc.weighting, lc.sigmoid_bias, lc.min_snr_gamma,
+                               cfg.model.bound_clip)
 
 
 def load_continuous(cfg, data_shape: tuple[int, ...], levels: int | None, state: dict[str, Tensor],

@@ -53,10 +53,10 @@ FIT_VALUES = 8192  # the reverse variances are fitted on ceil(FIT_VALUES / dims)
 
 
 def bound(run, test, exact: bool, n_strata: int, seed: int, progress: bool, variance: str = "fitted",
-          out_dir: Path | None = None) -> dict[str, Any]:
-    """The discrete bound on ``test`` in bits/dim (fitted, fixed or the network's learned reverse variances),
-    its baselines and, for a class-conditional model, the conditional bound; the fitted variances go to
-    ``out_dir``."""
+          out_dir: Path | None = None, clip: bool = False) -> dict[str, Any]:
+    """The discrete bound on ``test`` in bits/dim (fitted, fixed or the network's learned reverse variances;
+    ``clip``: the reverse mean's x0 clipped to [-1, 1], ``likelihood.reverse_x0``), its baselines and, for a
+    class-conditional model, the conditional bound; the fitted variances go to ``out_dir``."""
     if run.levels is None:
         return {"skipped": "continuous data: the discrete bound needs data on a finite number of levels"}
     if variance == "learned" and not run.cfg.model.learned_variance:
@@ -71,7 +71,7 @@ def bound(run, test, exact: bool, n_strata: int, seed: int, progress: bool, vari
         n_fit = max(8, -(-FIT_VALUES // x[0].numel()))  # 128 digits, 11 MNIST images: ~8k values per t
         pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n_fit]
         table = fit_reverse_log_variances(run.denoiser, train.x[pick], run.schedule, run.levels, seed=seed,
-                                          progress=progress)
+                                          progress=progress, clip=clip)
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out_dir / "reverse_log_variances.json", json.dumps(
@@ -79,20 +79,22 @@ def bound(run, test, exact: bool, n_strata: int, seed: int, progress: bool, vari
                  "log_variance_t0_to_T": table.tolist()}))
     fit_seconds = time.time() - t0
     if exact:
-        bound = vlb_exact(run.denoiser, x, run.schedule, run.levels, seed=seed, variance=table, progress=progress)
+        bound = vlb_exact(run.denoiser, x, run.schedule, run.levels, seed=seed, variance=table, progress=progress,
+                          clip=clip)
     else:
         bound = vlb_estimate(run.denoiser, x, run.schedule, run.levels, n_strata=n_strata, seed=seed,
-                             variance=table, progress=progress,
+                             variance=table, progress=progress, clip=clip,
                              compare_variance="beta_tilde" if variance in ("fitted", "learned") else None)
     conditional = None
     if run.cfg.model.num_classes > 0 and test.labels is not None:  # -log p(x | y): the same t, noise and variances
         cond = {"class_labels": test.labels}
         conditional = (vlb_exact(run.denoiser, x, run.schedule, run.levels, seed=seed, variance=table, cond=cond,
-                                 progress=progress) if exact else
+                                 progress=progress, clip=clip) if exact else
                        vlb_estimate(run.denoiser, x, run.schedule, run.levels, n_strata=n_strata, seed=seed,
-                                    variance=table, cond=cond, progress=progress))
+                                    variance=table, cond=cond, progress=progress, clip=clip))
     out = {"bits_per_dim": bound.bits_per_dim, "mode": "exact" if exact else f"stratified ({n_strata} strata x 2)",
            "variance": variance if variance != "fitted" else f"fitted on {len(pick)} train images",
+           "x0_clipped": clip,
            "stderr_bits_per_dim": bound.stderr_bits_per_dim, "levels": run.levels, "n_examples": x.shape[0],
            "prior_bits_per_dim": float(nats_to_bits_per_dim(bound.prior.mean().item(), bound.dims)),
            "baselines": {"categorical_per_pixel": categorical_baseline(train.x, x, run.levels),

@@ -218,7 +218,7 @@ class EvaluateSettings:
 
     ``metrics``: bpd (the bound), fd (sample quality), nll_ode (probability-flow ODE likelihood); the
     bound is exact over all T terms (``exact``) or a stratified estimate (``strata``), with reverse
-    variances ``variance``; quality samples: ``n_samples`` (None: the split's size, at most 1000), with
+    variances ``variance`` and, with ``bound_clip``, the reverse mean's x0 clipped to [-1, 1]; quality samples: ``n_samples`` (None: the split's size, at most 1000), with
     the run's sampler settings unless ``sampler``/``steps``/``grid``/``guidance`` override them (``grid =
     "tuned"``: the run's tuned grid, ``runs.grids``); ``dequantization`` / ``dequant_samples``: how nll_ode
     bounds a bin of discrete data and with how many draws per example (``likelihood_ode.ode_nll``);
@@ -229,6 +229,7 @@ class EvaluateSettings:
     exact: bool = False
     strata: int = 50
     variance: str | None = None  # None: "learned" for a run with model.learned_variance, else "fitted"
+    bound_clip: bool | None = None  # None: the run's model.bound_clip (likelihood.reverse_x0)
     n_samples: int | None = None
     sampler: str | None = None
     steps: int | None = None
@@ -268,6 +269,7 @@ class EvaluateSettings:
              self.dequantization),
             ("--dequant-samples", integer(self.dequant_samples) and 1 <= self.dequant_samples <= MAX_DEQUANT_SAMPLES,
              f"in 1..{MAX_DEQUANT_SAMPLES}", self.dequant_samples),
+            ("--bound-clip", self.bound_clip in (None, True, False), "on or off", self.bound_clip),
             ("--seed", integer(self.seed) and 0 <= self.seed < 2**62, "an integer >= 0", self.seed),
             ("--iwae-k", integer(self.iwae_k) and 1 <= self.iwae_k <= MAX_IWAE_K, f"in 1..{MAX_IWAE_K}", self.iwae_k),
         )

@@ -12,14 +12,16 @@ reconstruction terms, by 1 / q(t); the derivation is in ``diffusekit.timestep_pr
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from diffusekit.config import Config
-from diffusekit.continuous.elbo import prior_kl_at, reconstruction_nll, sample_times
+from diffusekit.continuous.elbo import continuous_bound, prior_kl_at, reconstruction_nll, sample_times
 from diffusekit.continuous.module import build_continuous_module, load_continuous
 from diffusekit.data.dataset import ArrayDataset
+from diffusekit.errors import ConfigError
 from diffusekit.families.base import TimeHistoryState
 from diffusekit.families.diffusion import DiffusionModel, check_class_labels, drop_labels, preview_settings
 from diffusekit.io.runfolder import RunCheckpoint
@@ -43,6 +45,9 @@ class ContinuousObjective(TimeHistoryState):
 
     def __init__(self, cfg: Config, data: ArrayDataset):
         check_class_labels(cfg, data)
+        if cfg.model.bound_clip and data.levels is None:
+            raise ConfigError(f"model.bound_clip = true needs image data on discrete levels in [-1, 1]; data.name = "
+                              f"{cfg.data.name!r} is continuous")
         self.cfg, self.data_shape = cfg, tuple(data.shape)
         self.module = build_continuous_module(cfg, self.data_shape, data.levels)
         lc = cfg.loss
@@ -82,6 +87,13 @@ class ContinuousObjective(TimeHistoryState):
         history.update(torch.cat(gather_tensors(bins)),
                        torch.cat(gather_tensors(diffusion.detach().to("cpu", torch.float64))))
         return const + diffusion * weights.to(losses.device, losses.dtype) if weighted else losses
+
+    def heldout_bound(self, module: nn.Module, x: Tensor, seed: int) -> dict[str, Any]:
+        """The continuous-time negative ELBO on ``x`` with ``module``'s weights (8 stratified draws of t per
+        example), for the trainer's ``train.bound_every``."""
+        b = continuous_bound(module.denoiser.eval(), module.schedule, x, module.levels, n_draws=8, seed=seed)
+        return {"bits_per_dim": b.bits_per_dim, "stderr_bits_per_dim": b.stderr_bits_per_dim, "n_examples": x.shape[0],
+                "variance": "continuous ELBO", "x0_clipped": module.clip_x0}
 
     def preview(self, module: nn.Module, n: int, device: torch.device) -> Tensor:
         schedule = module.schedule.discretize(self.cfg.diffusion.T)

@@ -365,6 +365,8 @@ class ControlObjective(diffusion.DiffusionObjective):
     """The denoising loss of the frozen base's family, for ``ControlledUNet`` with the hint of each example
     (and, over a text base, the caption features of its scene)."""
 
+    heldout_bound = None  # a conditional model: no unconditional bound on the test split (train.bound_every)
+
     def __init__(self, cfg: Config, data_shape: tuple[int, ...]):
         if cfg.loss.objective != "discrete":
             raise ConfigError(f"model.kind = {KIND!r} trains the discrete-time loss; set loss.objective = 'discrete'")

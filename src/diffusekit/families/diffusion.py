@@ -32,6 +32,7 @@ from diffusekit.families.base import (
 )
 from diffusekit.io.checkpoint import check_state, load_module_state
 from diffusekit.io.runfolder import RunCheckpoint
+from diffusekit.likelihood import fit_reverse_log_variances, vlb_estimate
 from diffusekit.losses import diffusion_loss, hybrid_loss, sample_timesteps
 from diffusekit.nn.build import build_network
 from diffusekit.parameterization import Denoiser, DenoiserFn
@@ -106,10 +107,14 @@ class DiffusionObjective(TimeHistoryState):
 
     def __init__(self, cfg: Config, data: ArrayDataset):
         check_class_labels(cfg, data)
+        if cfg.model.bound_clip and data.levels is None:
+            raise ConfigError(f"model.bound_clip = true needs image data on discrete levels in [-1, 1]; data.name = "
+                              f"{cfg.data.name!r} is continuous")
         if cfg.model.learned_variance and data.levels is None:
             raise ConfigError(f"model.learned_variance = true needs data on discrete levels (its L_vlb term at t = 1 "
                               f"is the discretized decoder); data.name = {cfg.data.name!r} is continuous")
         self.cfg, self.data_shape, self.levels = cfg, tuple(data.shape), data.levels
+        self.fit_x = data.x[:1024]  # heldout_bound fits fixed-variance runs' reverse variances on the first of these
         self.schedule = build_schedule(cfg.diffusion)
         self.module = build_network(cfg.model, self.data_shape)
         self.kind = cfg.model.prediction
@@ -135,7 +140,8 @@ class DiffusionObjective(TimeHistoryState):
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
         if self.cfg.model.learned_variance:
             losses = hybrid_loss(self.denoiser(module), x0, t, self.schedule, noise, self.levels, lc.weighting,
-                                 vlb_weight=lc.vlb_weight, cond=cond, gamma=lc.min_snr_gamma)
+                                 vlb_weight=lc.vlb_weight, cond=cond, gamma=lc.min_snr_gamma,
+                                 clip=self.cfg.model.bound_clip)
         else:
             losses = diffusion_loss(self.denoiser(module), x0, t, self.schedule, noise, lc.weighting, cond=cond,
                                     gamma=lc.min_snr_gamma)
@@ -145,6 +151,20 @@ class DiffusionObjective(TimeHistoryState):
         self.t_history.update(torch.cat(gather_tensors(t.cpu())),
                               torch.cat(gather_tensors(losses.detach().to("cpu", torch.float64))))
         return losses * weights.to(losses.device, losses.dtype)
+
+    def heldout_bound(self, module: nn.Module, x: Tensor, seed: int) -> dict[str, Any]:
+        """The bound ``diffusekit evaluate`` reports, on ``x`` with ``module``'s weights (the trainer's
+        ``train.bound_every``): stratified over t (50 strata x 2), with the run's learned variances or with
+        variances fitted on the first training images as evaluate fits them, and the run's ``bound_clip``."""
+        den, clip = self.denoiser(module).eval(), self.cfg.model.bound_clip
+        variance: Any = "learned"
+        if not self.cfg.model.learned_variance:
+            fit = self.fit_x[: max(8, -(-metrics.FIT_VALUES // x[0].numel()))].to(x.device)
+            variance = fit_reverse_log_variances(den, fit, self.schedule, self.levels, seed=seed, clip=clip)
+        b = vlb_estimate(den, x, self.schedule, self.levels, n_strata=min(50, self.schedule.T), seed=seed,
+                         variance=variance, clip=clip)
+        return {"bits_per_dim": b.bits_per_dim, "stderr_bits_per_dim": b.stderr_bits_per_dim, "n_examples": x.shape[0],
+                "variance": "learned" if isinstance(variance, str) else "fitted", "x0_clipped": clip}
 
     def preview(self, module: nn.Module, n: int, device: torch.device) -> Tensor:
         return generate(self.denoiser(module).eval(), self.schedule, self.data_shape,
@@ -213,6 +233,7 @@ def evaluate(model: DiffusionModel, settings: EvaluateSettings, out_dir: Path, p
     quality of ``settings.metrics``, with pictures written to ``out_dir``."""
     test = load_dataset(model.cfg.data, settings.split)
     variance = settings.variance or ("learned" if model.cfg.model.learned_variance else "fitted")
+    clip = model.cfg.model.bound_clip if settings.bound_clip is None else settings.bound_clip
     n = settings.n_samples or DEFAULT_QUALITY_SAMPLES
     sampling = evaluation_sample_settings(model, settings, n)
     sampling.check(settings.key, T=model.schedule.T)
@@ -221,7 +242,7 @@ def evaluate(model: DiffusionModel, settings: EvaluateSettings, out_dir: Path, p
         "run": str(model.source), "step": model.step, "split": settings.split, "data": model.cfg.data.name,
         "seed": settings.seed, "settings": {  # everything needed to repeat this evaluation
             "metrics": list(settings.metrics), "exact": settings.exact, "n_strata": settings.strata,
-            "variance": variance, "n_samples": n, "ode_examples": settings.ode_examples,
+            "variance": variance, "bound_clip": clip, "n_samples": n, "ode_examples": settings.ode_examples,
             "trace": settings.trace, "ode_rtol": settings.ode_rtol, "ode_atol": settings.ode_atol,
             "dequantization": settings.dequantization, "dequant_samples": settings.dequant_samples,
             "sampling": {**sampling.to_dict(), "seeds": f"{settings.seed}-{settings.seed + n - 1}"}}}
@@ -229,7 +250,7 @@ def evaluate(model: DiffusionModel, settings: EvaluateSettings, out_dir: Path, p
     with torch.random.fork_rng():
         if "bpd" in settings.metrics:
             result["bpd"] = metrics.bound(model, test, settings.exact, settings.strata, settings.seed, progress,
-                                          variance, out_dir)
+                                          variance, out_dir, clip)
             if model.logsnr_schedule is not None:  # continuous-time run: the bound it trained on
                 result["bpd"]["continuous"] = metrics.continuous_bound_summary(model, test, settings.seed, progress)
         if "nll_ode" in settings.metrics:
@@ -284,7 +305,8 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     if "bits_per_dim" in b:
         se = f" ± {b['stderr_bits_per_dim']:.3f}" if b["stderr_bits_per_dim"] else ""
         rows += [(f"bound, bits/dim ({b['mode']})", f"{b['bits_per_dim']:.4f}{se}"),
-                 ("  reverse variances", b.get("variance", "beta_tilde"))]
+                 ("  reverse variances", b.get("variance", "beta_tilde")),
+                 ("  reverse mean", "x0 clipped to [-1, 1] at t >= 2" if b.get("x0_clipped") else "x0 as predicted")]
         if "bits_per_dim_beta_tilde" in b:
             rows.append(("  same bound, variances beta_tilde",
                          f"{b['bits_per_dim_beta_tilde']:.4f} ± {b['stderr_bits_per_dim_beta_tilde']:.3f}"))

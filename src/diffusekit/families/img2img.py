@@ -250,6 +250,8 @@ class Img2ImgObjective(diffusion.DiffusionObjective):
     """The denoising loss of ``[loss]`` (``DiffusionObjective.loss``) of the conditional network on pairs made
     from each batch (``make_pairs``): the pairs' draws come first, then t and the noise."""
 
+    heldout_bound = None  # a conditional model: no unconditional bound on the test split (train.bound_every)
+
     def __init__(self, cfg: Config, data: ArrayDataset):
         if cfg.loss.objective != "discrete":
             raise ConfigError(f"model.kind = {KIND!r} trains the discrete-time loss; set loss.objective = 'discrete'")

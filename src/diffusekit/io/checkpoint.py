@@ -69,7 +69,8 @@ def non_finite_keys(tensors: Mapping[str, Tensor]) -> list[str]:
 
 
 # files a run folder's writer makes (their temporary copies ``.<name>.<pid>.tmp`` are leftovers to clean)
-RUN_FILES = ("config.toml", "log.jsonl", "summary.json", "summary.txt", "samples.png", "loss_curve.png", "latest.json")
+RUN_FILES = ("config.toml", "log.jsonl", "summary.json", "summary.txt", "samples.png", "loss_curve.png", "latest.json",
+             "bound.jsonl", "bound_curve.png")
 _TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
 
 

@@ -89,7 +89,7 @@ def is_run_folder(path: Path) -> bool:
 
 
 def _no_symlinks(run_dir: Path) -> None:
-    for name in ("checkpoints", "log.jsonl", "samples", MARKER, LOCK):
+    for name in ("checkpoints", "log.jsonl", "bound.jsonl", "samples", MARKER, LOCK):
         if (run_dir / name).is_symlink():
             raise TrainingError(f"{run_dir / name}: is a symlink; a run folder's own files and folders must be real "
                                 "(a writer would follow it out of the run)")

@@ -52,7 +52,7 @@ from diffusekit.train import distributed as ddp
 from diffusekit.train.distributed import DistInfo
 from diffusekit.train.ema import EMA
 from diffusekit.train.state import read_resume, training_meta, training_tensors
-from diffusekit.viz import plot_loss_curve, save_samples_figure
+from diffusekit.viz import plot_bound_curve, plot_loss_curve, save_samples_figure
 
 __all__ = ["MAX_SKIPPED_IN_A_ROW", "DataStream", "DistInfo", "Trainer", "build_objective", "derive_seed", "train"]
 
@@ -176,6 +176,10 @@ class Trainer:
         self.stream = DataStream(len(self.data), derive_seed(tc.seed, "data"))
         self.step = 0
         self.log_path = self.run_dir / "log.jsonl"
+        self.bound_path = self.run_dir / "bound.jsonl"  # train.bound_every: the held-out bound along training
+        self._bound_x = self._heldout_examples(cfg)
+        self._cpu_start = time.process_time()
+        self._excluded_cpu = 0.0  # CPU seconds of held-out bounds, left out of cpu_s and train.cpu_limit_s
         self._stop_requested = False
         self._stop_agreed = False
         self._deadline = float("inf")
@@ -188,6 +192,42 @@ class Trainer:
                 raise TrainingError(f"{self.run_dir}: run folder already has checkpoints; pass --resume to "
                                     "continue it or choose another --out")
             self._truncate_log(0)
+
+    def _heldout_examples(self, cfg) -> Tensor | None:
+        """The test split's first ``train.bound_examples`` images for ``train.bound_every`` (None: off); a
+        family without a held-out bound is refused in one line."""
+        tc = cfg.train
+        if not tc.bound_every:
+            return None
+        if getattr(self.objective, "heldout_bound", None) is None:
+            raise ConfigError(f"train.bound_every = {tc.bound_every}: the held-out bound along training is logged for "
+                              f"unconditional diffusion runs (model.kind unet or mlp, discrete or continuous objective), "
+                              f"not for model.kind = {cfg.model.kind!r} with loss.objective = {cfg.loss.objective!r}; "
+                              "set it to 0")
+        if self.data.levels is None and cfg.loss.objective == "discrete":
+            raise ConfigError(f"train.bound_every = {tc.bound_every}: the discrete bound needs data on discrete levels; "
+                              f"data.name = {cfg.data.name!r} is continuous (set it to 0, or train the continuous objective)")
+        return load_dataset(cfg.data, "test").x[:tc.bound_examples].to(self.device)
+
+    def log_bound(self) -> None:
+        """The EMA model's bound on the held-out examples now, appended to bound.jsonl with the training CPU
+        seconds so far; its own CPU time is left out of the budget (``_excluded_cpu``)."""
+        if not self.dist.is_main or self._bound_x is None:
+            return
+        c0, w0 = time.process_time(), time.time()
+        rng = torch.get_rng_state()  # the estimate draws its own seeded noise; training randomness is untouched
+        # the same seed at every step: common draws of t and noise, so the curve's differences are the model's
+        result = self.objective.heldout_bound(self.ema_module(), self._bound_x, self.cfg.train.seed)
+        torch.set_rng_state(rng)
+        self._excluded_cpu += time.process_time() - c0
+        record = {"step": self.step, "cpu_s": self._cpu_s(), **result, "seconds": time.time() - w0}
+        with open(self.bound_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.plot_losses()
+
+    def _cpu_s(self) -> float:
+        """CPU seconds of training in this segment (every thread of the process), held-out bounds left out."""
+        return time.process_time() - self._cpu_start - self._excluded_cpu
 
     def _place_data(self, tc, x: Tensor | None = None) -> None:
         """The training set (or ``x``, what the objective made of it) on the device once
@@ -288,17 +328,21 @@ class Trainer:
 
     def _truncate_log(self, step: int) -> None:
         """Drop log records written after the checkpoint we resume from (all of them for a fresh run)."""
-        if not (self.dist.is_main and self.log_path.exists()):
+        for path in (self.log_path, self.bound_path):
+            self._truncate_records(path, step)
+
+    def _truncate_records(self, path: Path, step: int) -> None:
+        if not (self.dist.is_main and path.exists()):
             return
         keep = []
-        for raw in self.log_path.read_bytes().splitlines():
+        for raw in path.read_bytes().splitlines():
             try:
                 ln = raw.decode("utf-8")
                 if ln.strip() and json.loads(ln)["step"] <= step:
                     keep.append(ln)
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut short by a crash, or damaged (UnicodeDecodeError is a ValueError)
-        atomic_write_text(self.log_path, "".join(ln + "\n" for ln in keep))
+        atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
     def save(self) -> None:
         """Checkpoint now (a collective under DDP: every rank calls it; rank 0 writes)."""
@@ -404,7 +448,9 @@ class Trainer:
         bar = tqdm(total=tc.steps, initial=self.step, disable=not (self.progress and self.dist.is_main),
                    desc="train", unit="step", dynamic_ncols=True)
         start, window, window_start = time.time(), [], time.time()
+        self._cpu_start, self._excluded_cpu = time.process_time(), 0.0
         self._deadline = start + tc.time_limit_s if tc.time_limit_s else float("inf")
+        cpu_limit = tc.cpu_limit_s or float("inf")
         stopped = "finished"
         try:
             variances = []  # per-step variances of the per-example losses, logged as loss_std
@@ -419,14 +465,17 @@ class Trainer:
                                "loss_std": math.sqrt(sum(variances) / len(variances)), "grad_norm": norm,
                                "lr": self.lr_at(self.step - 1), "steps_per_s": rate,
                                "images_per_s": rate * tc.batch_size * tc.grad_accum * self.dist.world_size,
-                               "elapsed_s": time.time() - start, **self._scaler_record()})
+                               "elapsed_s": time.time() - start, "cpu_s": self._cpu_s(),
+                               **self._scaler_record()})
                     bar.set_postfix(loss=f"{sum(window) / len(window):.4f}")
                     window, variances, window_start = [], [], time.time()
                 if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
                     self.save()
                 if tc.sample_every and self.step % tc.sample_every == 0 and self.step < tc.steps:
                     self.preview()
-                over_time = time.time() > self._deadline
+                if tc.bound_every and self.step % tc.bound_every == 0:
+                    self.log_bound()
+                over_time = time.time() > self._deadline or self._cpu_s() > cpu_limit
                 if self._stop_agreed or (not self.dist.distributed and (self._stop_requested or over_time)):
                     # one process stops at this boundary; ranks stop where they agreed (one step later at most)
                     stopped = "sigterm" if self._stop_requested else "time_limit" if over_time else "another rank"
@@ -437,7 +486,11 @@ class Trainer:
                 signal.signal(signal.SIGTERM, previous)
         if not (tc.checkpoint_every and self.step % tc.checkpoint_every == 0):
             self.save()
-        return {"step": self.step, "stopped": stopped, "train_seconds": time.time() - start}
+        cpu_seconds = self._cpu_s()
+        if tc.bound_every and self.step % tc.bound_every:  # the end point of the curve
+            self.log_bound()
+        return {"step": self.step, "stopped": stopped, "train_seconds": time.time() - start,
+                "train_cpu_seconds": cpu_seconds}
 
     def _scaler_record(self) -> dict[str, Any]:
         """fp16 runs log the gradient scale and the steps skipped so far for overflowing gradients."""
@@ -473,10 +526,27 @@ class Trainer:
         return path
 
     def plot_losses(self) -> None:
-        if self.log_path.exists():
-            recs = [json.loads(ln) for ln in self.log_path.read_text().splitlines() if ln.strip()]
-            if recs:
-                plot_loss_curve([r["step"] for r in recs], [r["loss"] for r in recs], self.run_dir / "loss_curve.png")
+        recs = read_records(self.log_path)
+        if recs:
+            plot_loss_curve([r["step"] for r in recs], [r["loss"] for r in recs], self.run_dir / "loss_curve.png")
+        bounds = read_records(self.bound_path)
+        if bounds:
+            plot_bound_curve(bounds, recs, self.run_dir / "bound_curve.png")
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON records of a run's .jsonl file (none if it is missing; a damaged line is skipped)."""
+    if not path.is_file():
+        return []
+    out = []
+    for ln in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(ln)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "step" in rec:
+            out.append(rec)
+    return out
 
 
 def _main_thread() -> bool:
