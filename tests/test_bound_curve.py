@@ -12,9 +12,9 @@ from diffusekit.config import load_config
 from diffusekit.continuous import continuous_bound
 from diffusekit.data.registry import load_dataset
 from diffusekit.errors import ConfigError
-from diffusekit.families.base import EvaluateSettings
 from diffusekit.evaluate.diffusion import FIT_VALUES
 from diffusekit.families import open_run
+from diffusekit.families.base import EvaluateSettings
 from diffusekit.likelihood import fit_reverse_log_variances, vlb_estimate
 from diffusekit.runs.evaluate import evaluate_run
 from diffusekit.train.trainer import read_records, train
