@@ -25,6 +25,7 @@ seconds beside their ``loss_std``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from itertools import pairwise
@@ -226,7 +227,9 @@ def curves_figure(result: dict[str, Any], path: Path) -> Path | None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", nargs="+", required=True, metavar="LABEL=RUN", help="the runs, each with a label")
+    p.add_argument("--runs", nargs="+", default=[], metavar="LABEL=RUN", help="the runs, each with a label")
+    p.add_argument("--from-json", nargs="+", type=Path, default=[], metavar="FILE",
+                   help="rows of earlier runs of this bench (their --json files) to put in the same table first")
     p.add_argument("--strata", type=int, default=50, help="strata of t of the bound, 2 draws each (default: 50)")
     p.add_argument("--ode-examples", type=int, default=100, help="test images scored by the ODE (default: 100)")
     p.add_argument("--dequantizations", type=parse_dequantizations, default=list(DEQUANTIZATIONS),
@@ -253,10 +256,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 ("--n-samples", args.n_samples, 0, 50_000)):
         if not lo <= value <= hi:
             p.error(f"{flag} must be in {lo}..{hi}, got {value}")
+    if not runs and not args.from_json:
+        p.error("give --runs LABEL=RUN ... or --from-json FILE ...")
+    earlier = []
+    for path in args.from_json:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            p.error(f"--from-json {path}: cannot be read as JSON ({type(exc).__name__})")
+        if not (isinstance(data, dict) and isinstance(data.get("rows"), list) and isinstance(data.get("baselines"), dict)):
+            p.error(f"--from-json {path}: not a JSON file written by this bench (no rows and baselines)")
+        earlier.append(data)
     result: dict[str, Any] = {"strata": args.strata, "ode_examples": args.ode_examples,
                               "dequantizations": args.dequantizations, "dequant_samples": args.dequant_samples,
                               "n_samples": args.n_samples, "seed": args.seed, "threads": torch.get_num_threads(),
                               "baselines": {}, "rows": []}
+    for e in earlier:
+        result["rows"] += e["rows"]
+        for name, base in e["baselines"].items():
+            result["baselines"].setdefault(name, base)
+        result["dequantizations"] = list(dict.fromkeys(result["dequantizations"] + e.get("dequantizations", [])))
     for label, run_dir in runs.items():
         result["rows"] += bench_run(label, run_dir, args, result["baselines"])
     if args.figure:

@@ -192,3 +192,18 @@ def test_also_clipped_adds_the_runs_clipped_bound(digits_run, tmp_path, monkeypa
     assert clipped["bound"]["bits_per_dim"] <= plain["bound"]["bits_per_dim"] + 1e-9
     with pytest.raises(SystemExit):
         bench.main(["--runs", f"plain={digits_run}", "--also-clipped", "other"])
+
+
+def test_earlier_rows_join_the_table(curve_run, tmp_path, monkeypatch, capsys):
+    bench = _bench(monkeypatch)
+    first = tmp_path / "first.json"
+    bench.main(["--runs", f"one={curve_run}", "--strata", "2", "--ode-examples", "1", "--dequantizations", "uniform",
+                "--n-samples", "0", "--json", str(first), "--no-progress"])
+    joined = bench.main(["--from-json", str(first), "--runs", f"two={curve_run}", "--strata", "2", "--ode-examples", "1",
+                         "--dequantizations", "uniform", "--n-samples", "0", "--no-progress"])
+    assert [r["label"] for r in joined["rows"]] == ["one", "two"]
+    assert joined["rows"][0]["bound"]["bits_per_dim"] == joined["rows"][1]["bound"]["bits_per_dim"]  # same run, seed
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit):
+        bench.main(["--from-json", str(tmp_path / "bad.json")])
+    assert "not a JSON file written by this bench" in capsys.readouterr().err
