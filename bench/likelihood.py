@@ -109,7 +109,7 @@ def bench_run(label: str, run_dir: Path, args: argparse.Namespace, baselines: di
     dims = test.x[0].numel()
     trace = "exact" if dims <= EXACT_TRACE_DIMS else "hutchinson"
     row["ode"] = {}
-    for deq in args.dequantizations:
+    for deq in args.dequantizations if args.ode_examples else ():
         if deq == "importance" and trace != "exact":
             row["ode"][deq] = {"skipped": f"{dims} values per image: the importance-weighted bound needs the exact "
                                           f"trace, affordable up to {EXACT_TRACE_DIMS}"}
@@ -203,7 +203,9 @@ def curves_figure(result: dict[str, Any], path: Path) -> Path | None:
         x = [p["cpu_s"] for p in c]
         y = np.array([p["bits_per_dim"] for p in c])
         se = np.array([p.get("stderr_bits_per_dim", 0.0) for p in c])
-        line = ax.errorbar(x, y, yerr=2 * se, marker="o", markersize=3, capsize=2, label=r["label"])
+        kind = c[-1].get("variance", "")
+        name = f"{r['label']} ({'continuous ELBO' if kind == 'continuous ELBO' else f'discrete bound, {kind} variances'})"
+        line = ax.errorbar(x, y, yerr=2 * se, marker="o", markersize=3, capsize=2, label=name)
         log = read_records(Path(r["run"]) / "log.jsonl")
         ax2.plot([p["step"] for p in log if "loss_std" in p], [p["loss_std"] for p in log if "loss_std" in p],
                  color=line[0].get_color(), label=r["label"])
@@ -231,7 +233,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--from-json", nargs="+", type=Path, default=[], metavar="FILE",
                    help="rows of earlier runs of this bench (their --json files) to put in the same table first")
     p.add_argument("--strata", type=int, default=50, help="strata of t of the bound, 2 draws each (default: 50)")
-    p.add_argument("--ode-examples", type=int, default=100, help="test images scored by the ODE (default: 100)")
+    p.add_argument("--ode-examples", type=int, default=100,
+                   help="test images scored by the ODE, 0 = no ODE columns (default: 100)")
     p.add_argument("--dequantizations", type=parse_dequantizations, default=list(DEQUANTIZATIONS),
                    help=f"comma-separated, of {', '.join(DEQUANTIZATIONS)} (default: all)")
     p.add_argument("--dequant-samples", type=int, default=4, help="draws of the importance option (default: 4)")
@@ -251,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = [v for v in args.also_clipped if v not in runs]
     if unknown:
         p.error(f"--also-clipped: {unknown[0]!r} is not a label of --runs")
-    for flag, value, lo, hi in (("--strata", args.strata, 1, 1000), ("--ode-examples", args.ode_examples, 1, 10_000),
+    for flag, value, lo, hi in (("--strata", args.strata, 1, 1000), ("--ode-examples", args.ode_examples, 0, 10_000),
                                 ("--dequant-samples", args.dequant_samples, 1, 256),
                                 ("--n-samples", args.n_samples, 0, 50_000)):
         if not lo <= value <= hi:
