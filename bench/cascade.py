@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ import torch
 
 from diffusekit.config import load_config
 from diffusekit.data.registry import load_dataset
+from diffusekit.errors import DiffusekitError
 from diffusekit.evaluate.samples import score_samples
 from diffusekit.io.checkpoint import load_checkpoint
 from diffusekit.runs.sample import sample_run
@@ -39,12 +41,23 @@ def trained_steps(run: Path) -> int:
     return int(load_checkpoint(run)[1]["step"])
 
 
-def emit(result: dict[str, Any], path: Path | None) -> None:
-    """Print ``result`` as JSON, and write it to ``path`` when given."""
+def emit(result: dict[str, Any], path: Path | None, table: str | None = None) -> None:
+    """Print ``result`` as JSON (then ``table``, its markdown, when given), and write the JSON to ``path``."""
     text = json.dumps(result, indent=1)
     print(text)
     if path:
         path.write_text(text + "\n")
+    if table is not None:
+        print(table)
+
+
+def run_bench(main: Callable[[], Any], script: str) -> None:
+    """Run a bench's ``main``; a bad run, flag value or file (a ``DiffusekitError``) ends it with the project's
+    one-line message under the script's name."""
+    try:
+        main()
+    except DiffusekitError as exc:
+        sys.exit(f"{script}: error: {exc}")
 
 
 def step_seconds(runs: dict[str, Path], train_steps: int, repeats: int) -> dict[str, float]:

@@ -16,13 +16,11 @@ Prints the result as JSON, then a Markdown table.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
-from cascade import emit
+from cascade import emit, run_bench
 
-from diffusekit.errors import DiffusekitError
 from diffusekit.families import open_run
 from diffusekit.families.controlnet import evaluate_text
 from diffusekit.sampling.settings import SampleSettings
@@ -59,13 +57,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = SampleSettings.from_config(model.cfg.sample, batch_size=250, **overrides)
     settings.check(lambda f: f"--{f}", T=model.schedule.T)
     result, _ = evaluate_text(model, settings, n_prompts=args.n, scales=args.scales)
-    emit(result, args.json)
-    print(markdown(result))
+    emit(result, args.json, markdown(result))
     return result
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DiffusekitError as exc:
-        sys.exit(f"bench/control_scale.py: error: {exc}")
+    run_bench(main, "bench/control_scale.py")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from itertools import pairwise
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from cascade import emit
+from cascade import emit, run_bench
 
 from diffusekit.data.registry import load_dataset
 from diffusekit.errors import DiffusekitError
@@ -286,13 +285,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.figure:
         drawn = curves_figure(result, args.figure)
         result["figure"] = str(drawn) if drawn else None
-    emit(result, args.json)
-    print(markdown(result))
+    emit(result, args.json, markdown(result))
     return result
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DiffusekitError as exc:  # a bad run folder: the project's own one-line message
-        sys.exit(f"bench/likelihood.py: error: {exc}")
+    run_bench(main, "bench/likelihood.py")

@@ -53,11 +53,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from cascade import emit
+from cascade import emit, run_bench
 from torch import Tensor
 
 from diffusekit.data.registry import load_dataset
-from diffusekit.errors import DiffusekitError
 from diffusekit.evaluate.features import load_feature_net
 from diffusekit.evaluate.samples import has_feature_net, score_samples
 from diffusekit.families import read_run
@@ -301,13 +300,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                    seeds=args.seeds)
         result["tasks"].append(bench_task(task, args.trained, args.free, settings,
                                           args.out / spec.replace(":", "-"), not args.no_progress))
-    emit(result, args.json)
-    print(markdown(result))
+    emit(result, args.json, markdown(result))
     return result
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DiffusekitError as exc:  # a bad run, task or mask: restore's own one-line message
-        sys.exit(f"bench/restoration.py: error: {exc}")
+    run_bench(main, "bench/restoration.py")

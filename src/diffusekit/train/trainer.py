@@ -207,7 +207,11 @@ class Trainer:
         if self.data.levels is None and cfg.loss.objective == "discrete":
             raise ConfigError(f"train.bound_every = {tc.bound_every}: the discrete bound needs data on discrete levels; "
                               f"data.name = {cfg.data.name!r} is continuous (set it to 0, or train the continuous objective)")
-        return load_dataset(cfg.data, "test").x[:tc.bound_examples].to(self.device)
+        x = load_dataset(cfg.data, "test").x[:tc.bound_examples]
+        if x.shape[0] < 2:
+            raise ConfigError(f"train.bound_every = {tc.bound_every}: the test split of data.name = {cfg.data.name!r} has "
+                              f"{x.shape[0]} image(s), too few for a held-out bound; set it to 0")
+        return x.to(self.device)
 
     def log_bound(self) -> None:
         """The EMA model's bound on the held-out examples now, appended to bound.jsonl with the training CPU
