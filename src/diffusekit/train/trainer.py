@@ -183,6 +183,7 @@ class Trainer:
         self._stop_requested = False
         self._stop_agreed = False
         self._deadline = float("inf")
+        self._cpu_limit = float("inf")
         if self.dist.is_main:
             clean_leftovers(self.run_dir)
         if resume:
@@ -228,6 +229,10 @@ class Trainer:
         with open(self.bound_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         self.plot_losses()
+
+    def _over_budget(self) -> bool:
+        """Past ``train.time_limit_s`` (wall) or ``train.cpu_limit_s`` (this process's CPU, bounds left out)."""
+        return time.time() > self._deadline or self._cpu_s() > self._cpu_limit
 
     def _cpu_s(self) -> float:
         """CPU seconds of training in this segment (every thread of the process), held-out bounds left out."""
@@ -405,7 +410,7 @@ class Trainer:
             values = per_example.detach().to("cpu", torch.float64)
             moments += torch.stack([torch.tensor(float(values.numel()), dtype=torch.float64), values.sum(),
                                     (values ** 2).sum()])
-        stop = self._stop_requested or time.time() > self._deadline
+        stop = self._stop_requested or self._over_budget()
         reduced = ddp.all_reduce_sum(torch.cat([total[None], torch.tensor([float(stop)], dtype=torch.float64),
                                                 moments]))
         total, stop_votes = reduced[0], reduced[1]
@@ -454,7 +459,7 @@ class Trainer:
         start, window, window_start = time.time(), [], time.time()
         self._cpu_start, self._excluded_cpu = time.process_time(), 0.0
         self._deadline = start + tc.time_limit_s if tc.time_limit_s else float("inf")
-        cpu_limit = tc.cpu_limit_s or float("inf")
+        self._cpu_limit = tc.cpu_limit_s or float("inf")
         stopped = "finished"
         try:
             variances = []  # per-step variances of the per-example losses, logged as loss_std
@@ -479,7 +484,7 @@ class Trainer:
                     self.preview()
                 if tc.bound_every and self.step % tc.bound_every == 0:
                     self.log_bound()
-                over_time = time.time() > self._deadline or self._cpu_s() > cpu_limit
+                over_time = self._over_budget()
                 if self._stop_agreed or (not self.dist.distributed and (self._stop_requested or over_time)):
                     # one process stops at this boundary; ranks stop where they agreed (one step later at most)
                     stopped = "sigterm" if self._stop_requested else "time_limit" if over_time else "another rank"
