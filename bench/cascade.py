@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,21 @@ from diffusekit.errors import DiffusekitError
 from diffusekit.evaluate.samples import score_samples
 from diffusekit.io.checkpoint import load_checkpoint
 from diffusekit.runs.sample import sample_run
-from diffusekit.train.trainer import Trainer
+from diffusekit.train.trainer import Trainer, read_records
 
 
 def trained_steps(run: Path) -> int:
     return int(load_checkpoint(run)[1]["step"])
+
+
+def training_clock(run_dir: Path, key: str) -> dict[str, Any] | None:
+    """Steps and seconds of a run's training by the clock ``key`` of its log.jsonl (``cpu_s`` or ``elapsed_s``);
+    a resumed run's clock restarts, so the last reading of each segment is added. None without readings."""
+    timed = [r for r in read_records(run_dir / "log.jsonl") if key in r]
+    if not timed:
+        return None
+    seconds = sum(a[key] for a, b in pairwise(timed) if b[key] < a[key]) + timed[-1][key]
+    return {"steps": timed[-1]["step"], "seconds": round(seconds, 1)}
 
 
 def emit(result: dict[str, Any], path: Path | None, table: str | None = None) -> None:

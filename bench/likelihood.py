@@ -2,7 +2,7 @@
 
     python bench/likelihood.py --runs base=runs/a frontier=runs/b [--ode-examples 100] [--n-samples 500]
 
-For every run, on the test split of its data:
+For every run, on the test split of its data (its first ``--examples`` images):
 - the discrete bound (stratified, 50 strata x 2) with the run's reverse variances (learned, else fitted)
   and its x0 clipping (``model.bound_clip``), ± its standard error, and the same draws with beta_tilde;
 - the continuous-time bound (VDM) of a continuous run;
@@ -27,13 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from cascade import emit, run_bench
+from cascade import emit, run_bench, training_clock
 
 from diffusekit.data.registry import load_dataset
 from diffusekit.errors import DiffusekitError
@@ -69,15 +68,14 @@ def parse_dequantizations(text: str) -> list[str]:
 
 
 def training_cpu(run_dir: Path) -> dict[str, Any]:
-    """Steps and training CPU seconds from log.jsonl: the last ``cpu_s`` of each segment (a resumed run's
-    clock restarts), or wall seconds (``elapsed_s``) for a log without it."""
+    """Steps and training CPU seconds from log.jsonl (``cascade.training_clock``), or wall seconds
+    (``elapsed_s``) for a log without ``cpu_s``."""
     recs = read_records(run_dir / "log.jsonl")
     key = "cpu_s" if recs and all("cpu_s" in r for r in recs) else "elapsed_s"
-    timed = [r for r in recs if key in r]
-    if not timed:
+    clock = training_clock(run_dir, key)
+    if clock is None:
         return {"steps": None, "seconds": None, "clock": None}
-    seconds = sum(a[key] for a, b in pairwise(timed) if b[key] < a[key]) + timed[-1][key]
-    return {"steps": timed[-1]["step"], "seconds": round(seconds, 1), "clock": "cpu" if key == "cpu_s" else "wall"}
+    return {**clock, "clock": "cpu" if key == "cpu_s" else "wall"}
 
 
 def bench_run(label: str, run_dir: Path, args: argparse.Namespace, baselines: dict[str, dict]) -> list[dict[str, Any]]:
@@ -90,6 +88,8 @@ def bench_run(label: str, run_dir: Path, args: argparse.Namespace, baselines: di
     model = family.load(source, True, "cpu")
     cfg = model.cfg
     test = load_dataset(cfg.data, "test")
+    if args.examples and args.examples < len(test):
+        test = test.subset(torch.arange(args.examples))
     if model.levels is None:
         raise DiffusekitError(f"--runs {label}={run_dir}: data.name = {cfg.data.name!r} is continuous; bits/dim "
                               "need data on discrete levels")
@@ -231,6 +231,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--runs", nargs="+", default=[], metavar="LABEL=RUN", help="the runs, each with a label")
     p.add_argument("--from-json", nargs="+", type=Path, default=[], metavar="FILE",
                    help="rows of earlier runs of this bench (their --json files) to put in the same table first")
+    p.add_argument("--examples", type=int, default=0,
+                   help="score the first N test images only, 0 = the whole test split (default: 0)")
     p.add_argument("--strata", type=int, default=50, help="strata of t of the bound, 2 draws each (default: 50)")
     p.add_argument("--ode-examples", type=int, default=100,
                    help="test images scored by the ODE, 0 = no ODE columns (default: 100)")
@@ -255,7 +257,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = [v for v in args.also_clipped if v not in runs]
     if unknown:
         p.error(f"--also-clipped: {unknown[0]!r} is not a label of --runs")
-    for flag, value, lo, hi in (("--strata", args.strata, 1, 1000), ("--ode-examples", args.ode_examples, 0, 10_000),
+    for flag, value, lo, hi in (("--examples", args.examples, 0, 10**6), ("--strata", args.strata, 1, 1000),
+                                ("--ode-examples", args.ode_examples, 0, 10_000),
                                 ("--dequant-samples", args.dequant_samples, 1, 256),
                                 ("--n-samples", args.n_samples, 0, 50_000)):
         if not lo <= value <= hi:
@@ -271,7 +274,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not (isinstance(data, dict) and isinstance(data.get("rows"), list) and isinstance(data.get("baselines"), dict)):
             p.error(f"--from-json {path}: not a JSON file written by this bench (no rows and baselines)")
         earlier.append(data)
-    result: dict[str, Any] = {"strata": args.strata, "ode_examples": args.ode_examples,
+    result: dict[str, Any] = {"examples": args.examples or "all", "strata": args.strata,
+                              "ode_examples": args.ode_examples,
                               "dequantizations": args.dequantizations, "dequant_samples": args.dequant_samples,
                               "n_samples": args.n_samples, "seed": args.seed, "threads": torch.get_num_threads(),
                               "baselines": {}, "rows": []}

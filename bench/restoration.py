@@ -43,17 +43,16 @@ Prints the rows as JSON, then as a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
-from itertools import combinations, pairwise
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from cascade import emit, run_bench
+from cascade import emit, run_bench, training_clock
 from torch import Tensor
 
 from diffusekit.data.registry import load_dataset
@@ -257,16 +256,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def training_cost(run_dir: Path | None) -> dict[str, Any] | None:
-    """Steps and wall seconds of a run's training from its log.jsonl; a resumed run's clock restarts, so the
-    seconds of each segment are added."""
-    if run_dir is None or not (run_dir / "log.jsonl").is_file():
-        return None
-    lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
-    timed = [e for e in lines if "elapsed_s" in e and "step" in e]
-    if not timed:
-        return None
-    seconds = sum(a["elapsed_s"] for a, b in pairwise(timed) if b["elapsed_s"] < a["elapsed_s"])
-    return {"steps": timed[-1]["step"], "seconds": round(seconds + timed[-1]["elapsed_s"], 1)}
+    """Steps and wall seconds of a run's training (``cascade.training_clock`` on ``elapsed_s``)."""
+    return None if run_dir is None else training_clock(run_dir, "elapsed_s")
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -1,14 +1,15 @@
 """The trainer: exact resume, loud failures, and the files a run leaves behind."""
 
 import json
+from itertools import pairwise
 
 import pytest
 import torch
 
 from diffusekit.config import load_config
-from diffusekit.errors import CheckpointError, TrainingError
+from diffusekit.errors import CheckpointError, ConfigError, TrainingError
 from diffusekit.io.checkpoint import load_checkpoint, record_hash
-from diffusekit.train.trainer import DataStream, Trainer, derive_seed, train
+from diffusekit.train.trainer import DataStream, Trainer, derive_seed, lr_factor, train
 
 TINY_IMAGE = [
     "data.name=digits", "model.base_channels=8", "model.channel_mult=[1,2]", "model.attn_resolutions=[4]",
@@ -136,3 +137,41 @@ def test_a_run_leaves_config_log_pictures_and_summary(tmp_path):
         assert (tmp_path / name).is_file(), name
     assert (tmp_path / "samples" / "step-00000002.png").is_file()
     assert load_config(tmp_path / "config.toml") == cfg
+
+
+def test_lr_schedules_warm_up_then_decay_to_zero_at_train_steps():
+    """lr_factor against its closed forms: a linear warm-up, then cos or linear decay from 1 to 0."""
+    steps, warm = 1000, 100
+    for sched in ("constant", "cosine", "linear"):
+        assert lr_factor(0, steps, warm, sched) == pytest.approx(1 / warm)
+        assert lr_factor(49, steps, warm, sched) == pytest.approx(0.5)
+    assert all(lr_factor(s, steps, warm, "constant") == 1.0 for s in (99, 500, 999, 5000))
+    mid = warm + (steps - warm) // 2
+    assert lr_factor(mid, steps, warm, "cosine") == pytest.approx(0.5)
+    assert lr_factor(mid, steps, warm, "linear") == pytest.approx(0.5)
+    quarter = warm + (steps - warm) // 4
+    assert lr_factor(quarter, steps, warm, "cosine") == pytest.approx(0.5 * (1 + 2 ** -0.5))
+    for sched in ("cosine", "linear"):
+        assert lr_factor(warm, steps, warm, sched) == 1.0
+        assert lr_factor(steps, steps, warm, sched) == 0.0 == lr_factor(2 * steps, steps, warm, sched)
+        decay = [lr_factor(s, steps, warm, sched) for s in range(warm, steps)]
+        assert all(a > b for a, b in pairwise(decay))
+    assert lr_factor(0, 10, 0, "cosine") == 1.0  # no warm-up
+    assert lr_factor(5, 10, 50, "linear") == pytest.approx(6 / 50 * 1.0)  # a warm-up longer than the run
+
+
+def test_the_optimizer_steps_with_the_scheduled_lr(tmp_path):
+    cfg = _cfg(TINY_TOY, "train.steps=8", "train.lr_schedule=cosine", "train.lr=0.01")
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    seen = []
+    while trainer.step < 8:
+        trainer.train_step()
+        seen.append(trainer.optimizer.param_groups[0]["lr"])
+    trainer.close()
+    assert seen == pytest.approx([0.01 * lr_factor(s, 8, 2, "cosine") for s in range(8)])
+    assert seen[1] == pytest.approx(0.01) and seen[-1] < 0.001
+
+
+def test_a_bad_lr_schedule_names_its_key():
+    with pytest.raises(ConfigError, match="train.lr_schedule"):
+        _cfg(TINY_TOY, "train.lr_schedule=exponential")

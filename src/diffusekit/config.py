@@ -141,6 +141,9 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.0
     warmup_steps: int = 100
+    # after the warm-up: "constant" keeps train.lr; "cosine" and "linear" decay it to 0 at train.steps (set steps
+    # to what the budget holds: a run stopped early by a limit ends part-way down the curve)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     grad_clip: float = 1.0  # 0 = no clipping
     ema_decay: float = 0.999
     grad_accum: int = 1

@@ -69,6 +69,21 @@ def build_objective(cfg: Config, data: ArrayDataset) -> Objective:
     return family.build_objective(cfg, data)
 
 
+def lr_factor(step: int, steps: int, warmup_steps: int, schedule: str) -> float:
+    """The learning rate of optimizer step ``step + 1`` as a fraction of ``train.lr``.
+
+    A linear warm-up over the first ``warmup_steps`` steps; after it, ``"constant"`` stays at 1 and
+    ``"cosine"`` / ``"linear"`` fall from 1 to 0 at step ``steps`` (the decay of Loshchilov & Hutter 2017,
+    SGDR, without restarts; the linear one is the budget-aware schedule of Li et al. 2020, "Budgeted
+    training", sec. 3). Warm-up and decay multiply, so a warm-up longer than the run stays well-defined."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    if schedule == "constant":
+        return warm
+    done = min(max(step - warmup_steps, 0) / max(steps - warmup_steps, 1), 1.0)
+    decay = 0.5 * (1.0 + math.cos(math.pi * done)) if schedule == "cosine" else 1.0 - done
+    return warm * decay
+
+
 def derive_seed(seed: int, *parts: Any) -> int:
     """A 63-bit seed from (seed, parts...), stable across runs, platforms and processes."""
     text = "/".join(str(p) for p in (seed,) + parts)
@@ -361,8 +376,9 @@ class Trainer:
 
     # -- one optimizer step --------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step ``step + 1`` (``train.warmup_steps``, ``train.lr_schedule``)."""
         tc = self.cfg.train
-        return tc.lr * min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps > 0 else tc.lr
+        return tc.lr * lr_factor(step, tc.steps, tc.warmup_steps, tc.lr_schedule)
 
     def _micro_batch(self) -> tuple[Tensor, Tensor | None]:
         """This rank's slice of the next global batch: (examples, their labels or None)."""
