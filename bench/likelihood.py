@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from cascade import emit, run_bench, training_clock
 
+from diffusekit.config import LossConfig, TrainConfig
 from diffusekit.data.registry import load_dataset
 from diffusekit.errors import DiffusekitError
 from diffusekit.evaluate import diffusion as metrics
@@ -142,7 +143,7 @@ def switches(cfg) -> str:
     else:
         out.append(f"{lo.weighting} loss, beta_1 = {d.beta_start:g}")
     if m.learned_variance:
-        out.append("learned variances")
+        out.append("learned variances" + (f" (λ {lo.vlb_weight:g})" if lo.vlb_weight != LossConfig.vlb_weight else ""))
     if lo.t_sampling == "importance":
         out.append("importance t")
     if m.fourier_features:
@@ -150,6 +151,13 @@ def switches(cfg) -> str:
     if m.bound_clip:
         out.append("x0 clipped")
     out.append(f"width {m.base_channels}")
+    t = cfg.train  # the training settings the sweeps vary, where they differ from the defaults
+    out += [f"{name} {value:g}" for name, value, default in (
+        ("dropout", m.dropout, 0.0), ("weight decay", t.weight_decay, TrainConfig.weight_decay),
+        ("lr", t.lr, TrainConfig.lr), ("batch", t.batch_size, TrainConfig.batch_size),
+        ("EMA", t.ema_decay, TrainConfig.ema_decay)) if value != default]
+    if t.lr_schedule != "constant":
+        out.append(f"{t.lr_schedule} lr")
     return ", ".join(out)
 
 
