@@ -2,7 +2,8 @@
 
     python bench/likelihood.py --runs base=runs/a frontier=runs/b [--ode-examples 100] [--n-samples 500]
 
-For every run, on the test split of its data (its first ``--examples`` images):
+For every run, on the test split of its data (``--split train``: the training split; its first ``--examples``
+images):
 - the discrete bound (stratified, 50 strata x 2) with the run's reverse variances (learned, else fitted)
   and its x0 clipping (``model.bound_clip``), ± its standard error, and the same draws with beta_tilde;
 - the continuous-time bound (VDM) of a continuous run;
@@ -88,7 +89,7 @@ def bench_run(label: str, run_dir: Path, args: argparse.Namespace, baselines: di
                               "and continuous runs")
     model = family.load(source, True, "cpu")
     cfg = model.cfg
-    test = load_dataset(cfg.data, "test")
+    test = load_dataset(cfg.data, args.split)
     if args.examples and args.examples < len(test):
         test = test.subset(torch.arange(args.examples))
     if model.levels is None:
@@ -240,7 +241,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--from-json", nargs="+", type=Path, default=[], metavar="FILE",
                    help="rows of earlier runs of this bench (their --json files) to put in the same table first")
     p.add_argument("--examples", type=int, default=0,
-                   help="score the first N test images only, 0 = the whole test split (default: 0)")
+                   help="score the first N images only, 0 = the whole split (default: 0)")
+    p.add_argument("--split", choices=["test", "train"], default="test",
+                   help="the images scored; train shows how far a run has overfitted (default: test)")
     p.add_argument("--strata", type=int, default=50, help="strata of t of the bound, 2 draws each (default: 50)")
     p.add_argument("--ode-examples", type=int, default=100,
                    help="test images scored by the ODE, 0 = no ODE columns (default: 100)")
@@ -282,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not (isinstance(data, dict) and isinstance(data.get("rows"), list) and isinstance(data.get("baselines"), dict)):
             p.error(f"--from-json {path}: not a JSON file written by this bench (no rows and baselines)")
         earlier.append(data)
-    result: dict[str, Any] = {"examples": args.examples or "all", "strata": args.strata,
+    result: dict[str, Any] = {"split": args.split, "examples": args.examples or "all", "strata": args.strata,
                               "ode_examples": args.ode_examples,
                               "dequantizations": args.dequantizations, "dequant_samples": args.dequant_samples,
                               "n_samples": args.n_samples, "seed": args.seed, "threads": torch.get_num_threads(),

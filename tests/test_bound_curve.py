@@ -12,8 +12,9 @@ from diffusekit.config import load_config
 from diffusekit.continuous import continuous_bound
 from diffusekit.data.registry import load_dataset
 from diffusekit.errors import ConfigError
+from diffusekit.evaluate import diffusion as diffusion_metrics
 from diffusekit.evaluate.diffusion import FIT_VALUES
-from diffusekit.families import open_run
+from diffusekit.families import open_run, read_run
 from diffusekit.families.base import EvaluateSettings
 from diffusekit.likelihood import fit_reverse_log_variances, vlb_estimate
 from diffusekit.runs.evaluate import evaluate_run
@@ -172,6 +173,8 @@ def test_a_resumed_runs_cpu_seconds_add_up(tmp_path, monkeypatch):
     (["--runs", "a=x", "a=y"], "the label 'a' is given twice"),
     (["--runs", "a=x", "--dequantizations", "gauss"], "comma-separated list of uniform"),
     (["--runs", "a=x", "--strata", "0"], "--strata must be in 1..1000"),
+    (["--runs", "a=x", "--examples", "-1"], "--examples must be in 0..1000000"),
+    (["--runs", "a=x", "--split", "val"], "invalid choice: 'val'"),
 ])
 def test_bad_bench_arguments_are_one_line_errors(monkeypatch, capsys, argv, message):
     bench = _bench(monkeypatch)
@@ -207,3 +210,18 @@ def test_earlier_rows_join_the_table(curve_run, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--from-json", str(tmp_path / "bad.json")])
     assert "not a JSON file written by this bench" in capsys.readouterr().err
+
+
+def test_examples_and_split_score_the_first_images_of_the_split(curve_run, monkeypatch):
+    """``--examples 6 --split train``: the bound of the first 6 training images, as the likelihood functions
+    give it on those images directly (the same seed, strata, variances and clipping)."""
+    bench = _bench(monkeypatch)
+    result = bench.main(["--runs", f"clip={curve_run}", "--examples", "6", "--split", "train", "--strata", "3",
+                         "--ode-examples", "0", "--n-samples", "0", "--no-progress"])
+    row = result["rows"][0]
+    assert result["split"] == "train" and result["examples"] == 6 and row["bound"]["n_examples"] == 6
+    family, source = read_run(curve_run)
+    model = family.load(source, True, "cpu")
+    first = load_dataset(model.cfg.data, "train").subset(torch.arange(6))
+    direct = diffusion_metrics.bound(model, first, False, 3, 0, False, "fitted", None, True)
+    assert row["bound"]["bits_per_dim"] == pytest.approx(direct["bits_per_dim"], rel=1e-12)
