@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from diffusekit.cli import main as cli_main
+from diffusekit.evaluate.features import correct, load_feature_net
 from diffusekit.runs.restore import make_masks, noise_seed, psnr
 
 
@@ -81,6 +82,14 @@ def test_inpaint_from_the_test_split_writes_everything_and_reproduces(digits_run
     metrics = settings["extra"]["metrics"]
     assert metrics["nfe"] == 5 + (2 - 1) * 2 * (5 // 2) and metrics["measurement_error"] == 0.0
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["accuracy_original"] > 0.5
+    # the gap and its standard error over the 3 inputs, by hand from the classifier's verdicts on the files
+    net = load_feature_net("digits")
+    labels = torch.from_numpy(d["labels"]).long()
+    ok = correct(net, torch.from_numpy(d["restored"]).flatten(0, 1).clamp(-1, 1), labels.repeat_interleave(2))
+    gap = correct(net, torch.from_numpy(d["original"]), labels) - ok.view(3, 2).mean(1)
+    assert metrics["accuracy_gap"] == pytest.approx(metrics["accuracy_original"] - metrics["accuracy"], abs=1e-12)
+    assert metrics["accuracy_gap"] == pytest.approx(gap.mean().item(), abs=1e-12)
+    assert metrics["accuracy_gap_stderr"] == pytest.approx(gap.std().item() / 3 ** 0.5, abs=1e-12)
     with Image.open(out / "restore.png") as img:
         assert img.mode == "RGB" and img.size[0] > img.size[1]  # 3 rows of 4 tiles
     # settings.json alone reproduces the restoration, whatever the batch size

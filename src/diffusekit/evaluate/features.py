@@ -37,7 +37,8 @@ from diffusekit.data.scenes import scene_crops
 from diffusekit.io.atomic import atomic_write_bytes, atomic_write_text
 
 __all__ = ["FEATURE_NET_VERSION", "FEATURE_DIM", "FeatureNetConfig", "FeatureNet", "feature_net_config",
-           "train_feature_net", "load_feature_net", "default_cache_dir", "cache_paths", "evaluate_accuracy", "feature_dataset"]
+           "train_feature_net", "load_feature_net", "default_cache_dir", "cache_paths", "correct", "evaluate_accuracy",
+           "feature_dataset"]
 
 FEATURE_NET_VERSION = 1  # bump when the architecture or the training recipe changes: old caches retrain
 FEATURE_DIM = 64
@@ -159,10 +160,15 @@ def feature_dataset(dataset_name: DatasetName, split: Literal["train", "test"]):
     return (load_digits if dataset_name == "digits" else load_mnist)(split)
 
 
+def correct(net: FeatureNet, x: Tensor, labels: Tensor) -> Tensor:
+    """1.0 where the classifier labels an image of ``x`` correctly, else 0.0 (float64, one per image)."""
+    _, logits = net.features_and_logits(x)
+    return (logits.argmax(1) == labels).double()
+
+
 def evaluate_accuracy(net: FeatureNet, x: Tensor, labels: Tensor) -> float:
     """Fraction of ``x`` the classifier labels correctly."""
-    _, logits = net.features_and_logits(x)
-    return (logits.argmax(1) == labels).double().mean().item()
+    return correct(net, x, labels).mean().item()
 
 
 def train_feature_net(dataset_name: DatasetName, seed: int = 0, epochs: int | None = None,

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from diffusekit.data.images import read_image
 from diffusekit.data.registry import load_dataset
 from diffusekit.errors import ConfigError, DataError
-from diffusekit.evaluate.features import evaluate_accuracy, load_feature_net
+from diffusekit.evaluate.features import correct, evaluate_accuracy, load_feature_net
 from diffusekit.evaluate.samples import has_feature_net
 from diffusekit.families import read_run
 from diffusekit.families.img2img import box_masks, freeform_masks, sample_img2img, uncrop_masks
@@ -417,15 +417,21 @@ def _restore_all(run, settings: RestoreSettings, x: Tensor, y_all: Tensor, op, k
 
 
 def _classifier_accuracy(run, restored: Tensor, x: Tensor, degraded: Tensor, labels: Tensor) -> dict[str, float]:
-    """Accuracy of the dataset's own classifier on restored / original / degraded images, if it has one."""
+    """Accuracy of the dataset's own classifier on restored / original / degraded images, if it has one, and
+    the gap between the originals and their restorations with its standard error over the inputs (each input's
+    gap is its original's correctness less the mean correctness of its seeds: the seeds of one input are not
+    independent draws, the inputs are)."""
     name = run.cfg.data.name
     if not has_feature_net(run.cfg.data) or (labels < 0).any():
         return {}
     net = load_feature_net(name)
-    S = restored.shape[1]
-    return {"accuracy": evaluate_accuracy(net, restored.flatten(0, 1).clamp(-1, 1), labels.repeat_interleave(S)),
-            "accuracy_original": evaluate_accuracy(net, x, labels),
-            "accuracy_degraded": evaluate_accuracy(net, degraded.clamp(-1, 1), labels)}
+    K, S = restored.shape[:2]
+    per_seed = correct(net, restored.flatten(0, 1).clamp(-1, 1), labels.repeat_interleave(S)).view(K, S)
+    gap = correct(net, x, labels) - per_seed.mean(1)
+    return {"accuracy": per_seed.mean().item(), "accuracy_original": evaluate_accuracy(net, x, labels),
+            "accuracy_degraded": evaluate_accuracy(net, degraded.clamp(-1, 1), labels),
+            "accuracy_gap": gap.mean().item(),
+            "accuracy_gap_stderr": gap.std().item() / math.sqrt(K) if K > 1 else float("nan")}
 
 
 def _picture(degraded: Tensor, restored: Tensor, x: Tensor, known: Tensor | None, levels: int | None) -> bytes:
