@@ -74,8 +74,8 @@ def lr_factor(step: int, steps: int, warmup_steps: int, schedule: str) -> float:
 
     A linear warm-up over the first ``warmup_steps`` steps; after it, ``"constant"`` stays at 1 and
     ``"cosine"`` / ``"linear"`` fall from 1 to 0 at step ``steps`` (the decay of Loshchilov & Hutter 2017,
-    SGDR, without restarts; the linear one is the budget-aware schedule of Li et al. 2020, "Budgeted
-    training", sec. 3). Warm-up and decay multiply, so a warm-up longer than the run stays well-defined."""
+    SGDR, without restarts; the linear one is the budget-aware schedule of Li, Yumer & Ramanan 2020, "Budgeted
+    training"). Warm-up and decay multiply, so a warm-up longer than the run stays well-defined."""
     warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
     if schedule == "constant":
         return warm
