@@ -102,7 +102,7 @@ def test_the_cpu_limit_stops_a_run_with_a_checkpoint(tmp_path, capsys):
     out = tmp_path / "r"
     assert main(["train", *TINY, "--set", "train.steps=100000", "--set", "train.cpu_limit_s=0.000001",
                  "--out", str(out), "--no-progress"]) == 0
-    assert "trained to step 1 (time_limit)" in capsys.readouterr().out
+    assert "trained to step 1 (cpu_limit)" in capsys.readouterr().out
     log = read_records(out / "log.jsonl")
     assert log[-1]["step"] == 1 and log[-1]["cpu_s"] > 0
     assert json.loads((out / "checkpoints" / "latest.json").read_text())

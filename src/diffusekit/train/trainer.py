@@ -503,7 +503,8 @@ class Trainer:
                 over_time = self._over_budget()
                 if self._stop_agreed or (not self.dist.distributed and (self._stop_requested or over_time)):
                     # one process stops at this boundary; ranks stop where they agreed (one step later at most)
-                    stopped = "sigterm" if self._stop_requested else "time_limit" if over_time else "another rank"
+                    stopped = ("sigterm" if self._stop_requested else "another rank" if not over_time
+                               else "time_limit" if time.time() > self._deadline else "cpu_limit")
                     break
         finally:
             bar.close()
