@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from diffusekit.cli import main as cli_main
+from diffusekit.cli.restore import format_metrics
 from diffusekit.evaluate.features import correct, load_feature_net
 from diffusekit.runs.restore import make_masks, noise_seed, psnr
 
@@ -202,3 +203,11 @@ def test_masks_and_psnr():
     assert psnr(x, ref, region)[1].item() == pytest.approx(20.0)
     assert psnr(x, ref)[1].item() == pytest.approx(10 * np.log10(4 / 0.01))
     assert psnr(torch.full((1, 1, 1, 1), 5.0), torch.ones(1, 1, 1, 1)).item() > 100  # clamped to [-1, 1]
+
+
+def test_the_accuracy_gap_prints_its_standard_error_only_over_several_inputs():
+    m = {"task": "inpaint", "method": "repaint", "resample": 1, "psnr": 20.0, "psnr_pinv": 8.0, "n_samples": 2,
+         "nfe": 10, "seconds": 1.0, "accuracy": 0.5, "accuracy_original": 1.0, "accuracy_degraded": 0.0,
+         "accuracy_gap": 0.5, "accuracy_gap_stderr": None}
+    assert format_metrics(m).count("gap to the originals 0.500)") == 1
+    assert "gap to the originals 0.500 ± 0.125)" in format_metrics({**m, "accuracy_gap_stderr": 0.125})

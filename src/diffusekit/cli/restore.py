@@ -66,8 +66,10 @@ def format_metrics(m: dict) -> str:
         text += f", RMS of y - A(x) {m['residual_rms']:.3f}"
     if "accuracy" in m:
         text += (f", classifier accuracy {m['accuracy']:.3f} (originals {m['accuracy_original']:.3f}, "
-                 f"degraded {m['accuracy_degraded']:.3f}; gap to the originals {m['accuracy_gap']:.3f} ± "
-                 f"{m['accuracy_gap_stderr']:.3f})")
+                 f"degraded {m['accuracy_degraded']:.3f}; gap to the originals {m['accuracy_gap']:.3f}")
+        if m["accuracy_gap_stderr"] is not None:
+            text += f" ± {m['accuracy_gap_stderr']:.3f}"
+        text += ")"
     return text + f"; {m['n_samples']} samples, {m['nfe']} network calls each, {m['seconds']:.1f} s"
 
 

@@ -431,7 +431,7 @@ def _classifier_accuracy(run, restored: Tensor, x: Tensor, degraded: Tensor, lab
     return {"accuracy": per_seed.mean().item(), "accuracy_original": evaluate_accuracy(net, x, labels),
             "accuracy_degraded": evaluate_accuracy(net, degraded.clamp(-1, 1), labels),
             "accuracy_gap": gap.mean().item(),
-            "accuracy_gap_stderr": gap.std().item() / math.sqrt(K) if K > 1 else float("nan")}
+            "accuracy_gap_stderr": gap.std().item() / math.sqrt(K) if K > 1 else None}  # None: one input
 
 
 def _picture(degraded: Tensor, restored: Tensor, x: Tensor, known: Tensor | None, levels: int | None) -> bytes:
