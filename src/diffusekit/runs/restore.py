@@ -427,8 +427,9 @@ def _classifier_accuracy(run, restored: Tensor, x: Tensor, degraded: Tensor, lab
     net = load_feature_net(name)
     K, S = restored.shape[:2]
     per_seed = correct(net, restored.flatten(0, 1).clamp(-1, 1), labels.repeat_interleave(S)).view(K, S)
-    gap = correct(net, x, labels) - per_seed.mean(1)
-    return {"accuracy": per_seed.mean().item(), "accuracy_original": evaluate_accuracy(net, x, labels),
+    original = correct(net, x, labels)
+    gap = original - per_seed.mean(1)
+    return {"accuracy": per_seed.mean().item(), "accuracy_original": original.mean().item(),
             "accuracy_degraded": evaluate_accuracy(net, degraded.clamp(-1, 1), labels),
             "accuracy_gap": gap.mean().item(),
             "accuracy_gap_stderr": gap.std().item() / math.sqrt(K) if K > 1 else None}  # None: one input
