@@ -342,6 +342,7 @@ class Img2ImgConfig:
 
     tasks: list[str] = field(default_factory=lambda: ["superres"])  # any of inpaint, outpaint, superres, colorize
     superres_factors: list[int] = field(default_factory=lambda: [2])  # superres: average-pooling factors learned
+    residual_scale: float = 0.0  # 0: diffuse x itself; s > 0: diffuse the unseen part (x - A+ y) / s, restore A+ y + s r
 
 
 @dataclass
@@ -714,6 +715,8 @@ def _validate_img2img(cfg: Config) -> None:
     _check(0 < len(ii.superres_factors) <= 4 and all(2 <= f <= 16 for f in ii.superres_factors)
            and len(set(ii.superres_factors)) == len(ii.superres_factors), "img2img.superres_factors",
            "a list of 1 to 4 distinct integers in 2..16", ii.superres_factors)
+    _check(_number(ii.residual_scale) and (ii.residual_scale == 0 or 1e-3 <= ii.residual_scale <= 100),
+           "img2img.residual_scale", "0 (diffuse the image itself) or a number in [0.001, 100]", ii.residual_scale)
     _check(cfg.model.kind != "img2img" or cfg.model.num_classes == 0, "model.num_classes",
            "0 for model.kind = 'img2img' (the U-Net's label input carries the task)", cfg.model.num_classes)
 

@@ -21,6 +21,15 @@ Restoring (``sample_img2img``, called by ``runs.restore`` for ``diffusekit resto
 is ancestral DDPM on the conditional denoiser (``sampling.ddpm.sample_ddpm`` with the condition as
 ``cond``; ``steps`` respaces it), ending, like RePaint and DDNM, with ``op.consistent(x, y)``: the known pixels
 of a mask are the input's, bit for bit, and A x = y for pooling and gray up to one rounding.
+
+**Residual diffusion** (``img2img.residual_scale = s > 0``). The measurement fixes P x = A+ y exactly, so only
+the unseen part (I - P) x = x - A+ y is uncertain. With s > 0 the model diffuses r = (x - A+ y) / s instead of
+x, and a restoration is A+ y + s r. This is the residual idea of SRDiff (Li et al. 2022, "SRDiff: Single Image
+Super-Resolution with Diffusion Probabilistic Models", sec. 3.2, where the residual is taken over the bicubic
+upsampling), here over A+ y, so it lies in the null space of A for every task. Dividing by s (about the RMS of
+the residual on the training data) gives the network a unit-scale target. Where the unseen part is nearly
+zero (smooth patches for super-resolution, gray ones for colorization), the network's absolute error shrinks
+by the factor s; with s = 0 the same error lands on the image at full scale.
 """
 
 from __future__ import annotations
@@ -49,8 +58,8 @@ from diffusekit.sampling.restore import Colorization, Inpaint, LinearDegradation
 from diffusekit.schedules import DiscreteSchedule
 
 __all__ = ["KIND", "Img2ImgModel", "Img2ImgObjective", "Img2ImgUNet", "Pairs", "Task", "box_masks", "build_network",
-           "condition_image", "degradation", "freeform_masks", "load", "make_pairs", "sample", "sample_img2img",
-           "tasks_of", "training_masks", "uncrop_masks"]
+           "condition_image", "degradation", "freeform_masks", "from_residual", "load", "make_pairs", "residual",
+           "sample", "sample_img2img", "tasks_of", "training_masks", "uncrop_masks"]
 
 KIND = "img2img"
 
@@ -180,6 +189,21 @@ def condition_image(op: LinearDegradation, y: Tensor) -> Tensor:
     return torch.cat([up, measured], dim=1)
 
 
+def residual(x0: Tensor, source: Tensor, scale: float) -> Tensor:
+    """What the network diffuses: x0 itself for ``scale`` 0, else r0 = (x0 - A+ y) / scale, with A+ y the first C
+    channels of the condition image ``source`` (= P x0, so r0 = (I - P) x0 / scale lies in A's null space)."""
+    if not scale:
+        return x0
+    return (x0 - source[:, :x0.shape[1]].to(x0.dtype)) / scale
+
+
+def from_residual(r: Tensor, source: Tensor, scale: float) -> Tensor:
+    """The inverse of ``residual``: A+ y + scale r (r itself for ``scale`` 0)."""
+    if not scale:
+        return r
+    return source[:, :r.shape[1]].to(r.dtype) + scale * r
+
+
 @dataclass
 class Pairs:
     """A batch of training pairs: the condition images (N, C + 1, H, W), the task indices (N,) and the
@@ -260,10 +284,13 @@ class Img2ImgObjective(diffusion.DiffusionObjective):
         self.module = build_network(cfg, self.data_shape)
         self.kind = cfg.model.prediction
         self.tasks = tasks_of(cfg)
+        self.residual_scale = cfg.img2img.residual_scale
 
     def loss(self, module: nn.Module, x0: Tensor, labels: Tensor | None, generator: torch.Generator) -> Tensor:
+        """The denoising loss on x0, or with ``img2img.residual_scale`` on r0 = (x0 - A+ y) / s (``residual``)."""
         pairs = make_pairs(x0, self.tasks, generator)
-        return super().loss(module, x0, None, generator, extra_cond={"source": pairs.source, "task": pairs.task})
+        target = residual(x0, pairs.source, self.residual_scale)
+        return super().loss(module, target, None, generator, extra_cond={"source": pairs.source, "task": pairs.task})
 
     def preview(self, module: nn.Module, n: int, device: torch.device) -> Tensor:
         """Pairs (condition's A+ y, restoration) of the first n / 2 test images, tasks and masks drawn from
@@ -275,6 +302,7 @@ class Img2ImgObjective(diffusion.DiffusionObjective):
         cond = {"source": pairs.source, "task": pairs.task}
         out = sample_ddpm(self.denoiser(module).eval(), self.schedule, noise(), noise, steps=min(100, self.schedule.T),
                           cond=cond)
+        out = from_residual(out, pairs.source, self.residual_scale)
         C = x.shape[1]
         return torch.stack([pairs.source[:, :C], out], dim=1).flatten(0, 1)
 
@@ -287,6 +315,7 @@ class Img2ImgModel(Model):
     denoiser: DenoiserFn | None = None
     schedule: DiscreteSchedule | None = None
     tasks: tuple[Task, ...] = ()
+    residual_scale: float = 0.0  # img2img.residual_scale: 0, or the s of r = (x - A+ y) / s it diffuses
 
     def task_index(self, task: str, factor: int = 0) -> int:
         """The index of ``task`` (with ``factor`` for superres); a one-line ConfigError naming the run and the
@@ -313,7 +342,8 @@ def load(rc: RunCheckpoint, use_ema: bool = True, device: str | torch.device = "
     load_module_state(net, state, source, what)
     denoiser = Denoiser(net, rc.cfg.model.prediction).to(device).eval()
     return Img2ImgModel(rc.run_dir, rc.cfg, rc.data_shape, rc.levels, rc.step, rc.path, denoiser=denoiser,
-                        schedule=diffusion.build_schedule(rc.cfg.diffusion), tasks=tuple(tasks_of(rc.cfg)))
+                        schedule=diffusion.build_schedule(rc.cfg.diffusion), tasks=tuple(tasks_of(rc.cfg)),
+                        residual_scale=rc.cfg.img2img.residual_scale)
 
 
 def sample(model: Img2ImgModel, settings: Any, request: SampleRequest, device: str | torch.device = "cpu",
@@ -328,13 +358,16 @@ def sample(model: Img2ImgModel, settings: Any, request: SampleRequest, device: s
 def sample_img2img(denoiser: DenoiserFn, schedule: DiscreteSchedule, x_T: Tensor, noise: NoiseFn,
                    op: LinearDegradation, y: Tensor, *, task: int, steps: int | None = None,
                    spacing: Spacing = "trailing", variance: Variance = "beta_tilde", clip_x0: float | None = None,
-                   callback: Callback | None = None, progress: bool = False) -> Tensor:
+                   residual_scale: float = 0.0, callback: Callback | None = None, progress: bool = False) -> Tensor:
     """Restore y = op.A(x) with a trained image-to-image denoiser: ancestral DDPM (``sample_ddpm``, respaced to
     ``steps`` with ``spacing``) on the denoiser conditioned on ``condition_image(op, y)`` and task index ``task``
-    (SR3 Algorithm 2, Palette sec. 3), then ``op.consistent(x, y)`` (the measured part is y's). The same calling
-    convention as ``sample_repaint``: one x_T draw and one ``noise()`` per step but the last."""
+    (SR3 Algorithm 2, Palette sec. 3), then ``op.consistent(x, y)`` (the measured part is y's). With
+    ``residual_scale`` s > 0 the chain draws r and the image is A+ y + s r (``from_residual``); ``clip_x0`` then
+    clips r's prediction, so a caller clipping images must leave it None. The same calling convention as
+    ``sample_repaint``: one x_T draw and one ``noise()`` per step but the last."""
     y = y.to(device=x_T.device, dtype=x_T.dtype)
-    cond = {"source": condition_image(op, y), "task": torch.full((x_T.shape[0],), task, device=x_T.device)}
+    source = condition_image(op, y)
+    cond = {"source": source, "task": torch.full((x_T.shape[0],), task, device=x_T.device)}
     x = sample_ddpm(denoiser, schedule, x_T, noise, steps=steps, spacing=spacing, variance=variance, clip_x0=clip_x0,
                     cond=cond, callback=callback, progress=progress)
-    return op.consistent(x, y)
+    return op.consistent(from_residual(x, source, residual_scale), y)
