@@ -15,7 +15,6 @@ from PIL import Image
 from diffusekit.cli import main as cli_main
 from diffusekit.config import load_config
 from diffusekit.errors import ConfigError
-from diffusekit.oracle import GaussianMixture, linear_posterior
 from diffusekit.families import open_run, read_run
 from diffusekit.families.img2img import (
     Img2ImgModel,
@@ -32,6 +31,7 @@ from diffusekit.families.img2img import (
     tasks_of,
     uncrop_masks,
 )
+from diffusekit.oracle import GaussianMixture, linear_posterior
 from diffusekit.parameterization import Denoiser
 from diffusekit.runs import restore as runs_restore
 from diffusekit.runs.restore import RestoreSettings, build_operator, measure, restore_run
