@@ -448,6 +448,17 @@ def test_the_restoration_bench_scores_what_restore_wrote(img2img_run, digits_run
             base = task["rows"][0]
             assert base["consistency"] < 1e-6 and base["s_per_image"] is None
         assert sr["rows"][1]["consistency"] > 1e-3  # bicubic upsampling does not pool back to y
+        # the paired gain: per input, the row's PSNR of the mean minus the reference baseline's (bicubic; A+ y)
+        assert sr["reference"] == "bicubic" and inpaint["reference"] == "A+y (zero fill)"
+        assert sr["rows"][1]["psnr_mean_gain"] == (0.0, 0.0) and inpaint["rows"][0]["psnr_mean_gain"] == (0.0, 0.0)
+        z = np.load(Path(sr["rows"][2]["folder"]) / "restored.npz")
+        orig, y = torch.from_numpy(z["original"]), torch.from_numpy(z["measurement"])
+        bicubic = torch.nn.functional.interpolate(y, scale_factor=2, mode="bicubic", align_corners=False)
+        gain = runs_restore.psnr(torch.from_numpy(z["restored"]).mean(1), orig, None) - runs_restore.psnr(bicubic, orig,
+                                                                                                             None)
+        assert sr["rows"][2]["psnr_mean_gain"] == pytest.approx(bench.mean_se(gain.numpy()), abs=1e-9)
+        assert sr["rows"][2]["psnr_mean_gain"][0] == pytest.approx(
+            sr["rows"][2]["psnr_mean"][0] - sr["rows"][1]["psnr_mean"][0], abs=1e-9)
         with Image.open(sr["picture"]) as im:  # 4 inputs x (degraded, 4 methods, original), 64-px tiles
             assert sr["picture_columns"] == ["degraded", "img2img", "repaint", "ddnm", "dps", "original"]
             assert im.size[0] > 6 * 64 and im.size[1] > 4 * 64 and im.size[1] < 5 * 64
