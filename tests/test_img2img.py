@@ -276,7 +276,7 @@ def test_a_residual_run_trains_and_restores_through_the_command_line(tmp_path, c
     assert cli("train", *TINY, "--set", "train.steps=2", "--set", "img2img.residual_scale=0.2", "--set",
                "train.sample_every=2", "--out", run, "--no-progress") == 0
     model = open_run(run)
-    assert model.residual_scale == 0.2 and (run / "samples.png").exists()
+    assert model.cfg.img2img.residual_scale == 0.2 and (run / "samples.png").exists()
     out = tmp_path / "sr"
     assert cli("restore", "--run", run, "--task", "superres", "--n", "3", "--seeds", "0-1", "--out", out, *FAST) == 0
     capsys.readouterr()

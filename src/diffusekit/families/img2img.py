@@ -29,7 +29,8 @@ Super-Resolution with Diffusion Probabilistic Models", sec. 3.2, where the resid
 upsampling), here over A+ y, so it lies in the null space of A for every task. Dividing by s (about the RMS of
 the residual on the training data) gives the network a unit-scale target. Where the unseen part is nearly
 zero (smooth patches for super-resolution, gray ones for colorization), the network's absolute error shrinks
-by the factor s; with s = 0 the same error lands on the image at full scale.
+by the factor s; with s = 0 the same error lands on the image at full scale. Measured on photo patches
+(docs/restoration.md), that did not pay: it ties diffusing x on super-resolution and is worse on colorization.
 """
 
 from __future__ import annotations
@@ -284,12 +285,11 @@ class Img2ImgObjective(diffusion.DiffusionObjective):
         self.module = build_network(cfg, self.data_shape)
         self.kind = cfg.model.prediction
         self.tasks = tasks_of(cfg)
-        self.residual_scale = cfg.img2img.residual_scale
 
     def loss(self, module: nn.Module, x0: Tensor, labels: Tensor | None, generator: torch.Generator) -> Tensor:
         """The denoising loss on x0, or with ``img2img.residual_scale`` on r0 = (x0 - A+ y) / s (``residual``)."""
         pairs = make_pairs(x0, self.tasks, generator)
-        target = residual(x0, pairs.source, self.residual_scale)
+        target = residual(x0, pairs.source, self.cfg.img2img.residual_scale)
         return super().loss(module, target, None, generator, extra_cond={"source": pairs.source, "task": pairs.task})
 
     def preview(self, module: nn.Module, n: int, device: torch.device) -> Tensor:
@@ -302,7 +302,7 @@ class Img2ImgObjective(diffusion.DiffusionObjective):
         cond = {"source": pairs.source, "task": pairs.task}
         out = sample_ddpm(self.denoiser(module).eval(), self.schedule, noise(), noise, steps=min(100, self.schedule.T),
                           cond=cond)
-        out = from_residual(out, pairs.source, self.residual_scale)
+        out = from_residual(out, pairs.source, self.cfg.img2img.residual_scale)
         C = x.shape[1]
         return torch.stack([pairs.source[:, :C], out], dim=1).flatten(0, 1)
 
@@ -315,7 +315,6 @@ class Img2ImgModel(Model):
     denoiser: DenoiserFn | None = None
     schedule: DiscreteSchedule | None = None
     tasks: tuple[Task, ...] = ()
-    residual_scale: float = 0.0  # img2img.residual_scale: 0, or the s of r = (x - A+ y) / s it diffuses
 
     def task_index(self, task: str, factor: int = 0) -> int:
         """The index of ``task`` (with ``factor`` for superres); a one-line ConfigError naming the run and the
@@ -342,8 +341,7 @@ def load(rc: RunCheckpoint, use_ema: bool = True, device: str | torch.device = "
     load_module_state(net, state, source, what)
     denoiser = Denoiser(net, rc.cfg.model.prediction).to(device).eval()
     return Img2ImgModel(rc.run_dir, rc.cfg, rc.data_shape, rc.levels, rc.step, rc.path, denoiser=denoiser,
-                        schedule=diffusion.build_schedule(rc.cfg.diffusion), tasks=tuple(tasks_of(rc.cfg)),
-                        residual_scale=rc.cfg.img2img.residual_scale)
+                        schedule=diffusion.build_schedule(rc.cfg.diffusion), tasks=tuple(tasks_of(rc.cfg)))
 
 
 def sample(model: Img2ImgModel, settings: Any, request: SampleRequest, device: str | torch.device = "cpu",

@@ -389,10 +389,10 @@ def _restore_all(run, settings: RestoreSettings, x: Tensor, y_all: Tensor, op, k
         sampler, options["zeta"] = sample_dps, dps_zeta(settings, run.schedule.T)
     elif settings.method == IMG2IMG_METHOD:
         sampler, options["task"] = sample_img2img, run.task_index(settings.task, settings.factor)
-        options["residual_scale"] = run.residual_scale
-        if run.residual_scale and settings.clip_x0 is not None:
+        options["residual_scale"] = scale = run.cfg.img2img.residual_scale
+        if scale and settings.clip_x0 is not None:
             raise ConfigError(f"--clip-x0: {run.source} diffuses the residual (x - A+ y) / "
-                              f"{run.residual_scale:g} (img2img.residual_scale), not the image, so clipping the "
+                              f"{scale:g} (img2img.residual_scale), not the image, so clipping the "
                               "image's x0 does not apply; leave --clip-x0 out")
     else:
         sampler = sample_repaint if settings.method == "repaint" else sample_ddnm
