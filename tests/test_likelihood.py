@@ -45,6 +45,42 @@ def test_bound_is_above_the_entropy_and_the_gap_shrinks_with_T():
     assert gaps[0] > gaps[1] > gaps[2], gaps
 
 
+def test_log_snr_linear_bound_is_above_the_entropy_and_tightens_on_nested_grids():
+    """T = 11, 101, 1001 put 10, 100, 1000 equal log-SNR steps between the same end points, each grid a
+    refinement of the last, so the bound can only tighten (Kingma et al. 2021, sec. 4-5)."""
+    x, entropy = discretized_gaussian_data(3000)
+    gaps = []
+    for T in (11, 101, 1001):
+        sch = make_schedule("logsnr_linear", T, logsnr_min=-10.12, logsnr_max=9.21)
+        bound = vlb_exact(oracle().denoiser, x, sch, LEVELS, seed=1, batch_size=3000)
+        se = bound.total.std().item() / math.sqrt(x.shape[0])
+        gap = bound.total.mean().item() - entropy
+        assert gap > -3 * se, (T, gap, se)
+        gaps.append(gap)
+    # measured: 5.68, 0.378, 0.077 nats
+    assert gaps[0] > gaps[1] > gaps[2], gaps
+
+
+@pytest.mark.parametrize("T", [20, 100, 1000])
+def test_at_equal_end_points_equal_log_snr_steps_are_tighter_than_linear_betas(T):
+    """The same exact denoiser, the same T and the same first and last noise levels: DDPM's linear betas
+    take their widest log-SNR steps at the clean end (0.70 for the first at T = 1000), where the
+    data's fine values are decided; equal steps in log-SNR lose less there. Measured gaps to the exact
+    entropy, linear against log-SNR linear: 2.58 / 0.61 (T = 20), 1.18 / 0.29 (100), 0.53 / 0.077 (1000)
+    nats, with standard errors of 0.02 to 0.1."""
+    x, entropy = discretized_gaussian_data(3000)
+    linear = make_schedule("linear", T)
+    even = make_schedule("logsnr_linear", T, logsnr_min=float(linear.logsnr[-1]), logsnr_max=float(linear.logsnr[1]))
+    gaps, ses = [], []
+    for sch in (linear, even):
+        bound = vlb_exact(oracle().denoiser, x, sch, LEVELS, seed=1, batch_size=3000)
+        gaps.append(bound.total.mean().item() - entropy)
+        ses.append(bound.total.std().item() / math.sqrt(x.shape[0]))
+        assert gaps[-1] > -3 * ses[-1]
+    assert gaps[1] < gaps[0] / 3, gaps
+    assert gaps[0] - gaps[1] > 3 * math.hypot(*ses), (gaps, ses)
+
+
 def test_terms_sum_to_the_total_and_bits_per_dim_is_consistent():
     x, _ = discretized_gaussian_data(200)
     bound = vlb_exact(oracle().denoiser, x, make_schedule("cosine", 50), LEVELS, seed=0)

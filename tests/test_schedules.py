@@ -41,7 +41,7 @@ def test_tables_match_diffusers(name, theirs):
     torch.testing.assert_close(ours.posterior_mean_coef_xt[1:], coef_xt, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["linear", "cosine", "sigmoid"])
+@pytest.mark.parametrize("name", ["linear", "cosine", "sigmoid", "logsnr_linear"])
 @pytest.mark.parametrize("T", [10, 257, 1000, 4000])
 def test_schedule_invariants(name, T):
     sch = S.make_schedule(name, T)
@@ -153,6 +153,63 @@ def test_alpha_sigma_from_logsnr_is_variance_preserving():
     torch.testing.assert_close(torch.log(a**2 / s**2), lam)
 
 
+@pytest.mark.parametrize("T", [1, 2, 10, 1000])
+def test_logsnr_linear_takes_equal_steps_in_log_snr_between_its_end_points(T):
+    lo, hi = -11.07, 6.21
+    sch = S.make_schedule("logsnr_linear", T, logsnr_min=lo, logsnr_max=hi)
+    lam = sch.logsnr[1:]
+    assert lam[-1].item() == pytest.approx(lo, abs=1e-12)
+    if T > 1:
+        assert lam[0].item() == pytest.approx(hi, abs=1e-12)
+        steps = torch.diff(lam)
+        torch.testing.assert_close(steps, torch.full_like(steps, (lo - hi) / (T - 1)), rtol=0, atol=1e-9)
+    # alpha_bar = sigmoid(lambda) exactly: the first step's noise is sigma_1^2 = sigmoid(-logsnr_max)
+    torch.testing.assert_close(sch.alpha_bar[1:], torch.sigmoid(lam), rtol=1e-12, atol=0)
+    assert sch.one_minus_alpha_bar[1].item() == pytest.approx(1 / (1 + math.exp(hi if T > 1 else lo)), rel=1e-9)
+
+
+def test_logsnr_linear_matching_the_linear_betas_end_points_has_the_same_first_and_last_noise():
+    """The first step of DDPM's linear betas (beta_1 = 2e-3) is 0.70 wide in log-SNR; at the same end points
+    the log-SNR-linear schedule's every step is (lambda_1 - lambda_T) / (T - 1)."""
+    lin = S.make_schedule("linear", 1000, beta_start=2e-3, beta_end=0.02)
+    ll = S.make_schedule("logsnr_linear", 1000, logsnr_min=float(lin.logsnr[-1]), logsnr_max=float(lin.logsnr[1]))
+    torch.testing.assert_close(ll.betas[1], lin.betas[1], rtol=1e-12, atol=0)
+    torch.testing.assert_close(ll.alpha_bar[-1], lin.alpha_bar[-1], rtol=1e-12, atol=0)
+    assert (lin.logsnr[1] - lin.logsnr[2]).item() == pytest.approx(0.699, abs=1e-3)
+    assert (ll.logsnr[1] - ll.logsnr[2]).item() == pytest.approx(17.287 / 999, abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "sigmoid"])
+@pytest.mark.parametrize("T", [2, 10, 1000])
+def test_decoder_variance_is_beta_tilde_2_where_the_betas_grow(name, T):
+    sch = S.make_schedule(name, T)
+    assert sch.betas[2] >= sch.betas[1]
+    assert sch.posterior_log_variance_clipped[1].item() == torch.log(sch.posterior_variance[2]).item()
+
+
+def test_decoder_variance_is_half_the_first_beta_when_the_first_step_is_the_widest():
+    sch = S.make_schedule("logsnr_linear", 1000, logsnr_min=-11.07, logsnr_max=6.21)
+    assert sch.betas[2] < sch.betas[1] / 50 and sch.posterior_variance[2] < sch.betas[1] / 50
+    assert sch.posterior_log_variance_clipped[1].item() == pytest.approx(math.log(sch.betas[1].item() / 2), abs=1e-12)
+    # beta_tilde_2 -> beta_1 / 2 as beta_2 -> beta_1: the two rules meet at equal steps
+    flat = S.DiscreteSchedule.from_betas(torch.full((5,), 0.01, dtype=F64))
+    assert flat.posterior_variance[2].item() == pytest.approx(0.01 / 2, rel=0.01)
+
+
+def test_the_config_builds_the_log_snr_linear_schedule_for_both_objectives():
+    from diffusekit.config import load_config
+    from diffusekit.continuous.logsnr import LinearLogSNR
+    from diffusekit.continuous.module import build_logsnr_schedule
+    from diffusekit.families.diffusion import build_schedule
+
+    cfg = load_config(None, ["diffusion.schedule=\"logsnr_linear\"", "diffusion.T=50", "diffusion.logsnr_min=-9",
+                             "diffusion.logsnr_max=7"])
+    sch = build_schedule(cfg.diffusion)
+    assert sch.T == 50 and sch.logsnr[1].item() == pytest.approx(7) and sch.logsnr[50].item() == pytest.approx(-9)
+    lam = build_logsnr_schedule(cfg.diffusion)
+    assert isinstance(lam, LinearLogSNR) and (lam.logsnr_min, lam.logsnr_max) == (-9, 7)
+
+
 def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="unknown schedule"):
         S.make_schedule("quadratic")
@@ -160,3 +217,6 @@ def test_bad_inputs_are_clear_errors():
         S.make_schedule("linear", 0)
     with pytest.raises(ValueError, match="beta"):
         S.DiscreteSchedule.from_betas([0.1, 1.5])
+    for lo, hi in ((2.0, 1.0), (1.0, 1.0), (-math.inf, 1.0), (0.0, math.nan)):
+        with pytest.raises(ValueError, match="logsnr_min < logsnr_max"):
+            S.make_schedule("logsnr_linear", 10, logsnr_min=lo, logsnr_max=hi)

@@ -107,12 +107,14 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    schedule: Literal["linear", "cosine", "sigmoid"] = "linear"
+    # logsnr_linear: log-SNR falls linearly from logsnr_max (t = 1) to logsnr_min (t = T), equal steps in log-SNR
+    schedule: Literal["linear", "cosine", "sigmoid", "logsnr_linear"] = "linear"
     T: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
     cosine_s: float = 0.008
-    # loss.objective = "continuous" only: lambda(t) = log-SNR runs from logsnr_max (t = 0) to logsnr_min (t = 1)
+    # the end points of schedule = "logsnr_linear" and of loss.objective = "continuous" (lambda from logsnr_max at the
+    # least noisy step to logsnr_min at the noisiest); ignored by the other discrete schedules
     learned_schedule: bool = False  # learn lambda(t) between the fixed end points (VDM's monotone network)
     logsnr_min: float = -10.0
     logsnr_max: float = 10.0
@@ -647,10 +649,15 @@ def _validate_progressive(cfg: "Config") -> None:
            t.ema_decay)
 
 
+LOGSNR_LIMIT = 30.0  # |log-SNR| beyond 30: alpha_bar or 1 - alpha_bar below 1e-13, no noise level an image needs
+
+
 def _validate_objective(df: DiffusionConfig, lo: LossConfig) -> None:
     """The keys of the continuous-time objective (``diffusekit.continuous``) and what they exclude."""
-    _check(df.logsnr_min < df.logsnr_max, "diffusion.logsnr_max", f"> diffusion.logsnr_min = {df.logsnr_min}",
-           df.logsnr_max)
+    _check(-LOGSNR_LIMIT <= df.logsnr_min <= LOGSNR_LIMIT, "diffusion.logsnr_min", f"in [-{LOGSNR_LIMIT}, {LOGSNR_LIMIT}]",
+           df.logsnr_min)
+    _check(df.logsnr_min < df.logsnr_max <= LOGSNR_LIMIT, "diffusion.logsnr_max",
+           f"in (diffusion.logsnr_min = {df.logsnr_min}, {LOGSNR_LIMIT}]", df.logsnr_max)
     if lo.objective != "continuous":  # discrete, and the distillations of a discrete-time teacher
         if df.learned_schedule:
             raise ConfigError("diffusion.learned_schedule = true needs loss.objective = 'continuous'")

@@ -42,6 +42,7 @@ __all__ = [
     "linear_betas",
     "cosine_betas",
     "sigmoid_betas",
+    "logsnr_linear_log_alpha_bar",
     "betas_from_alpha_bar",
     "make_schedule",
     "respace",
@@ -50,7 +51,7 @@ __all__ = [
 ]
 
 F64 = torch.float64
-ScheduleName = Literal["linear", "cosine", "sigmoid"]
+ScheduleName = Literal["linear", "cosine", "sigmoid", "logsnr_linear"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,6 +126,25 @@ def sigmoid_betas(T: int, start: float = -3.0, end: float = 3.0, tau: float = 1.
     grid = torch.arange(T + 1, dtype=F64) / T
     sched = SigmoidSchedule(start, end, tau)
     return betas_from_alpha_bar(torch.exp(sched.log_alpha_bar(grid)), max_beta)
+
+
+def logsnr_linear_log_alpha_bar(T: int, logsnr_min: float = -10.0, logsnr_max: float = 10.0) -> Tensor:
+    """log alpha_bar_0..T of the schedule whose log-SNR falls linearly from ``logsnr_max`` at t = 1 to
+    ``logsnr_min`` at t = T (alpha_bar = sigmoid(lambda), so log alpha_bar = -softplus(-lambda) in float64).
+
+    Steps of equal size in log-SNR. The discrete bound's terms are the continuous-time bound's integral
+    taken in steps, each with the error of the noisier end (Kingma et al. 2021, VDM, sec. 4-5: the
+    discrete-time loss in terms of SNR(s) - SNR(t), and more steps never loosen it): a step that is wide in log-SNR where the denoiser's error
+    changes fast pays for it. DDPM's linear betas take their widest steps at the clean end, where the
+    bits of quantized data are decided (from beta_1 = 2e-3: 6.21, 5.51, 5.10, ... in log-SNR, 0.70
+    for the first step against 0.017 for every step here at T = 1000 over the same range). T = 1 is
+    the single step to ``logsnr_min``."""
+    _check_T(T)
+    if not (math.isfinite(logsnr_min) and math.isfinite(logsnr_max) and logsnr_min < logsnr_max):
+        raise ValueError(f"need finite logsnr_min < logsnr_max, got {logsnr_min} and {logsnr_max}")
+    lam = (torch.linspace(logsnr_max, logsnr_min, T, dtype=F64) if T > 1
+           else torch.tensor([logsnr_min], dtype=F64))
+    return torch.cat([torch.zeros(1, dtype=F64), -torch.nn.functional.softplus(-lam)])
 
 
 def _check_T(T: int) -> None:
@@ -224,10 +244,18 @@ class DiscreteSchedule:
     @cached_property
     def posterior_log_variance_clipped(self) -> Tensor:
         """log beta_tilde_t with the t = 1 entry (log 0) replaced by the t = 2 one, as
-        improved-diffusion does; entry 0 is unused and set equal to entry 1."""
+        improved-diffusion does, or by beta_1 / 2 where that is larger; entry 0 is unused and set equal to
+        entry 1.
+
+        beta_tilde_2 = beta_1 beta_2 / (beta_1 + beta_2 - beta_1 beta_2) is at least beta_1 / 2 exactly
+        when beta_2 >= beta_1 (every linear, cosine and sigmoid table, whose betas grow), so there the
+        entry is beta_tilde_2 as before. A schedule whose first step is wider than its second (log-SNR
+        linear: beta_2 / beta_1 = 0.017 at T = 1000) would otherwise give the decoder p(x_0 | x_1) a
+        variance far below the noise of x_1 it has to undo; beta_1 / 2 keeps the relation of the
+        equal-step case (beta_tilde_2 -> beta_1 / 2 as beta_2 -> beta_1)."""
         var = self.posterior_variance.clone()
         if self.T >= 2:
-            var[1] = var[2]
+            var[1] = torch.maximum(var[2], self.betas[1] / 2)
         else:
             var[1] = self.betas[1]
         var[0] = var[1]
@@ -355,10 +383,13 @@ class InterpolatedSchedule(_ContinuousMixin):
 # Construction by name and respacing
 # --------------------------------------------------------------------------------------------
 def make_schedule(name: ScheduleName, T: int = 1000, **kwargs: float) -> DiscreteSchedule:
-    """Build a discrete schedule by name: "linear", "cosine" or "sigmoid"."""
+    """Build a discrete schedule by name: "linear", "cosine", "sigmoid" or "logsnr_linear"."""
+    if name == "logsnr_linear":
+        lab = logsnr_linear_log_alpha_bar(T, **kwargs)
+        return DiscreteSchedule(lab, torch.arange(lab.numel(), dtype=torch.int64))
     makers = {"linear": linear_betas, "cosine": cosine_betas, "sigmoid": sigmoid_betas}
     if name not in makers:
-        raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(makers)}")
+        raise ValueError(f"unknown schedule {name!r}; choose one of {sorted([*makers, 'logsnr_linear'])}")
     return DiscreteSchedule.from_betas(makers[name](T, **kwargs))
 
 

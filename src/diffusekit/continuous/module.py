@@ -74,7 +74,7 @@ def build_logsnr_schedule(diffusion_cfg) -> LogSNRSchedule:
         return MonotoneLogSNR(lo, hi)
     if diffusion_cfg.schedule == "cosine":
         return CosineLogSNR(lo, hi)
-    if diffusion_cfg.schedule == "linear":
+    if diffusion_cfg.schedule in ("linear", "logsnr_linear"):  # under the continuous objective both are linear in lambda
         return LinearLogSNR(lo, hi)
     raise ConfigError(f"diffusion.schedule = {diffusion_cfg.schedule!r} has no log-SNR form for loss.objective = "
                       "'continuous'; use cosine, linear (in log-SNR) or diffusion.learned_schedule = true")

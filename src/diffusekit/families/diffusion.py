@@ -57,6 +57,8 @@ def build_schedule(diffusion_cfg) -> DiscreteSchedule:
         return make_schedule("linear", T, beta_start=diffusion_cfg.beta_start, beta_end=diffusion_cfg.beta_end)
     if name == "cosine":
         return make_schedule("cosine", T, s=diffusion_cfg.cosine_s)
+    if name == "logsnr_linear":
+        return make_schedule(name, T, logsnr_min=diffusion_cfg.logsnr_min, logsnr_max=diffusion_cfg.logsnr_max)
     return make_schedule(name, T)
 
 
