@@ -340,7 +340,9 @@ def test_dps_blur_writes_everything_and_reproduces(digits_run, images, tmp_path,
     small = tmp_path / "r3"
     assert run(["--run", digits_run, "--task", "blur", "--method", "dps", "--noise-std", "0.05", "--images", *images,
                 "--seeds", "4-5", "--batch-size", "1", "--out", small, *FAST]) == 0
-    np.testing.assert_allclose(np.load(small / "restored.npz")["restored"], d["restored"], atol=1e-5)
+    # up to float32 rounding, relative: this 3-step model's DPS strays to values near 1e3, where batch 1 and batch 2
+    # kernels differ in the 7th digit (seen on one CPU model, not another)
+    np.testing.assert_allclose(np.load(small / "restored.npz")["restored"], d["restored"], rtol=1e-5, atol=1e-5)
     # another measurement seed: another y
     other = tmp_path / "r4"
     assert run(["--run", digits_run, "--task", "blur", "--method", "dps", "--noise-std", "0.05", "--images", *images,
