@@ -141,8 +141,12 @@ def switches(cfg) -> str:
     if lo.objective == "continuous":
         out.append(f"continuous ELBO, {'learned' if d.learned_schedule else d.schedule} schedule "
                    f"[{d.logsnr_min:g}, {d.logsnr_max:g}]")
-    else:
+    elif d.schedule == "logsnr_linear":
+        out.append(f"{lo.weighting} loss, log-SNR linear [{d.logsnr_min:g}, {d.logsnr_max:g}]")
+    elif d.schedule == "linear":
         out.append(f"{lo.weighting} loss, beta_1 = {d.beta_start:g}")
+    else:
+        out.append(f"{lo.weighting} loss, {d.schedule} schedule")
     if m.learned_variance:
         out.append("learned variances" + (f" (λ {lo.vlb_weight:g})" if lo.vlb_weight != LossConfig.vlb_weight else ""))
     if lo.t_sampling == "importance":

@@ -225,3 +225,14 @@ def test_examples_and_split_score_the_first_images_of_the_split(curve_run, monke
     first = load_dataset(model.cfg.data, "train").subset(torch.arange(6))
     direct = diffusion_metrics.bound(model, first, False, 3, 0, False, "fitted", None, True)
     assert row["bound"]["bits_per_dim"] == pytest.approx(direct["bits_per_dim"], rel=1e-12)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ([], "simple loss, beta_1 = 0.0001"),
+    (["diffusion.schedule=\"logsnr_linear\"", "diffusion.logsnr_min=-11", "diffusion.logsnr_max=6.5"],
+     "simple loss, log-SNR linear [-11, 6.5]"),
+    (["diffusion.schedule=\"cosine\""], "simple loss, cosine schedule"),
+])
+def test_the_likelihood_bench_names_the_schedule(monkeypatch, overrides, words):
+    bench = _bench(monkeypatch)
+    assert bench.switches(load_config(None, overrides)).startswith(words + ", width")
