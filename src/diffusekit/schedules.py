@@ -144,7 +144,7 @@ def logsnr_linear_log_alpha_bar(T: int, logsnr_min: float = -10.0, logsnr_max: f
         raise ValueError(f"need finite logsnr_min < logsnr_max, got {logsnr_min} and {logsnr_max}")
     lam = (torch.linspace(logsnr_max, logsnr_min, T, dtype=F64) if T > 1
            else torch.tensor([logsnr_min], dtype=F64))
-    return torch.cat([torch.zeros(1, dtype=F64), -torch.nn.functional.softplus(-lam)])
+    return DiscreteSchedule.from_logsnr(lam).log_alpha_bar
 
 
 def _check_T(T: int) -> None:
@@ -182,6 +182,14 @@ class DiscreteSchedule:
         if not torch.all((betas > 0) & (betas < 1)):
             raise ValueError("every beta_t must lie in (0, 1)")
         lab = torch.cat([torch.zeros(1, dtype=F64), torch.cumsum(torch.log1p(-betas), 0)])
+        return cls(lab, torch.arange(lab.numel(), dtype=torch.int64))
+
+    @classmethod
+    def from_logsnr(cls, logsnr: Tensor) -> "DiscreteSchedule":
+        """The schedule whose steps t = 1..T have log-SNR ``logsnr`` (strictly decreasing): alpha_bar =
+        sigmoid(lambda), so log alpha_bar_t = -softplus(-lambda_t) in float64, and clean data at t = 0."""
+        lam = torch.as_tensor(logsnr).to(F64).flatten()
+        lab = torch.cat([torch.zeros(1, dtype=F64), -torch.nn.functional.softplus(-lam)])
         return cls(lab, torch.arange(lab.numel(), dtype=torch.int64))
 
     # -- basic tables -------------------------------------------------------------------------
@@ -386,7 +394,7 @@ def make_schedule(name: ScheduleName, T: int = 1000, **kwargs: float) -> Discret
     """Build a discrete schedule by name: "linear", "cosine", "sigmoid" or "logsnr_linear"."""
     if name == "logsnr_linear":
         lab = logsnr_linear_log_alpha_bar(T, **kwargs)
-        return DiscreteSchedule(lab, torch.arange(lab.numel(), dtype=torch.int64))
+        return DiscreteSchedule(lab, torch.arange(T + 1, dtype=torch.int64))
     makers = {"linear": linear_betas, "cosine": cosine_betas, "sigmoid": sigmoid_betas}
     if name not in makers:
         raise ValueError(f"unknown schedule {name!r}; choose one of {sorted([*makers, 'logsnr_linear'])}")

@@ -67,10 +67,7 @@ class LogSNRSchedule(nn.Module):
     def discretize(self, T: int) -> DiscreteSchedule:
         """The discrete schedule with logsnr[k] = lambda((k - 1) / (T - 1)) for k = 1..T (and clean
         data at k = 0); log alpha_bar = log sigmoid(lambda) = -softplus(-lambda) in float64."""
-        lam = self.logsnr(grid_times(T).to(self._device()))
-        log_alpha_bar = -F.softplus(-lam.cpu().to(F64))
-        table = torch.cat([torch.zeros(1, dtype=F64), log_alpha_bar])
-        return DiscreteSchedule(table, torch.arange(T + 1, dtype=torch.int64))
+        return DiscreteSchedule.from_logsnr(self.logsnr(grid_times(T).to(self._device())).cpu())
 
     def _device(self) -> torch.device:
         p = next(self.parameters(), None)
