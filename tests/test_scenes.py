@@ -241,3 +241,61 @@ def test_the_latent_vs_pixel_bench_prices_tiny_runs(tmp_path, fake_encoder, monk
     assert r["cost_ratio_latent_to_pixel"] == pytest.approx(r["latent_total_seconds"] / t["pixel"]["seconds"])
     assert 0 < r["encode_share"] < 1
     sys.modules.pop("latent_vs_pixel", None)
+
+
+def test_partial_captions_name_one_digit_and_leave_the_default_captions_unchanged(test_table):
+    from diffusekit.families.text_latent import training_caption
+
+    th = test_table.thresholds
+    two = [s for s in test_table.scenes if len(s.digits) == 2][:20]
+    for seed in range(3):  # partial = 0 draws exactly what the captions drew before the switch existed
+        a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+        assert [training_caption(s, th, a, 0.0) for s in test_table.scenes[:30]] == \
+            [S.caption(s, th, "train", b, p_state=0.8) for s in test_table.scenes[:30]]
+    rng = np.random.default_rng(0)
+    halves = [training_caption(s, th, rng, 1.0) for s in two]
+    distinct = 0
+    for caption, scene in zip(halves, two):  # a one-digit frame naming one digit of its scene
+        assert " and " not in caption and caption.count(",") <= 1, caption  # the one-digit frames
+        words = set(caption.replace(",", " ").split())
+        named = {d.label for d in scene.digits if words & {str(d.label), S._NUMBER_WORDS[d.label]}}
+        assert len(named) == 1, caption
+        distinct += scene.digits[0].label != scene.digits[1].label
+    assert distinct >= 10  # most pairs hold two different digits, so "only one named" is a real check
+    from diffusekit.config import load_config
+    from diffusekit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.partial_captions"):
+        load_config("configs/text2img_scenes.toml", ["data.partial_captions=1.5"])
+
+
+def test_composed_prompts_sample_per_seed_and_evaluate_one_clause_per_digit(tmp_path, fake_encoder, monkeypatch):
+    from diffusekit.config import load_config
+    from diffusekit.families import open_run
+    from diffusekit.families.text_latent import evaluate_scenes, sample_prompts, scene_prompts
+    from diffusekit.sampling.settings import SampleSettings
+    from diffusekit.train.trainer import train
+
+    cfg = load_config("configs/text2img_scenes.toml", [
+        "data.n_train=24", "data.n_test=8", "data.partial_captions=0.5", "model.base_channels=8",
+        "model.attn_resolutions=[8]", "model.num_heads=1", "train.steps=2", "train.batch_size=4",
+        "train.checkpoint_every=2", "train.log_every=1", "train.n_sample=2", "train.time_limit_s=0"])
+    train(cfg, tmp_path / "run", progress=False)
+    model = open_run(tmp_path / "run")
+    settings = SampleSettings(sampler="ddim", steps=3, seeds=[0, 1, 2], batch_size=3, guidance=2.0)
+    prompts = ["a 3 on the left AND a big 7 on the right", "a 5 at the top", "a 1 AND a 2 AND a 4"]
+    x = sample_prompts(model, prompts, settings, encoder=FAKE)
+    assert x.shape == (3, 1, 32, 32) and torch.isfinite(x).all()
+    alone = sample_prompts(model, prompts[:1], settings.replace(seeds=[0]), encoder=FAKE)
+    torch.testing.assert_close(alone[0], x[0])  # a composed sample depends on its seed and prompt only
+    plain = sample_prompts(model, prompts[1:2], settings.replace(seeds=[1]), encoder=FAKE)
+    torch.testing.assert_close(plain[0], x[1], rtol=1e-4, atol=1e-4)  # a one-clause prompt is its plain self
+    composed, scenes, _, _ = scene_prompts(cfg.data, 8, "train_wording", compose=True)
+    for p, scene in zip(composed, scenes):
+        assert p.count(" AND ") == len(scene.digits) - 1
+    ruler = ConstantClassifier(3)
+    ruler.test_accuracy = 0.1
+    monkeypatch.setattr("diffusekit.families.text_latent.load_feature_net", lambda name: ruler)
+    result = evaluate_scenes(model, settings, n_samples=4, encoder=FAKE, compose=True)
+    assert result["composed"] is True
+    assert any(" AND " in p for p in result["train_wording"]["examples"])

@@ -429,7 +429,10 @@ def test_cli_samples_prompts_and_reproduces_from_settings(text_run, ae_run, tmp_
     for argv, needle in ((["sample", "--run", str(text_run)], "--prompt"),
                          (["sample", "--run", str(text_run), "--prompt", "a 3", "--classes", "3"], "--classes"),
                          (["sample", "--run", str(ae_run), "--prompt", "a 3"], "--prompt"),
-                         (["sample", "--run", str(text_run), "--prompt", "a 3", "--guidance", "-1"], "guidance")):
+                         (["sample", "--run", str(text_run), "--prompt", "a 3", "--guidance", "-1"], "guidance"),
+                         (["sample", "--run", str(text_run), "--prompt", "a 3 AND "], "--prompt: "),
+                         (["evaluate", "--run", str(ae_run), "--compose"], "--compose: "),
+                         (["evaluate", "--run", str(text_run), "--compose"], "--compose: ")):
         rc, _, err = _cli(argv, capsys)
         assert rc == 2 and needle in err and err.count("\n") == 1, (argv, err)
     moved = ae_run.with_name("ae-gone")

@@ -59,6 +59,9 @@ class DataConfig:
     n_test: int = 5000  # toys, gmm, photos and scenes only
     seed: int = 0  # toys, gmm, photos and scenes: each split draws with a seed derived from (seed, split)
     hflip: bool = False  # image data: mirror each training image left-right with probability 1/2
+    # scenes: the share of a two-digit training scene's captions that name one of its two digits only (which one
+    # at random), so that each clause is also learned alone and prompts can be composed with " AND "
+    partial_captions: float = 0.0
 
 
 # the [data] keys each dataset reads beyond ``name``; the others are marked "not used" where a config is
@@ -66,7 +69,7 @@ class DataConfig:
 _POINT_KEYS = ("n_train", "n_test", "seed")
 DATA_KEYS_USED: dict[str, tuple[str, ...]] = {
     "digits": ("hflip",), "mnist": ("image_size", "hflip"), "photos": ("image_size", *_POINT_KEYS, "hflip"),
-    "scenes": ("image_size", *_POINT_KEYS),  # no hflip: a mirrored scene would contradict "on the left"
+    "scenes": ("image_size", *_POINT_KEYS, "partial_captions"),  # no hflip: a mirrored scene would contradict "on the left"
     "folder": ("path", "image_size", "channels", "hflip"),
     **{name: _POINT_KEYS for name in ("moons", "swiss_roll", "8gaussians", "checkerboard", "gmm")},
 }
@@ -750,6 +753,8 @@ def _validate(cfg: Config) -> None:
                               "set data.hflip = false for data.name = 'scenes'")
         _check(d.n_train <= 50000 and d.n_test <= 50000, "data.n_train / data.n_test", "at most 50000 scenes "
                "for data.name = 'scenes' (each is drawn and measured when the data loads)", max(d.n_train, d.n_test))
+        _check(0.0 <= d.partial_captions <= 1.0, "data.partial_captions", "in [0, 1] (a share of the two-digit "
+               "scenes' captions)", d.partial_captions)
     else:
         _check(d.image_size == 0 or 8 <= d.image_size <= MAX_IMAGE_SIZE, "data.image_size",
                f"0 (the dataset's own) or in 8..{MAX_IMAGE_SIZE}", d.image_size)

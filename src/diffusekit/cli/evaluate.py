@@ -20,7 +20,8 @@ def settings_from_args(args: argparse.Namespace) -> EvaluateSettings:
                             ode_examples=args.ode_examples, trace=args.trace, ode_rtol=args.ode_rtol,
                             ode_atol=args.ode_atol, dequantization=args.dequantization,
                             dequant_samples=args.dequant_samples, seed=args.seed, iwae_k=args.iwae_k,
-                            bound_clip=None if args.bound_clip is None else args.bound_clip == "on")
+                            bound_clip=None if args.bound_clip is None else args.bound_clip == "on",
+                            compose=args.compose)
 
 
 def run(args: argparse.Namespace) -> int:

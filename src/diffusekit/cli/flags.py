@@ -208,6 +208,9 @@ def _evaluate(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the full results as JSON")
     p.add_argument("--iwae-k", type=int, default=100,
                    help="importance samples of the IWAE bound, VAE-family runs (default: 100)")
+    p.add_argument("--compose", action="store_true",
+                   help="text runs on scenes: ask each two-digit scene as one caption per digit joined by \" AND \" "
+                        "(composable diffusion, Liu et al. 2022), scored as usual; writes text2img-g<S>-and.json")
     _device(p)
     _common(p)
 

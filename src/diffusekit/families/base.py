@@ -244,6 +244,7 @@ class EvaluateSettings:
     dequant_samples: int = 1
     seed: int = 0
     iwae_k: int = 100
+    compose: bool = False  # scenes text runs: ask each scene as one clause per digit joined by " AND "
 
     def __post_init__(self) -> None:
         self.metrics = tuple(self.metrics)

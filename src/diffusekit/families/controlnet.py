@@ -83,12 +83,11 @@ from diffusekit.families import diffusion, text_latent
 from diffusekit.families.base import EvaluateSettings, Evaluation, Model, SampleRequest, Samples, load_run_dependency
 from diffusekit.io.checkpoint import load_module_state
 from diffusekit.io.runfolder import RunCheckpoint
-from diffusekit.latent.sampling import null_text, prompt_features
+from diffusekit.latent.sampling import check_prompts, text_condition, text_guidance
 from diffusekit.losses import diffusion_loss, sample_timesteps
 from diffusekit.nn.controlnet import ControlledUNet, ControlNet
 from diffusekit.parameterization import Denoiser
 from diffusekit.sampling.generate import generate
-from diffusekit.sampling.guidance import ClassifierFreeGuidance
 from diffusekit.sampling.settings import SampleSettings
 from diffusekit.schedules import DiscreteSchedule
 from diffusekit.viz import save_image_grid
@@ -487,9 +486,9 @@ def _guided(denoiser, schedule: DiscreteSchedule, shape: tuple[int, ...], settin
             prompts: Sequence[str], control: Tensor | None, encoder, device, progress: bool) -> Tensor:
     """Samples for ``settings.seeds`` (sample i: ``prompts[i % P]``, ``control[i]``), guided over the caption
     with scale ``settings.guidance``: the null branch gets "" and the same control (None: no control key)."""
-    text, null = prompt_features(encoder or text_module.load_text_encoder(), list(prompts), len(settings.seeds))
+    text, null = text_condition(encoder or text_module.load_text_encoder(), list(prompts), len(settings.seeds))
     cond = {**text.to(device).as_cond(), **({"control": control.to(device)} if control is not None else {})}
-    guided = ClassifierFreeGuidance(denoiser, settings.guidance, null_text(null))
+    guided = text_guidance(denoiser, settings.guidance, text, null)
     return generate(guided, schedule, shape, settings.replace(guidance=1.0, classes=None), device=device, cond=cond,
                     progress=progress)
 
@@ -565,6 +564,7 @@ def sample(model: ControlNetModel, settings: SampleSettings, request: SampleRequ
         note = f"mean correlation of their {kind} with the requested ones (from {where}): {corr:.3f}"
         return Samples(x, extra=extra, note=note)
     prompts = list(request.prompts)
+    check_prompts(prompts)
     x = controlled_samples(model, prompts, wanted, settings, scale, device=device, progress=progress)
     scores = _mean_scores(hint_adherence(kind, x, wanted, model.cfg.controlnet.lowres_factor))
     note = (f"{len(prompts)} prompt{'s' * (len(prompts) > 1)}, guidance {settings.guidance:g}; {kind} adherence to "

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from diffusekit.config import Config
 from diffusekit.data.captions import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, caption, caption_grid
 from diffusekit.data.dataset import ArrayDataset
-from diffusekit.data.scenes import adherence, heldout_combo_scenes, scene_table
+from diffusekit.data.scenes import Scene, adherence, heldout_combo_scenes, scene_table
 from diffusekit.data.scenes import caption as scene_caption
 from diffusekit.errors import CheckpointError, ConfigError
 from diffusekit.evaluate.features import load_feature_net
@@ -58,7 +58,7 @@ from diffusekit.latent.model import KIND, LatentCodec, build_latent_net, codec_f
 PIXEL_KIND = "text_unet"  # the same denoiser on pixels (no autoencoder)
 KINDS = (KIND, PIXEL_KIND)
 CAPTIONS_PER_SCENE = 4  # training captions drawn once per scene (data.name = "scenes")
-from diffusekit.latent.sampling import prompt_features, sample_latents
+from diffusekit.latent.sampling import AND, check_prompts, prompt_features, sample_latents, text_condition
 from diffusekit.losses import diffusion_loss, sample_timesteps
 from diffusekit.parameterization import Denoiser
 from diffusekit.sampling.settings import SampleSettings
@@ -162,16 +162,26 @@ class LabelCaptions:
         return torch.arange(n) % 10 * len(self.templates)
 
 
+def training_caption(scene: Scene, thresholds, rng: np.random.Generator, partial: float = 0.0) -> str:
+    """One training caption of ``scene`` (training wording, each attribute stated with probability 0.8). With
+    probability ``partial`` a two-digit scene is captioned by one of its digits alone (which one at random), so
+    the model also learns p(x | one clause) with the other digit left free: what composing clauses with
+    " AND " assumes (``latent.sampling.composed_features``). ``partial`` = 0 draws nothing extra from ``rng``."""
+    if partial > 0 and len(scene.digits) == 2 and rng.random() < partial:
+        scene = Scene((scene.digits[int(rng.integers(2))],))
+    return scene_caption(scene, thresholds, "train", rng, p_state=0.8)
+
+
 class SceneCaptions:
-    """Captions of the training scenes: ``CAPTIONS_PER_SCENE`` per scene in the training wording (each
-    attribute stated with probability 0.8), drawn once with a generator seeded by ``data.seed``; one is
-    picked per example, and ``train.class_dropout`` of them are replaced by ""."""
+    """Captions of the training scenes: ``CAPTIONS_PER_SCENE`` per scene (``training_caption``, with
+    ``data.partial_captions``), drawn once with a generator seeded by ``data.seed``; one is picked per example,
+    and ``train.class_dropout`` of them are replaced by ""."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
         table = scene_table("train", cfg.data.n_train, cfg.data.seed, cfg.data.image_size or 32)
         rng = np.random.default_rng([cfg.data.seed, 7])
-        captions = [scene_caption(scene, table.thresholds, "train", rng, p_state=0.8)
+        captions = [training_caption(scene, table.thresholds, rng, cfg.data.partial_captions)
                     for scene in table.scenes for _ in range(CAPTIONS_PER_SCENE)]
         self.features = CaptionFeatures(captions + [NULL_CAPTION])
         self.null_row = len(captions)
@@ -315,7 +325,7 @@ def sample_prompts(model: TextLatentModel, prompts: Sequence[str], settings: Sam
     ``prompts[i % len(prompts)]`` and guided with ``settings.guidance`` (the null condition is "")."""
     if isinstance(prompts, str) or not list(prompts):
         raise ValueError("prompts must be a non-empty list of strings")
-    text, null = prompt_features(encoder or load_text_encoder(), prompts, len(settings.seeds))
+    text, null = text_condition(encoder or load_text_encoder(), prompts, len(settings.seeds))
     z = sample_latents(model.denoiser, model.schedule, model.latent_shape, settings, text, null, device=device,
                        progress=progress, stats=stats)
     images = [model.codec.to(device).decode(z[lo:lo + 500].to(device)).cpu() for lo in range(0, z.shape[0], 500)]
@@ -329,6 +339,7 @@ def sample(model: TextLatentModel, settings: SampleSettings, request: SampleRequ
     if not prompts:
         raise ConfigError(f"--prompt: {model.source} is a text-conditioned run; give at least one --prompt "
                           "(e.g. --prompt \"a handwritten 3\"; --prompt \"\" samples unconditionally)")
+    check_prompts(prompts)
     x = sample_prompts(model, prompts, settings, device=device, progress=progress)
     note = f"{len(prompts)} prompt{'s' * (len(prompts) > 1)}, guidance {settings.guidance:g}"
     return Samples(x, extra={"prompts": list(prompts)}, nrow=grid_columns(len(prompts)), note=note)
@@ -376,12 +387,14 @@ def evaluate_prompts(model: TextLatentModel, settings: SampleSettings, n_samples
 SCENE_SETS = ("train_wording", "heldout_wording", "heldout_combos")
 
 
-def scene_prompts(data_cfg, n: int, name: str = "train_wording") -> tuple[list[str], list, Tensor, Any]:
+def scene_prompts(data_cfg, n: int, name: str = "train_wording",
+                  compose: bool = False) -> tuple[list[str], list, Tensor, Any]:
     """One prompt set of ``SCENE_SETS`` for the scenes of ``data_cfg``, ``n`` prompts: (prompts, scenes, the real
     images, the test split's attribute thresholds). "train_wording" and "heldout_wording" are the first ``n``
     test scenes in the training and the held-out wording (the same scenes, only the words differ);
     "heldout_combos" holds ``n`` scenes whose first digit sits in its held-out (position, size), in the training
-    wording. Every prompt states every attribute its digits have."""
+    wording. Every prompt states every attribute its digits have. With ``compose`` a two-digit scene is asked
+    as one caption per digit joined by " AND " (each in the one-digit frames of the same wording)."""
     canvas = data_cfg.image_size or 32
     test = scene_table("test", max(n, data_cfg.n_test), data_cfg.seed, canvas)
     if name == "heldout_combos":
@@ -390,19 +403,26 @@ def scene_prompts(data_cfg, n: int, name: str = "train_wording") -> tuple[list[s
         x, scenes = test.x[:n], test.scenes[:n]
     wording = "heldout" if name == "heldout_wording" else "train"
     rng = np.random.default_rng([data_cfg.seed, SCENE_SETS.index(name)])
-    return [scene_caption(s, test.thresholds, wording, rng) for s in scenes], list(scenes), x, test.thresholds
+    if compose:
+        prompts = [AND.join(scene_caption(Scene((d,)), test.thresholds, wording, rng) for d in s.digits)
+                   for s in scenes]
+    else:
+        prompts = [scene_caption(s, test.thresholds, wording, rng) for s in scenes]
+    return prompts, list(scenes), x, test.thresholds
 
 
-def scene_prompt_sets(model: TextLatentModel, n: int) -> dict[str, tuple[list[str], list, Tensor]]:
+def scene_prompt_sets(model: TextLatentModel, n: int,
+                      compose: bool = False) -> dict[str, tuple[list[str], list, Tensor]]:
     """The three prompt sets of a scenes run (``scene_prompts``), ``n`` prompts each: (prompts, scenes, images)."""
-    return {name: scene_prompts(model.cfg.data, n, name)[:3] for name in SCENE_SETS}
+    return {name: scene_prompts(model.cfg.data, n, name, compose)[:3] for name in SCENE_SETS}
 
 
 def evaluate_scenes(model: TextLatentModel, settings: SampleSettings, n_samples: int = 200, encoder=None,
-                    device: torch.device | str = "cpu", progress: bool = False) -> dict[str, Any]:
+                    device: torch.device | str = "cpu", progress: bool = False, compose: bool = False) -> dict[str, Any]:
     """Adherence per attribute (``data.scenes.adherence``) and realism (pixel sliced W2 to the test scenes,
-    as a ratio to real training scenes) for each prompt set of ``scene_prompt_sets``, sample i from seed i;
-    the real scenes of each set, scored by the same ruler, are the reference (``real``)."""
+    as a ratio to real training scenes) for each prompt set of ``scene_prompt_sets`` (``compose``: one clause
+    per digit, joined by " AND "), sample i from seed i; the real scenes of each set, scored by the same
+    ruler, are the reference (``real``)."""
     d = model.cfg.data
     canvas = d.image_size or 32
     test = scene_table("test", max(n_samples, d.n_test), d.seed, canvas)
@@ -411,8 +431,8 @@ def evaluate_scenes(model: TextLatentModel, settings: SampleSettings, n_samples:
     base = settings.replace(seeds=list(range(n_samples)))
     out: dict[str, Any] = {"guidance": settings.guidance, "sampler": settings.sampler,
                            "steps": settings.steps or model.schedule.T, "n_samples": n_samples, "step": model.step,
-                           "scene_classifier_test_accuracy": classifier.test_accuracy}
-    for name, (prompts, scenes, real) in scene_prompt_sets(model, n_samples).items():
+                           "scene_classifier_test_accuracy": classifier.test_accuracy, "composed": compose}
+    for name, (prompts, scenes, real) in scene_prompt_sets(model, n_samples, compose).items():
         t0 = time.process_time()
         x = sample_prompts(model, prompts, base, encoder, device, progress)
         seconds = (time.process_time() - t0) / n_samples
@@ -461,6 +481,9 @@ def evaluate(model: TextLatentModel, settings: EvaluateSettings, out_dir: Path, 
     (``evaluate_scenes``) instead."""
     if model.cfg.data.name == "scenes":
         return _evaluate_scenes_run(model, settings, out_dir, progress)
+    if settings.compose:
+        raise ConfigError(f"--compose: {model.source} is not a scenes run; composing applies to scene captions, "
+                          "one clause per digit (data.name = 'scenes')")
     n, sampling = _evaluation_sampling(model, settings, 10, " (one per digit)")
     result = evaluate_prompts(model, sampling, n_samples=n, progress=progress)
     name = f"text2img-g{sampling.guidance:g}"
@@ -482,13 +505,14 @@ def evaluate(model: TextLatentModel, settings: EvaluateSettings, out_dir: Path, 
 def _evaluate_scenes_run(model: TextLatentModel, settings: EvaluateSettings, out_dir: Path,
                          progress: bool) -> Evaluation:
     n, sampling = _evaluation_sampling(model, settings, 2, "")
-    result = evaluate_scenes(model, sampling, n_samples=n, progress=progress)
-    name = f"text2img-g{sampling.guidance:g}"
-    sets = scene_prompt_sets(model, 6)
+    result = evaluate_scenes(model, sampling, n_samples=n, progress=progress, compose=settings.compose)
+    name = f"text2img-g{sampling.guidance:g}" + ("-and" if settings.compose else "")
+    sets = scene_prompt_sets(model, 6, settings.compose)
     prompts = sets["train_wording"][0][:4] + sets["heldout_combos"][0][:2]
     grid = save_prompt_grid(model, prompts, 6, sampling, out_dir / f"{name}.png")
     rows = [("run", str(model.source)), ("checkpoint step", str(model.step)),
-            ("sampler", f"{result['sampler']}, {result['steps']} steps, guidance {result['guidance']:g}"),
+            ("sampler", f"{result['sampler']}, {result['steps']} steps, guidance {result['guidance']:g}"
+                        + (", one clause per digit joined by AND" if settings.compose else "")),
             ("prompts per set", str(n)),
             ("scene digit classifier on real test digits", f"{result['scene_classifier_test_accuracy']:.3f}")]
     rows += _scene_rows(result)

@@ -52,6 +52,9 @@ def evaluate_run(run_dir: Path | str, settings: EvaluateSettings | None = None, 
     family, source = read_run(run_dir)
     if family.evaluate is None:
         raise ConfigError(f"--run {run_dir}: evaluate is not offered for {family.name} folders ({family.summary})")
+    if settings.compose and family.name != "text_latent":
+        raise ConfigError(f"--compose: {run_dir} is a {family.name} run; composing prompts applies to text-to-image "
+                          "runs on scenes")
     model = family.load(source, True, device)
     if settings.grid == TUNED_GRID and settings.times is None:  # the times of <run>/grids.json, as sample finds them
         asked = SampleSettings.from_config(model.cfg.sample, key=settings.key, **settings.sample_overrides())
