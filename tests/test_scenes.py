@@ -291,8 +291,10 @@ def test_composed_prompts_sample_per_seed_and_evaluate_one_clause_per_digit(tmp_
     plain = sample_prompts(model, prompts[1:2], settings.replace(seeds=[1]), encoder=FAKE)
     torch.testing.assert_close(plain[0], x[1], rtol=1e-4, atol=1e-4)  # a one-clause prompt is its plain self
     composed, scenes, _, _ = scene_prompts(cfg.data, 8, "train_wording", compose=True)
-    for p, scene in zip(composed, scenes):
+    plain = scene_prompts(cfg.data, 8, "train_wording")[0]
+    for p, q, scene in zip(composed, plain, scenes):
         assert p.count(" AND ") == len(scene.digits) - 1
+        assert (p == q) == (len(scene.digits) == 1)  # a one-digit scene is asked exactly as without --compose
     ruler = ConstantClassifier(3)
     ruler.test_accuracy = 0.1
     monkeypatch.setattr("diffusekit.families.text_latent.load_feature_net", lambda name: ruler)

@@ -403,11 +403,11 @@ def scene_prompts(data_cfg, n: int, name: str = "train_wording",
         x, scenes = test.x[:n], test.scenes[:n]
     wording = "heldout" if name == "heldout_wording" else "train"
     rng = np.random.default_rng([data_cfg.seed, SCENE_SETS.index(name)])
-    if compose:
+    prompts = [scene_caption(s, test.thresholds, wording, rng) for s in scenes]
+    if compose:  # two-digit scenes from their own stream, so a one-digit scene keeps its prompt exactly
+        rng = np.random.default_rng([data_cfg.seed, SCENE_SETS.index(name), 1])
         prompts = [AND.join(scene_caption(Scene((d,)), test.thresholds, wording, rng) for d in s.digits)
-                   for s in scenes]
-    else:
-        prompts = [scene_caption(s, test.thresholds, wording, rng) for s in scenes]
+                   if len(s.digits) > 1 else p for p, s in zip(prompts, scenes)]
     return prompts, list(scenes), x, test.thresholds
 
 
