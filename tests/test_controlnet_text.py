@@ -279,6 +279,14 @@ def test_sampling_is_per_seed_and_scale_0_is_the_text_base(runs):
     zero = C.sample(model, settings, SampleRequest(prompts=prompts, control_scale=0.0), progress=False)
     assert torch.equal(zero.x, sample_prompts(open_run(runs[0]), prompts, settings, encoder=FAKE))
     assert not torch.equal(zero.x, out.x)
+    # composed prompts: the control reaches every clause; at scale 0 it is the text base's composed sample
+    composed = ["a 3 on the left AND a big 7 at the top", "a 5"]
+    both = C.sample(model, settings, SampleRequest(prompts=composed, control_from="test"), progress=False)
+    assert torch.isfinite(both.x).all() and both.extra["prompts"] == composed
+    zero = C.sample(model, settings, SampleRequest(prompts=composed, control_scale=0.0), progress=False)
+    assert torch.equal(zero.x, sample_prompts(open_run(runs[0]), composed, settings, encoder=FAKE))
+    with pytest.raises(ConfigError, match="^--prompt: .*empty clause"):
+        C.sample(model, settings, SampleRequest(prompts=["a 3 AND "]), progress=False)
 
 
 def test_evaluation_reports_prompt_and_hint_adherence_and_diversity(runs, tmp_path, monkeypatch):
