@@ -144,10 +144,11 @@ def test_split_clauses_and_errors():
     assert split_clauses("a 3 and a 7") == ["a 3 and a 7"]  # only the upper-case word composes
     assert split_clauses("") == [""]
     assert is_composed(["a 3", "a 5 AND a 6"]) and not is_composed(["a 3", "grand ANDES"])
-    for bad in ("a 3 AND ", "AND a 7", "a 3 AND  AND a 7"):
-        with pytest.raises(ValueError, match="empty clause"):
+    assert len(split_clauses(" AND ".join(["a 1"] * 8))) == 8
+    for bad in ("a 3 AND ", "AND a 7", "a 3 AND  AND a 7", " AND ", " AND ".join(["a 1"] * 9)):
+        with pytest.raises(ValueError, match="empty clause|at most 8"):
             split_clauses(bad)
-        with pytest.raises(ConfigError, match="^--prompt: .*empty clause"):
+        with pytest.raises(ConfigError, match="^--prompt: .*(empty clause|at most 8)"):
             check_prompts(["a 1", bad])
 
 

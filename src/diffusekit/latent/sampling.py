@@ -33,6 +33,7 @@ __all__ = ["AND", "ClauseFeatures", "check_prompts", "clause_features", "is_comp
            "sample_latents", "split_clauses", "text_condition", "text_guidance"]
 
 AND = " AND "  # joins the clauses of a composed prompt
+MAX_CLAUSES = 8  # each clause is a batch of network rows per step
 
 
 def null_text(null: TextFeatures) -> Callable[[Any], dict]:
@@ -68,6 +69,9 @@ def split_clauses(prompt: str) -> list[str]:
     if len(clauses) > 1 and not all(clauses):
         raise ValueError(f"prompt {prompt!r} has an empty clause around ' AND '; write 'a 3 on the left AND a 7 "
                          "on the right'")
+    if len(clauses) > MAX_CLAUSES:
+        raise ValueError(f"prompt {prompt[:60]!r}... has {len(clauses)} clauses joined by ' AND '; at most "
+                         f"{MAX_CLAUSES} (each costs a network pass per step)")
     return clauses if len(clauses) > 1 else [prompt]
 
 
