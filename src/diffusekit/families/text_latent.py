@@ -166,7 +166,7 @@ def training_caption(scene: Scene, thresholds, rng: np.random.Generator, partial
     """One training caption of ``scene`` (training wording, each attribute stated with probability 0.8). With
     probability ``partial`` a two-digit scene is captioned by one of its digits alone (which one at random), so
     the model also learns p(x | one clause) with the other digit left free: what composing clauses with
-    " AND " assumes (``latent.sampling.composed_features``). ``partial`` = 0 draws nothing extra from ``rng``."""
+    " AND " assumes (``latent.sampling.clause_features``). ``partial`` = 0 draws nothing extra from ``rng``."""
     if partial > 0 and len(scene.digits) == 2 and rng.random() < partial:
         scene = Scene((scene.digits[int(rng.integers(2))],))
     return scene_caption(scene, thresholds, "train", rng, p_state=0.8)

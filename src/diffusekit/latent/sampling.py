@@ -76,7 +76,8 @@ def split_clauses(prompt: str) -> list[str]:
 
 
 def check_prompts(prompts: Sequence[str]) -> None:
-    """A one-line ConfigError naming --prompt for a prompt with an empty clause around " AND "."""
+    """A one-line ConfigError naming --prompt for a prompt ``split_clauses`` refuses (an empty clause around
+    " AND ", more than ``MAX_CLAUSES`` clauses)."""
     for p in prompts:
         try:
             split_clauses(p)
