@@ -83,6 +83,8 @@ def test_and_of_independent_clauses_is_the_exact_joint_conditional(logsnr):
     oracle = ClauseOracle()
     pred = ComposedGuidance(oracle, 1.0, null_codes, clauses=2)(x, lam, clauses(PAIRS))
     assert oracle.batches == [3 * len(PAIRS)]  # two clauses and the null in one call
+    assert ComposedGuidance(oracle, 1.0, null_codes, clauses=2).rows_per_example == 3
+    assert ComposedGuidance(oracle, 0.0, null_codes, clauses=2).rows_per_example == 1  # the null alone
     for i, (c1, c2) in enumerate(PAIRS):
         want = product(c1, c2).denoiser(x[i:i + 1], lam)
         torch.testing.assert_close(pred.eps[i:i + 1], want.eps, rtol=1e-10, atol=1e-10)

@@ -137,7 +137,7 @@ class ComposedGuidance:
 
     @property
     def rows_per_example(self) -> int:
-        return self.plain.rows_per_example if self.clauses == 1 else self.clauses + 1
+        return self.plain.rows_per_example if self.clauses == 1 or self.scale == 0.0 else self.clauses + 1
 
     def __call__(self, x_t: Tensor, logsnr: Tensor, cond: Any = None) -> Prediction:
         if not isinstance(cond, dict) or not isinstance(cond.get("clause_mask"), Tensor):
