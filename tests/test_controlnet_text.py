@@ -11,7 +11,6 @@ test_text_latent and the scene classifier a constant one, so no extra is needed 
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -338,12 +337,10 @@ def test_a_control_scale_sweep_reuses_the_seeds_and_keeps_scale_one(runs, monkey
 
 
 def test_bad_input_is_one_line(runs, tmp_path):
-    from conftest import fake_data
     from PIL import Image
 
     from diffusekit.families import open_run
     from diffusekit.families.base import SampleRequest
-    from diffusekit.io.checkpoint import latest_checkpoint, record_hash
     from diffusekit.sampling.settings import SampleSettings
 
     def one_line(exc_type, match, fn):
@@ -351,16 +348,6 @@ def test_bad_input_is_one_line(runs, tmp_path):
             fn()
         assert "\n" not in str(err.value)
 
-    # a latent_unet base: the same run folder, recorded as one
-    latent = tmp_path / "latent"
-    shutil.copytree(runs[0], latent)
-    path = latest_checkpoint(latent).with_suffix(".json")
-    record = json.loads(path.read_text())
-    record["meta"]["config"]["model"]["kind"] = "latent_unet"
-    record["record_sha256"] = record_hash(record)
-    path.write_text(json.dumps(record))
-    one_line(ConfigError, "only pixel text bases .model.kind = 'text_unet'. are, for now",
-             lambda: C.build_objective(control_cfg(latent), fake_data((1, 32, 32))))
     model = open_run(runs[1])
     settings = SampleSettings(sampler="ddim", steps=2, seeds=[0], batch_size=1, guidance=2.0)
     one_line(ConfigError, "--prompt: .* give at least one --prompt",

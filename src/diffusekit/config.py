@@ -309,10 +309,10 @@ class LatentConfig:
 class ControlNetConfig:
     """ControlNet (model.kind = "controlnet", families.controlnet): a trainable copy of the encoder of
     the frozen U-Net of ``base_run`` learns to steer it with a control image computed from each example.
-    Over a text-conditioned pixel base (model.kind = "text_unet" on scenes) it reads the captions too;
-    train.class_dropout is then the caption dropout."""
+    Over a text-conditioned base (model.kind = "text_unet" or "latent_unet" on scenes) it reads the captions
+    too; train.class_dropout is then the caption dropout."""
 
-    base_run: str = "runs/digits_class"  # run folder of a trained model.kind = "unet" or "text_unet" run (kept frozen)
+    base_run: str = "runs/digits_class"  # run folder of a trained unet, text_unet or latent_unet run (kept frozen)
     # edges: Sobel gradient magnitude; edges_lowres: the same at 1/lowres_factor resolution, upsampled;
     # skeleton: the 1-pixel skeleton of the ink; layout: one filled square box per blob of ink (its frame)
     hint: Literal["edges", "edges_lowres", "skeleton", "layout"] = "edges"
@@ -806,7 +806,7 @@ def _validate(cfg: Config) -> None:
            f"'fp32' for model.kind = {m.kind!r} (its likelihood terms are computed inside the network's forward)",
            t.precision)
     s.check(T=df.T)
-    # conditioned on captions (the text family checks its data; a ControlNet on scenes: over a text_unet base,
+    # conditioned on captions (the text family checks its data; a ControlNet on scenes: over a text base,
     # families.controlnet checks the base)
     text_scenes = m.kind in ("latent_unet", "text_unet") or (m.kind == "controlnet" and d.name == "scenes")
     _check(s.guidance == 1.0 or m.num_classes > 0 or text_scenes, "sample.guidance",
@@ -820,7 +820,7 @@ def _validate(cfg: Config) -> None:
     _check(m.kind != "latent_unet" or bool(cfg.latent.autoencoder_run.strip()), "latent.autoencoder_run",
            "the run folder of a trained autoencoder", cfg.latent.autoencoder_run)
     _check(m.kind != "controlnet" or bool(cfg.controlnet.base_run.strip()), "controlnet.base_run",
-           "the run folder of a trained unet or text_unet", cfg.controlnet.base_run)
+           "the run folder of a trained unet, text_unet or latent_unet", cfg.controlnet.base_run)
     _check(cfg.controlnet.lowres_factor in (2, 4), "controlnet.lowres_factor", "2 or 4", cfg.controlnet.lowres_factor)
     ds = cfg.distill
     if lo.objective in ("progressive", "consistency"):

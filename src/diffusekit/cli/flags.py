@@ -132,7 +132,7 @@ def _sample(sub) -> None:
                         "(default: all classes in turn, sample i gets class i %% K)")
     p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
                    help="text-conditioned runs (model.kind = latent_unet, text_unet, or a controlnet over a "
-                        "text_unet): a caption, repeatable; sample i gets prompt i %% P (\"\" = unconditional)")
+                        "text base): a caption, repeatable; sample i gets prompt i %% P (\"\" = unconditional)")
     p.add_argument("--control-from", choices=["train", "test"], default=None,
                    help="ControlNet runs (model.kind = controlnet): sample i follows the hint of example seed i of "
                         "this split (default: test)")

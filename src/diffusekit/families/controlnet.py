@@ -5,10 +5,14 @@ convolutions (``nn.controlnet``; Zhang et al. 2023), learns to make samples foll
 The frozen base is the EMA network of ``controlnet.base_run``, either
 
 - a discrete-time ``model.kind = "unet"`` run (sampled with its null label, i.e. unconditionally), or
-- a text-conditioned pixel run (``model.kind = "text_unet"`` on ``data.name = "scenes"``). The copy then
+- a text-conditioned run on ``data.name = "scenes"``, in pixel space (``model.kind = "text_unet"``) or in
+  an autoencoder's latent space (``model.kind = "latent_unet"``, Stable Diffusion's setting). The copy then
   includes the base's cross-attention, so the control branch reads the caption tokens as the locked
-  model does (Zhang et al. 2023, sec. 3.2, Fig. 3). A ``latent_unet`` base is refused for now: its
-  hints would have to be computed at the latents' resolution.
+  model does (Zhang et al. 2023, sec. 3.2, Fig. 3). Over a latent base the hint stays an image-sized
+  map computed from the image, and the hint encoder reaches the latents' resolution with log2 f stride-2
+  convolutions (f = image size / latent size, a power of 2), as Zhang et al. encode 512x512
+  hints for 64x64 latents (sec. 3.2). The training set's latents and hints are computed once when
+  training starts (``encode_data``), and samples are decoded by the base's frozen autoencoder.
 
 Its schedule and prediction kind are used as they were trained (the run's own ``[diffusion]`` and
 ``model.prediction`` are ignored, ``[model]``'s architecture keys too: the ControlNet copies the base).
@@ -94,7 +98,7 @@ from diffusekit.viz import save_image_grid
 
 __all__ = ["HINTS", "KIND", "ControlNetModel", "ControlObjective", "build_objective", "control_images",
            "controlled_samples", "edge_agreement", "edge_correlation", "evaluate", "evaluate_text", "hint_adherence",
-           "hint_boxes", "ink_frames", "layout_adherence", "layout_map", "load", "lowres_edges", "make_hint",
+           "hint_boxes", "hint_downsample", "ink_frames", "layout_adherence", "layout_map", "load", "lowres_edges", "make_hint",
            "pairwise_diversity", "sample", "scene_layout", "skeleton_agreement", "skeleton_map", "sobel_edges"]
 
 KIND = "controlnet"
@@ -338,26 +342,33 @@ def _mean_scores(scores: dict[str, Tensor]) -> dict[str, float]:
 
 
 # -- the base and the objective ---------------------------------------------------------------------
-def _base_kind(where: str):
-    def ok(rc: RunCheckpoint) -> bool:
-        if rc.kind == "latent_unet":
-            raise ConfigError(f"{where}: a model.kind = 'latent_unet' base is not supported; only pixel text "
-                              "bases (model.kind = 'text_unet') are, for now")
-        return (rc.kind == "unet" and rc.cfg.loss.objective == "discrete") or rc.kind == text_latent.PIXEL_KIND
-    return ok
+def _base_kind(rc: RunCheckpoint) -> bool:
+    return (rc.kind == "unet" and rc.cfg.loss.objective == "discrete") or rc.kind in text_latent.KINDS
 
 
 def _load_any(rc: RunCheckpoint, use_ema: bool = True, device: str | torch.device = "cpu") -> Model:
-    loader = text_latent.load if rc.kind == text_latent.PIXEL_KIND else diffusion.load
+    loader = text_latent.load if rc.kind in text_latent.KINDS else diffusion.load
     return loader(rc, use_ema=use_ema, device=device)
 
 
 def _load_base(cfg: Config, data_shape: tuple[int, ...] | None) -> Model:
-    """The frozen base: the EMA weights of ``controlnet.base_run``, a discrete-time unet or a text_unet run."""
+    """The frozen base: the EMA weights of ``controlnet.base_run``, a discrete-time unet run or a text-conditioned
+    (text_unet or latent_unet) run."""
     where = f"controlnet.base_run = {cfg.controlnet.base_run!r}"
     return load_run_dependency(cfg.controlnet.base_run, where,
-                               "a discrete-time model.kind = 'unet' run or a model.kind = 'text_unet' run",
-                               _base_kind(where), _load_any, data_shape, "the base models")
+                               "a discrete-time model.kind = 'unet' run or a model.kind = 'text_unet' or "
+                               "'latent_unet' run", _base_kind, _load_any, data_shape, "the base models")
+
+
+def hint_downsample(data_shape: tuple[int, ...], latent_shape: tuple[int, ...], where: str) -> int:
+    """f = image size / latent size, the factor the hint encoder downsamples by (1 over a pixel base), or a
+    one-line ``ConfigError`` naming ``where`` when the latents are not the images shrunk by a power of 2."""
+    (h, w), (lh, lw) = tuple(data_shape[-2:]), tuple(latent_shape[-2:])
+    f = h // lh if lh else 0
+    if f < 1 or f & (f - 1) or (h, w) != (f * lh, f * lw):
+        raise ConfigError(f"{where}: the base diffuses {lh}x{lw} latents of {h}x{w} images; a ControlNet's hint "
+                          "encoder needs the images to be the latents enlarged by a power of 2")
+    return f
 
 
 class ControlObjective(diffusion.DiffusionObjective):
@@ -373,17 +384,22 @@ class ControlObjective(diffusion.DiffusionObjective):
         with torch.random.fork_rng(devices=[]):  # loading the base leaves the caller's RNG alone
             base = _load_base(cfg, self.data_shape)
         self.base_cfg, self.schedule, self.kind = base.cfg, base.schedule, base.cfg.model.prediction
-        self.text_base = base.cfg.model.kind == text_latent.PIXEL_KIND
+        base_kind = base.cfg.model.kind
+        self.text_base = base_kind in text_latent.KINDS
+        self.latent = base_kind == text_latent.KIND
         net = base.denoiser.net.unet if self.text_base else base.denoiser.net
+        where = f"controlnet.base_run = {cfg.controlnet.base_run!r}"
         if self.text_base:
-            where = f"controlnet.base_run = {cfg.controlnet.base_run!r}"
             if base.cfg.data.name != "scenes":
-                raise ConfigError(f"{where}: a text_unet base is supported on data.name = 'scenes' only, this one "
+                raise ConfigError(f"{where}: a {base_kind} base is supported on data.name = 'scenes' only, this one "
                                   f"was trained on {base.cfg.data.name!r}")
             if cfg.data.name != "scenes":
-                raise ConfigError(f"data.name = {cfg.data.name!r}: the text_unet base of {where} was trained on "
+                raise ConfigError(f"data.name = {cfg.data.name!r}: the {base_kind} base of {where} was trained on "
                                   "scenes; set data.name = 'scenes'")
-        self.module = ControlledUNet(net, ControlNet(net, hint_channels=1))
+        self.codec = base.codec if self.latent else text_latent.PixelCodec(self.data_shape)
+        self.latent_shape = tuple(self.codec.latent_shape)
+        factor = hint_downsample(self.data_shape, self.latent_shape, where)
+        self.module = ControlledUNet(net, ControlNet(net, hint_channels=1, hint_downsample=factor))
         self._captions = None
 
     @property
@@ -397,17 +413,51 @@ class ControlObjective(diffusion.DiffusionObjective):
     def hint(self, x: Tensor) -> Tensor:
         return make_hint(self.cfg.controlnet.hint, x, self.cfg.controlnet.lowres_factor)
 
+    @property
+    def encode_data(self):
+        """Over a latent base: the trainer's ``encode_data`` (``encode_latents``); else None (the trainer hands
+        ``loss`` the images, whose hints are made per batch)."""
+        return self.encode_latents if self.latent else None
+
+    @torch.no_grad()
+    def encode_latents(self, x: Tensor, batch_size: int = 500) -> Tensor:
+        """Images (N, C, H, W) -> rows (N, D_z + H W): the frozen codec's scaled latents, flattened, then the hint
+        of each image, flattened: computed once when training starts (``split_rows`` undoes it)."""
+        rows = [torch.cat([self.codec.encode(xb).flatten(1), self.hint(xb).flatten(1)], dim=1)
+                for xb in x.split(batch_size)]
+        return torch.cat(rows)
+
+    def split_rows(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows of ``encode_latents`` -> (latents (B, *latent_shape), hints (B, 1, H, W))."""
+        d = math.prod(self.latent_shape)
+        h, w = self.data_shape[-2:]
+        if rows.ndim != 2 or rows.shape[1] != d + h * w:
+            raise ValueError(f"a ControlNet over a latent base trains on rows of {d} latent and {h * w} hint values, "
+                             f"got {tuple(rows.shape)}")
+        return rows[:, :d].reshape(-1, *self.latent_shape), rows[:, d:].reshape(-1, 1, h, w)
+
+    @torch.no_grad()
+    def decode(self, z: Tensor, device: str | torch.device = "cpu") -> Tensor:
+        """What the denoiser made -> images: the codec's decoding on the CPU over a latent base, ``z`` itself
+        over a pixel one."""
+        if not self.latent:
+            return z
+        codec = self.codec.to(device)
+        return torch.cat([codec.decode(zb.to(device)).cpu() for zb in z.split(500)])
+
     def loss(self, module: nn.Module, x0: Tensor, labels: Tensor | None, generator: torch.Generator) -> Tensor:
+        """Per-example losses of a batch of images (of ``encode_latents`` rows over a latent base)."""
         if not self.text_base:
             return super().loss(module, x0, labels, generator, extra_cond={"control": self.hint(x0)})
         if labels is None:
             raise ValueError("a ControlNet over a text base needs the labels (scene indices) of the batch")
-        text = self.captions.features.lookup(self.captions.rows(labels, generator).to(x0.device))
+        z0, control = self.split_rows(x0) if self.latent else (x0, self.hint(x0))
+        text = self.captions.features.lookup(self.captions.rows(labels, generator).to(z0.device))
         lc = self.cfg.loss
-        t = sample_timesteps(x0.shape[0], self.schedule.T, generator, lc.t_sampling)
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-        return diffusion_loss(self.denoiser(module), x0, t, self.schedule, noise, lc.weighting,
-                              cond={**text.as_cond(), "control": self.hint(x0)}, gamma=lc.min_snr_gamma)
+        t = sample_timesteps(z0.shape[0], self.schedule.T, generator, lc.t_sampling)
+        noise = torch.randn(z0.shape, generator=generator).to(z0.device)
+        return diffusion_loss(self.denoiser(module), z0, t, self.schedule, noise, lc.weighting,
+                              cond={**text.as_cond(), "control": control}, gamma=lc.min_snr_gamma)
 
     def preview(self, module: nn.Module, n: int, device: torch.device) -> Tensor:
         """n samples (DDPM, <= 100 steps) asked for the hints of the first n test images (over a text base:
@@ -420,8 +470,9 @@ class ControlObjective(diffusion.DiffusionObjective):
             return generate(denoiser, self.schedule, self.data_shape, settings, device=device, progress=False,
                             cond={"control": self.hint(x).to(device)})
         prompts, _, x, _ = text_latent.scene_prompts(self.cfg.data, n)
-        return _guided(denoiser, self.schedule, self.data_shape, settings.replace(guidance=self.cfg.sample.guidance),
-                       prompts, self.hint(x), None, device, False)
+        z = _guided(denoiser, self.schedule, self.latent_shape, settings.replace(guidance=self.cfg.sample.guidance),
+                    prompts, self.hint(x), None, device, False)
+        return self.decode(z, device).to(device)
 
 
 def build_objective(cfg: Config, data: ArrayDataset) -> ControlObjective:
@@ -496,7 +547,8 @@ def _guided(denoiser, schedule: DiscreteSchedule, shape: tuple[int, ...], settin
 def controlled_samples(model: ControlNetModel, prompts: Sequence[str], control: Tensor, settings: SampleSettings,
                        scale: float = 1.0, encoder=None, device: str | torch.device = "cpu",
                        progress: bool = False) -> Tensor:
-    """Samples (len(seeds), *data_shape) of a ControlNet over a text base: sample i is prompted with
+    """Samples (len(seeds), *data_shape) of a ControlNet over a text base (decoded over a latent one, on the CPU):
+    sample i is prompted with
     ``prompts[i % P]``, asked for ``control[i]`` (one hint per seed) and guided with ``settings.guidance``;
     ``scale`` multiplies the residuals, and scale 0 samples the base alone (without running the ControlNet:
     the same samples bit for bit). A sample depends on its seed, prompt and hint only."""
@@ -507,17 +559,19 @@ def controlled_samples(model: ControlNetModel, prompts: Sequence[str], control: 
     n = len(settings.seeds)
     if control.shape[0] != n:
         raise ValueError(f"{control.shape[0]} control images for {n} seeds")
-    prompts, module = list(prompts), model.objective.module
+    prompts, objective = list(prompts), model.objective
+    module, shape = objective.module, objective.latent_shape
     if scale == 0:
-        denoiser = Denoiser(module.base, model.objective.kind)
-        return _guided(denoiser, model.schedule, model.data_shape, settings, prompts, None, encoder, device, progress)
+        denoiser = Denoiser(module.base, objective.kind)
+        z = _guided(denoiser, model.schedule, shape, settings, prompts, None, encoder, device, progress)
+        return objective.decode(z, device)
     before = module.scale
     module.scale = float(scale)
     try:
-        return _guided(model.denoiser, model.schedule, model.data_shape, settings, prompts, control, encoder, device,
-                       progress)
+        z = _guided(model.denoiser, model.schedule, shape, settings, prompts, control, encoder, device, progress)
     finally:
         module.scale = before
+    return objective.decode(z, device)
 
 
 def _control_source(model: ControlNetModel, request: SampleRequest) -> tuple[Any, Tensor]:

@@ -38,17 +38,25 @@ __all__ = ["ControlNet", "ControlledUNet", "HintEncoder"]
 
 
 class HintEncoder(nn.Module):
-    """Control image (B, C_hint, H, W) -> features (B, base_channels, H, W) added after conv_in.
+    """Control image (B, C_hint, f H, f W) -> features (B, base_channels, H, W) added after conv_in.
 
-    conv3x3-SiLU-conv3x3-SiLU-conv3x3, the last one zero-initialised (the control starts silent).
-    The control image has the resolution of x (pixel-space diffusion), so nothing is downsampled.
+    conv3x3-SiLU-conv3x3-SiLU-conv3x3, the last one zero-initialised (the control starts silent). With
+    ``downsample`` f = 2^k > 1 (a base that diffuses an autoencoder's latents, f times smaller than the
+    images the hints come from) the middle convolutions become k stride-2 ones, as Zhang et al. (2023, sec.
+    3.2) map 512x512 hints to Stable Diffusion's 64x64 latents with a small strided network. f = 1: the
+    hint has the resolution of x and nothing is downsampled.
     """
 
-    def __init__(self, hint_channels: int, out_channels: int, width: int = 16):
+    def __init__(self, hint_channels: int, out_channels: int, width: int = 16, downsample: int = 1):
         super().__init__()
+        if not (isinstance(downsample, int) and downsample >= 1 and downsample & (downsample - 1) == 0):
+            raise ValueError(f"HintEncoder: downsample must be a power of 2 (1, 2, 4, ...), got {downsample!r}")
+        self.downsample = downsample
+        middle: list[nn.Module] = []
+        for _ in range(max(1, downsample.bit_length() - 1)):
+            middle += [nn.Conv2d(width, width, 3, stride=2 if downsample > 1 else 1, padding=1), nn.SiLU()]
         self.layers = nn.Sequential(
-            nn.Conv2d(hint_channels, width, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(hint_channels, width, 3, padding=1), nn.SiLU(), *middle,
             zero_init(nn.Conv2d(width, out_channels, 3, padding=1)),
         )
 
@@ -64,7 +72,7 @@ class ControlNet(nn.Module):
     only the encoder and middle rows of the base's shared (gain, shift) projection are copied.
     """
 
-    def __init__(self, base: UNet, hint_channels: int = 1, hint_width: int = 16):
+    def __init__(self, base: UNet, hint_channels: int = 1, hint_width: int = 16, hint_downsample: int = 1):
         super().__init__()
         if not isinstance(base, UNet):
             raise TypeError(f"ControlNet copies a UNet's encoder, got {type(base).__name__}")
@@ -82,20 +90,23 @@ class ControlNet(nn.Module):
         with torch.no_grad():
             self.emb_proj.weight.copy_(base.emb_proj.weight[:rows])
             self.emb_proj.bias.copy_(base.emb_proj.bias[:rows])
-        self.hint = HintEncoder(hint_channels, base.conv_in.out_channels, hint_width)
+        self.hint = HintEncoder(hint_channels, base.conv_in.out_channels, hint_width, hint_downsample)
+        self.hint_downsample = hint_downsample
         self.zero_convs = nn.ModuleList(zero_init(nn.Conv2d(c, c, 1)) for c, _ in self.skip_specs)
         self.requires_grad_(True)  # a frozen base's copies arrive frozen
 
     def _check_control(self, x: Tensor, control: Tensor) -> None:
-        expected = (x.shape[0], self.hint_channels, x.shape[2], x.shape[3])
+        f = self.hint_downsample
+        expected = (x.shape[0], self.hint_channels, f * x.shape[2], f * x.shape[3])
         if not isinstance(control, Tensor) or tuple(control.shape) != expected:
             got = tuple(control.shape) if isinstance(control, Tensor) else type(control).__name__
-            raise ValueError(f"ControlNet: control must have shape {expected} (B, hint channels, H, W of x), "
-                             f"got {got}")
+            size = "H, W of x" if f == 1 else f"{f} H, {f} W of x"
+            raise ValueError(f"ControlNet: control must have shape {expected} (B, hint channels, {size}), got {got}")
 
     def forward(self, x: Tensor, c_noise: Tensor, control: Tensor, class_labels: Tensor | None = None,
                 context: Tensor | None = None, context_mask: Tensor | None = None) -> list[Tensor]:
-        """(B, C, H, W), (B,) logsnr, (B, C_hint, H, W) -> residuals shaped as ``base.residual_shapes``."""
+        """(B, C, H, W), (B,) logsnr, (B, C_hint, f H, f W) -> residuals shaped as ``base.residual_shapes``
+        (f = ``hint_downsample``)."""
         self._check_control(x, control)
         emb = noise_and_class_embedding(self, c_noise, class_labels, x.shape[0], "base UNet")
         gain_shift = iter(self.emb_proj(F.silu(emb)).split(self.emb_split, dim=1))
@@ -108,6 +119,8 @@ class ControlledUNet(nn.Module):
     """A frozen ``base`` U-Net steered by a trainable ``controlnet``:
 
         forward(x, c_noise, control=c, **cond) = base(x, c_noise, residuals=[scale * r_k] (+ residuals), **cond)
+
+    (over a latent base x are latents and c is the hint of the image, ``hint_downsample`` times larger).
 
     Only the ControlNet trains: the base's parameters have ``requires_grad=False`` and it stays in
     eval mode (no dropout) whatever ``train()`` is called with. ``residuals`` given by a caller (for
