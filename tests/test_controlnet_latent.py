@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_controlnet_text import control_cfg, perturb, text_inputs
+from test_controlnet_text import control_cfg, perturb, text_inputs, use_fake_encoder
 from test_scenes import ConstantClassifier
 from test_text_latent import FAKE
 
@@ -29,8 +29,7 @@ SMALL = ["data.n_train=24", "data.n_test=8", "train.steps=2", "train.batch_size=
 
 @pytest.fixture(autouse=True)
 def fake_encoder(monkeypatch):
-    monkeypatch.setattr("diffusekit.text.load_text_encoder", lambda: FAKE)
-    monkeypatch.setattr("diffusekit.families.text_latent.load_text_encoder", lambda: FAKE)
+    use_fake_encoder(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +40,7 @@ def runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("cn_latent")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("diffusekit.text.load_text_encoder", lambda: FAKE)
-        mp.setattr("diffusekit.families.text_latent.load_text_encoder", lambda: FAKE)
+        use_fake_encoder(mp)
         train(load_config("configs/autoencoder_scenes.toml", [*SMALL, "model.base_channels=8"]), root / "ae",
               progress=False)
         train(load_config("configs/text2img_scenes_latent.toml", [

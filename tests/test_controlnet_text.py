@@ -164,10 +164,15 @@ def control_cfg(base, *extra):
         "train.time_limit_s=0", *extra])
 
 
+def use_fake_encoder(mp: pytest.MonkeyPatch) -> None:
+    """The deterministic stand-in text encoder wherever the families load one."""
+    mp.setattr("diffusekit.text.load_text_encoder", lambda: FAKE)
+    mp.setattr("diffusekit.families.text_latent.load_text_encoder", lambda: FAKE)
+
+
 @pytest.fixture(autouse=True)
 def fake_encoder(monkeypatch):
-    monkeypatch.setattr("diffusekit.text.load_text_encoder", lambda: FAKE)
-    monkeypatch.setattr("diffusekit.families.text_latent.load_text_encoder", lambda: FAKE)
+    use_fake_encoder(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -178,8 +183,7 @@ def runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("cn_text")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("diffusekit.text.load_text_encoder", lambda: FAKE)
-        mp.setattr("diffusekit.families.text_latent.load_text_encoder", lambda: FAKE)
+        use_fake_encoder(mp)
         train(load_config("configs/text2img_scenes.toml", BASE), root / "base", progress=False)
         train(control_cfg(root / "base"), root / "cn", progress=False)
     return root / "base", root / "cn"
