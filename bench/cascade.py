@@ -57,7 +57,10 @@ def emit(result: dict[str, Any], path: Path | None, table: str | None = None) ->
     text = json.dumps(result, indent=1)
     print(text)
     if path:
-        path.write_text(text + "\n")
+        try:
+            path.write_text(text + "\n")
+        except OSError as exc:
+            raise DiffusekitError(f"cannot write --json {path}: {exc.strerror or exc}") from exc
     if table is not None:
         print(table)
 

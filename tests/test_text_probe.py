@@ -68,3 +68,11 @@ def test_run_and_flags(bench, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--n-train", "0"])
     assert "--n-train must be between 1 and 4000" in capsys.readouterr().err
+
+
+def test_unwritable_json_is_one_line(bench, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.run_bench(lambda: bench.main(["--n-train", "5", "--n-test", "3", "--json",
+                                            str(tmp_path / "missing" / "out.json")]), "text_probe.py")
+    assert str(exc.value).startswith("text_probe.py: error: cannot write --json ")
+    assert not (tmp_path / "missing").exists()
