@@ -67,11 +67,14 @@ def emit(result: dict[str, Any], path: Path | None, table: str | None = None) ->
 
 def run_bench(main: Callable[[], Any], script: str) -> None:
     """Run a bench's ``main``; a bad run, flag value or file (a ``DiffusekitError``) ends it with the project's
-    one-line message under the script's name."""
+    one-line message under the script's name, and Ctrl-C a line and exit status 130."""
     try:
         main()
     except DiffusekitError as exc:
         sys.exit(f"{script}: error: {exc}")
+    except KeyboardInterrupt:
+        print(f"{script}: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def step_seconds(runs: dict[str, Path], train_steps: int, repeats: int) -> dict[str, float]:

@@ -76,3 +76,13 @@ def test_unwritable_json_is_one_line(bench, tmp_path, capsys):
                                             str(tmp_path / "missing" / "out.json")]), "text_probe.py")
     assert str(exc.value).startswith("text_probe.py: error: cannot write --json ")
     assert not (tmp_path / "missing").exists()
+
+
+def test_ctrl_c_is_one_line(bench, capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exc:
+        bench.run_bench(interrupted, "text_probe.py")
+    assert exc.value.code == 130
+    assert capsys.readouterr().err == "text_probe.py: interrupted\n"
