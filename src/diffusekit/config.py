@@ -106,6 +106,10 @@ class ModelConfig:
     # reverse mean at t >= 2 (likelihood.reverse_x0) of evaluate's bound and the hybrid loss's L_vlb; continuous:
     # everywhere (loss, bound, samplers). Never a looser bound term than the unclipped model's
     bound_clip: bool = False
+    # latent_unet, text_unet: the mean of the caption's token features (over its real tokens), through a linear map,
+    # is added to the noise-level embedding, beside cross-attention over the tokens (Saharia et al. 2022, sec. 2.2;
+    # Podell et al. 2023, sec. 2.1)
+    pooled_text: bool = False
 
 
 @dataclass
@@ -702,6 +706,9 @@ def _validate_likelihood_model(m: ModelConfig, lo: LossConfig) -> None:
     _check(not m.bound_clip or (m.kind in ("unet", "mlp") and lo.objective in ("discrete", "continuous")),
            "model.bound_clip", f"false for model.kind = {m.kind!r} with loss.objective = {lo.objective!r} (the clipped "
            "x0 is built for unet and mlp runs of the discrete and continuous objectives)", m.bound_clip)
+    _check(not m.pooled_text or m.kind in ("latent_unet", "text_unet"), "model.pooled_text",
+           f"false for model.kind = {m.kind!r} (the pooled caption embedding is built for latent_unet and text_unet)",
+           m.pooled_text)
 
 
 def _validate_time_sampling(m: ModelConfig, lo: LossConfig) -> None:

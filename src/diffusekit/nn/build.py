@@ -47,7 +47,8 @@ def build_unet(m, in_channels: int, size: int, num_classes: int = 0, context_dim
                 channel_mult=tuple(m.channel_mult), num_res_blocks=m.num_res_blocks,
                 attn_resolutions=tuple(m.attn_resolutions), num_heads=m.num_heads, dropout=m.dropout,
                 time_embedding=m.time_embedding, num_classes=num_classes, norm_groups=m.norm_groups,
-                context_dim=context_dim, fourier_exponents=fourier_exponents)
+                context_dim=context_dim, fourier_exponents=fourier_exponents,
+                pooled_context=m.pooled_text and context_dim is not None)
 
 
 def check_unet_fits(m, size: int) -> None:

@@ -19,7 +19,8 @@ the caller's list).
 Over a text-conditioned base (a U-Net built with ``context_dim``) the copied layers include its
 cross-attention blocks, so the control branch reads the caption tokens too: Zhang et al. (2023, sec.
 3.2 and Fig. 3) feed the prompt features c_t to the trainable copy as well as to the locked model.
-``context`` and ``context_mask`` go to both unchanged; they are checked once, before either runs.
+``context`` and ``context_mask`` go to both unchanged; they are checked once, before either runs. A base
+with a pooled caption embedding (``UNet(pooled_context=True)``) has it copied with the noise-level embedding.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusekit.nn.embeddings import input_fourier_features, noise_and_class_embedding
+from diffusekit.nn.embeddings import add_pooled_context, input_fourier_features, noise_and_class_embedding
 from diffusekit.nn.unet import Downsample, UNet, _check_context_mask, encoder_path, zero_init
 
 __all__ = ["ControlNet", "ControlledUNet", "HintEncoder"]
@@ -80,7 +81,8 @@ class ControlNet(nn.Module):
         self.levels, self.num_classes, self.image_size = base.levels, base.num_classes, base.image_size
         self.skip_specs = list(base._skip_specs)
         self.fourier_exponents = base.fourier_exponents  # the copied conv_in reads the base's input features
-        for name in ("time_embed", "time_mlp", "class_embed", "conv_in", "down", "mid1", "mid_attn", "mid2"):
+        for name in ("time_embed", "time_mlp", "class_embed", "pooled_embed", "conv_in", "down", "mid1", "mid_attn",
+                     "mid2"):
             setattr(self, name, copy.deepcopy(getattr(base, name)))
         # the base's emb_proj serves encoder, middle and decoder blocks in that order: keep the first rows
         n_blocks = sum(1 for m in base.down if not isinstance(m, Downsample)) + 2
@@ -109,6 +111,7 @@ class ControlNet(nn.Module):
         (f = ``hint_downsample``)."""
         self._check_control(x, control)
         emb = noise_and_class_embedding(self, c_noise, class_labels, x.shape[0], "base UNet")
+        emb = add_pooled_context(self, emb, context, context_mask)
         gain_shift = iter(self.emb_proj(F.silu(emb)).split(self.emb_split, dim=1))
         h = self.conv_in(input_fourier_features(x, self.fourier_exponents)) + self.hint(control)
         skips, middle = encoder_path(self, h, gain_shift, context, context_mask)

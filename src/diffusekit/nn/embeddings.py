@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["noise_and_class_embedding", "input_fourier_features",
+__all__ = ["noise_and_class_embedding", "add_pooled_context", "input_fourier_features",
     "SinusoidalEmbedding",
     "FourierEmbedding",
     "make_time_embedding",
@@ -154,3 +154,19 @@ def noise_and_class_embedding(net: nn.Module, c_noise: Tensor, class_labels: Ten
                          f"0..{net.num_classes} ({net.num_classes} = null), got {class_labels.dtype} "
                          f"{tuple(class_labels.shape)}")
     return emb + net.class_embed(class_labels)
+
+
+def add_pooled_context(net: nn.Module, emb: Tensor, context: Tensor | None, context_mask: Tensor | None) -> Tensor:
+    """``emb`` plus ``net.pooled_embed`` of the mean context token over the real tokens (``context_mask`` True;
+    None: every token), the pooled text embedding that Imagen (Saharia et al. 2022, sec. 2.2) and SDXL (Podell
+    et al. 2023, sec. 2.1) add to the noise-level embedding beside cross-attention. ``emb`` unchanged when the
+    network has no ``pooled_embed`` (None) or no context is given."""
+    proj = getattr(net, "pooled_embed", None)
+    if proj is None or context is None:
+        return emb
+    if context_mask is None:
+        pooled = context.mean(dim=1)
+    else:
+        weights = context_mask.to(context.dtype).unsqueeze(-1)
+        pooled = (context * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+    return emb + proj(pooled)

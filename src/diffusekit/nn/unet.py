@@ -18,8 +18,10 @@ Conditioning goes in through three arguments and the network stays one module (c
 subclass per conditioning kind):
 ``class_labels`` (an embedding added to the time embedding; index ``num_classes`` is the null label
 of classifier-free guidance), ``context`` (token features read by cross-attention in every
-attention block; ``context_mask`` marks the real tokens of padded captions) and ``residuals``
-(ControlNet: added to the skips and the middle output).
+attention block; ``context_mask`` marks the real tokens of padded captions; with
+``pooled_context`` their mean over the real tokens, through a linear map, is also added to the time
+embedding, as Imagen and SDXL add a pooled text embedding) and ``residuals`` (ControlNet: added to
+the skips and the middle output).
 
 Speed (the step is dominated by 3x3 convolutions, so the wins come from doing fewer of them):
 upsampling runs as one stride-2 transposed conv that equals nearest-upsample + 3x3 conv exactly but
@@ -40,6 +42,7 @@ from torch import Tensor, nn
 
 from diffusekit.nn.embeddings import (
     EmbeddingKind,
+    add_pooled_context,
     embedding_mlp,
     input_fourier_features,
     make_time_embedding,
@@ -253,7 +256,8 @@ class UNet(nn.Module):
     DDPM) and the default of ``residual_shapes``; forward accepts any H, W divisible by
     2 ** (len(channel_mult) - 1). ``mid_attention=False`` drops the middle attention block.
     ``fourier_exponents``: conv_in also reads sin/cos(2^k pi x) of the input for each k
-    (``embeddings.input_fourier_features``).
+    (``embeddings.input_fourier_features``). ``pooled_context`` (needs ``context_dim``): the mean
+    context token is embedded and added to the noise-level embedding (``embeddings.pooled_context``).
     """
 
     def __init__(
@@ -274,8 +278,11 @@ class UNet(nn.Module):
         context_dim: int | None = None,
         mid_attention: bool = True,
         fourier_exponents: Sequence[int] = (),
+        pooled_context: bool = False,
     ):
         super().__init__()
+        if pooled_context and context_dim is None:
+            raise ValueError("pooled_context needs context_dim (the pooled tokens are the cross-attention context)")
         levels = len(channel_mult)
         if levels < 1 or num_res_blocks < 1:
             raise ValueError("UNet needs at least one level and one residual block per level")
@@ -294,6 +301,7 @@ class UNet(nn.Module):
         self.time_embed = make_time_embedding(time_embedding, base_channels)
         self.time_mlp = embedding_mlp(base_channels, emb_dim)
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
+        self.pooled_embed = nn.Linear(context_dim, emb_dim) if pooled_context else None
 
         def layer(c_in: int, c_out: int, size: int) -> UNetLayer:
             attn = (
@@ -417,6 +425,7 @@ class UNet(nn.Module):
             self._check_residuals(x, residuals)
 
         emb = noise_and_class_embedding(self, c_noise, class_labels, batch, "UNet")
+        emb = add_pooled_context(self, emb, context, context_mask)
         gain_shift = iter(self.emb_proj(F.silu(emb)).split(self._emb_split, dim=1))
 
         skips, h = encoder_path(self, self.conv_in(input_fourier_features(x, self.fourier_exponents)), gain_shift,
