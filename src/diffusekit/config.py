@@ -107,8 +107,8 @@ class ModelConfig:
     # everywhere (loss, bound, samplers). Never a looser bound term than the unclipped model's
     bound_clip: bool = False
     # latent_unet, text_unet: the mean of the caption's token features (over its real tokens), through a linear map,
-    # is added to the noise-level embedding, beside cross-attention over the tokens (Saharia et al. 2022, sec. 2.2;
-    # Podell et al. 2023, sec. 2.1)
+    # is added to the noise-level embedding, beside cross-attention over the tokens (Imagen: Saharia et al. 2022,
+    # sec. 2; SDXL: Podell et al. 2023, sec. 2.1)
     pooled_text: bool = False
 
 

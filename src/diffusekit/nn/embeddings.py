@@ -158,7 +158,7 @@ def noise_and_class_embedding(net: nn.Module, c_noise: Tensor, class_labels: Ten
 
 def add_pooled_context(net: nn.Module, emb: Tensor, context: Tensor | None, context_mask: Tensor | None) -> Tensor:
     """``emb`` plus ``net.pooled_embed`` of the mean context token over the real tokens (``context_mask`` True;
-    None: every token), the pooled text embedding that Imagen (Saharia et al. 2022, sec. 2.2) and SDXL (Podell
+    None: every token), the pooled text embedding that Imagen (Saharia et al. 2022, sec. 2) and SDXL (Podell
     et al. 2023, sec. 2.1) add to the noise-level embedding beside cross-attention. ``emb`` unchanged when the
     network has no ``pooled_embed`` (None) or no context is given."""
     proj = getattr(net, "pooled_embed", None)
