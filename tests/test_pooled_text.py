@@ -126,3 +126,13 @@ def test_a_pooled_text_run_trains_reloads_and_samples_prompts(tmp_path, capsys):
     assert load_config(run / "config.toml").model.pooled_text is True
     saved = load_file(next((run / "checkpoints").glob("step-*.safetensors")))
     assert any(k.endswith("pooled_embed.weight") for k in saved)
+
+    # a ControlNet trained over the pooled base saves its copy of the map, reloads and samples
+    from test_controlnet_text import control_cfg
+
+    train(control_cfg(run), tmp_path / "cn", progress=False)
+    saved = load_file(next((tmp_path / "cn" / "checkpoints").glob("step-*.safetensors")))
+    assert any("controlnet" in k and k.endswith("pooled_embed.weight") for k in saved)
+    assert main(["sample", "--run", str(tmp_path / "cn"), *common, "--prompt", "a 3 on the left", "--control-from",
+                 "test", "--out", str(tmp_path / "cs")]) == 0
+    assert np.isfinite(np.load(tmp_path / "cs" / "samples.npz")["x"]).all()
