@@ -34,6 +34,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from diffusekit.data.scenes import ATTRIBUTES, Scene, SceneTable, caption, scene_table
+from diffusekit.nn.embeddings import token_mean
 from diffusekit.text import load_text_encoder
 
 READOUTS = ("mean", "cls")
@@ -62,8 +63,7 @@ def readouts(encoder, texts: Sequence[str], batch: int = 256) -> dict[str, np.nd
     out: dict[str, list[np.ndarray]] = {r: [] for r in READOUTS}
     for i in range(0, len(texts), batch):
         f = encoder.encode(list(texts[i:i + batch]))
-        m = f.mask.to(f.tokens.dtype).unsqueeze(-1)
-        out["mean"].append(((f.tokens * m).sum(1) / m.sum(1)).numpy())
+        out["mean"].append(token_mean(f.tokens, f.mask).numpy())
         out["cls"].append(f.tokens[:, 0].numpy())
     return {r: np.concatenate(v) for r, v in out.items()}
 

@@ -48,7 +48,7 @@ def build_unet(m, in_channels: int, size: int, num_classes: int = 0, context_dim
                 attn_resolutions=tuple(m.attn_resolutions), num_heads=m.num_heads, dropout=m.dropout,
                 time_embedding=m.time_embedding, num_classes=num_classes, norm_groups=m.norm_groups,
                 context_dim=context_dim, fourier_exponents=fourier_exponents,
-                pooled_context=m.pooled_text and context_dim is not None)
+                pooled_context=m.pooled_text)
 
 
 def check_unet_fits(m, size: int) -> None:

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["noise_and_class_embedding", "add_pooled_context", "input_fourier_features",
+__all__ = ["noise_and_class_embedding", "add_pooled_context", "token_mean", "input_fourier_features",
     "SinusoidalEmbedding",
     "FourierEmbedding",
     "make_time_embedding",
@@ -164,9 +164,13 @@ def add_pooled_context(net: nn.Module, emb: Tensor, context: Tensor | None, cont
     proj = getattr(net, "pooled_embed", None)
     if proj is None or context is None:
         return emb
-    if context_mask is None:
-        pooled = context.mean(dim=1)
-    else:
-        weights = context_mask.to(context.dtype).unsqueeze(-1)
-        pooled = (context * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
-    return emb + proj(pooled)
+    return emb + proj(token_mean(context, context_mask))
+
+
+def token_mean(tokens: Tensor, mask: Tensor | None) -> Tensor:
+    """The mean of ``tokens`` (B, L, D) over the real tokens of each row (``mask`` (B, L) True; None: every
+    token) -> (B, D): a caption's sentence embedding, padding left out."""
+    if mask is None:
+        return tokens.mean(dim=1)
+    weights = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)

@@ -257,7 +257,7 @@ class UNet(nn.Module):
     2 ** (len(channel_mult) - 1). ``mid_attention=False`` drops the middle attention block.
     ``fourier_exponents``: conv_in also reads sin/cos(2^k pi x) of the input for each k
     (``embeddings.input_fourier_features``). ``pooled_context`` (needs ``context_dim``): the mean
-    context token is embedded and added to the noise-level embedding (``embeddings.pooled_context``).
+    context token is embedded and added to the noise-level embedding (``embeddings.add_pooled_context``).
     """
 
     def __init__(
