@@ -235,7 +235,7 @@ def _found_in(patch: np.ndarray, region: np.ndarray) -> bool:
 
 def test_photo_patches_are_seeded_8_bit_rgb_from_disjoint_columns():
     pytest.importorskip("skimage")
-    from diffusekit.data.photos import PHOTOS, _region, load_photos, photo_arrays
+    from diffusekit.data.photos import PHOTOS, TRAIN_FRACTION, load_photos, photo_arrays, split_mask
 
     train, test = load_photos("train", 16, 70, seed=3), load_photos("test", 16, 35, seed=4)
     assert train.shape == test.shape == (3, 16, 16) and train.levels == 256 and train.labels is None
@@ -244,14 +244,68 @@ def test_photo_patches_are_seeded_8_bit_rgb_from_disjoint_columns():
     assert torch.allclose(v, v.round(), atol=1e-4)
     assert torch.equal(load_photos("train", 16, 70, seed=3).x, train.x)
     assert not torch.equal(load_photos("train", 16, 70, seed=5).x, train.x)
-    for photo in photo_arrays():  # the two regions split the columns of every photo
-        assert _region(photo, "train").shape[1] + _region(photo, "test").shape[1] == photo.shape[1]
-        assert _region(photo, "test").shape[1] >= 24
+    for photo in photo_arrays():  # the test pixels are the right 20% of the columns, at least 24 of them
+        test_mask = split_mask(photo, "test")
+        cut = round(photo.shape[1] * TRAIN_FRACTION)
+        assert not test_mask[:, :cut].any() and test_mask[:, cut:].all() and photo.shape[1] - cut >= 24
+        assert np.array_equal(split_mask(photo, "train"), ~test_mask)
     for split, data in (("train", train), ("test", test)):  # patch i comes from photo i mod 7, inside its split
         for i in range(0, len(data), 5):
             patch = ((data.x[i].permute(1, 2, 0) + 1) / 2 * 255).round().to(torch.uint8).numpy()
             photo = photo_arrays()[i % len(PHOTOS)]
-            assert _found_in(patch, _region(photo, split)), (split, i)
+            cut = round(photo.shape[1] * TRAIN_FRACTION)
+            assert _found_in(patch, photo[:, :cut] if split == "train" else photo[:, cut:]), (split, i)
+
+
+def _tile_places(patch: np.ndarray, photo: np.ndarray) -> np.ndarray:
+    """(K, 2) top-left corners where the uint8 patch occurs in the photo."""
+    s = patch.shape[0]
+    windows = np.lib.stride_tricks.sliding_window_view(photo, (s, s, 3))[..., 0, :, :, :]
+    return np.argwhere((windows == patch).all(axis=(-3, -2, -1)))
+
+
+def test_tiled_photo_split_one_tile_in_five_is_test_and_patches_stay_inside_their_split():
+    pytest.importorskip("skimage")
+    from diffusekit.data.photos import PHOTOS, TILE, load_photos, photo_arrays, split_mask
+
+    for photo in photo_arrays():
+        test_mask = split_mask(photo, "test", "tiles")
+        assert np.array_equal(split_mask(photo, "train", "tiles"), ~test_mask)
+        h, w = photo.shape[:2]
+        for i in range(0, h, TILE):  # whole tiles, (i + 2 j) mod 5 = 0 by tile index
+            for j in range(0, w, TILE):
+                block = test_mask[i:i + TILE, j:j + TILE]
+                assert block.all() == ((i // TILE + 2 * (j // TILE)) % 5 == 0) and (block.all() or not block.any())
+        full_rows = test_mask[: h - h % TILE, : w - w % TILE]  # one tile in five along every full row of tiles
+        assert abs(full_rows.mean() - 0.2) < 0.05
+    train = load_photos("train", 16, 140, seed=1, layout="tiles")
+    test = load_photos("test", 16, 70, seed=2, layout="tiles")
+    assert torch.equal(load_photos("test", 16, 70, seed=2, layout="tiles").x, test.x)
+    assert not torch.equal(load_photos("test", 16, 70, seed=2).x, test.x)  # not the column split's patches
+    for split, data in (("train", train), ("test", test)):
+        for i in range(len(data)):
+            patch = ((data.x[i].permute(1, 2, 0) + 1) / 2 * 255).round().to(torch.uint8).numpy()
+            photo = photo_arrays()[i % len(PHOTOS)]
+            mask = split_mask(photo, split, "tiles")
+            places = [(t, l) for t, l in _tile_places(patch, photo) if mask[t:t + 16, l:l + 16].all()]
+            assert places, (split, i)  # found wholly inside its split's pixels
+            if split == "test":  # and a test patch inside one tile
+                assert any(t // TILE == (t + 15) // TILE and l // TILE == (l + 15) // TILE for t, l in places)
+
+
+def test_photo_split_is_named_when_wrong_and_a_patch_too_large_for_a_tile():
+    pytest.importorskip("skimage")
+    from diffusekit.config import load_config
+    from diffusekit.data.photos import load_photos
+
+    with pytest.raises(ConfigError, match="data.photo_split must be 'columns'"):
+        load_config(None, ["data.name=photos", "data.photo_split=rows"])
+    with pytest.raises(DataError, match="data.photo_split = 'rows'"):
+        load_photos("test", 16, 5, layout="rows")
+    with pytest.raises(DataError, match=r"data.image_size = 40 does not fit in the test tiles \(32 px\)"):
+        load_dataset(DataConfig(name="photos", image_size=40, n_test=7, photo_split="tiles"), "test")
+    data = load_dataset(DataConfig(name="photos", image_size=32, n_test=7, photo_split="tiles"), "test")
+    assert tuple(data.x.shape) == (7, 3, 32, 32)  # a whole tile is a patch
 
 
 def test_photos_through_the_config_and_a_too_large_patch_is_named():

@@ -62,13 +62,17 @@ class DataConfig:
     # scenes: the share of a two-digit training scene's captions that name one of its two digits only (which one
     # at random), so that each clause is also learned alone and prompts can be composed with " AND "
     partial_captions: float = 0.0
+    # photos: how the train and test patches divide each photo, "columns" (left 80% / right 20%) or "tiles"
+    # (one 32-px tile in five is test); docs/restoration.md, "Which photo split"
+    photo_split: str = "columns"
 
 
 # the [data] keys each dataset reads beyond ``name``; the others are marked "not used" where a config is
 # printed or saved (``format_config``), so a folder run does not claim to have used n_train = 20000 examples
 _POINT_KEYS = ("n_train", "n_test", "seed")
 DATA_KEYS_USED: dict[str, tuple[str, ...]] = {
-    "digits": ("hflip",), "mnist": ("image_size", "hflip"), "photos": ("image_size", *_POINT_KEYS, "hflip"),
+    "digits": ("hflip",), "mnist": ("image_size", "hflip"),
+    "photos": ("image_size", *_POINT_KEYS, "hflip", "photo_split"),
     "scenes": ("image_size", *_POINT_KEYS, "partial_captions"),  # no hflip: a mirrored scene would contradict "on the left"
     "folder": ("path", "image_size", "channels", "hflip"),
     **{name: _POINT_KEYS for name in ("moons", "swiss_roll", "8gaussians", "checkerboard", "gmm")},
@@ -765,6 +769,8 @@ def _validate(cfg: Config) -> None:
     else:
         _check(d.image_size == 0 or 8 <= d.image_size <= MAX_IMAGE_SIZE, "data.image_size",
                f"0 (the dataset's own) or in 8..{MAX_IMAGE_SIZE}", d.image_size)
+    _check(d.photo_split in ("columns", "tiles"), "data.photo_split", "'columns' (the right 20% of each photo is "
+           "test) or 'tiles' (one 32-px tile in five is test)", d.photo_split)
     _check(d.channels in (0, 1, 3), "data.channels", "0 (inferred from the images), 1 or 3", d.channels)
     if d.hflip and d.name not in IMAGE_DATASETS:
         raise ConfigError(f"data.hflip = true mirrors images, but data.name = {d.name!r} is points, not images; "

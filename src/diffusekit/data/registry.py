@@ -1,7 +1,8 @@
 """``load_dataset``: the ``[data]`` config section -> an in-memory ``ArrayDataset``.
 
 Splits: digits and MNIST have fixed stratified splits; photo patches (``data/photos.py``) come from
-disjoint column ranges of each photo (``n_train`` / ``n_test`` patches); scenes (``data/scenes.py``) place digits
+disjoint pixels of each photo, its column ranges or its tiles (``data.photo_split``; ``n_train`` / ``n_test``
+patches); scenes (``data/scenes.py``) place digits
 of the MNIST-5k split of the same name on a canvas (``n_train`` / ``n_test`` scenes, drawn with a seed derived from
 ``(data.seed, split)``); toys and the Gaussian-mixture oracle draw
 ``n_train`` / ``n_test`` points with seeds derived from ``(data.seed, split)``, so the two splits
@@ -87,7 +88,7 @@ def load_dataset(cfg, split: Literal["train", "test"]) -> ArrayDataset:
     if name == "scenes":
         return load_scenes(split, n, cfg.seed, cfg.image_size or 32)
     if name == "photos":
-        return load_photos(split, cfg.image_size or PHOTO_PATCH_SIZE, n, split_seed(cfg.seed, split))
+        return load_photos(split, cfg.image_size or PHOTO_PATCH_SIZE, n, split_seed(cfg.seed, split), cfg.photo_split)
     if name in TOYS:
         x = make_toy(name, n, split_seed(cfg.seed, split))
         return ArrayDataset(x, None, levels=None, num_classes=0, name=f"{name}-{split}")
