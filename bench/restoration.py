@@ -227,7 +227,11 @@ def bench_task(task: str, trained: Path, free: Path, settings: RestoreSettings, 
             s = RestoreSettings(**{**settings.__dict__, "method": method})
             metrics, folder = restore_run(run_dir, s, out / f"{task}-{method}", progress=progress)
             z = load_npz(folder)
+            if scorer is not None and not np.array_equal(z["original"], first_original):
+                raise SystemExit(f"bench/restoration.py: --trained {trained} and --free {free} restore different "
+                                 "inputs; their [data] sections must match (e.g. data.photo_split)")
             if scorer is None:
+                first_original = z["original"]
                 family, source = read_run(run_dir)
                 scorer = Scorer(family.load(source, True, "cpu"), s, z)
                 rows += baselines(scorer, task, torch.from_numpy(z["degraded"]), settings.factor)

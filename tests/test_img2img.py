@@ -471,3 +471,28 @@ def test_the_restoration_bench_scores_what_restore_wrote(img2img_run, digits_run
         assert bench.training_cost(resumed) == {"steps": 150, "seconds": 32.5}
     finally:
         sys.modules.pop("restoration", None)
+
+
+def test_the_restoration_bench_refuses_runs_that_restore_different_inputs(tmp_path, monkeypatch, capsys):
+    """A trained and an unconditional run whose [data] differ (here the photo split) would be scored on different
+    images; the bench stops with one line naming both runs."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("skimage")
+    photos = ["--set", "data.name=photos", "--set", "data.n_train=64", "--set", "data.n_test=8",
+              "--set", "model.channel_mult=[1, 2]", "--set", "model.attn_resolutions=[]"]
+    trained, free = tmp_path / "trained", tmp_path / "free"
+    assert cli("train", *TINY, *photos, "--set", 'img2img.tasks=["colorize"]', "--set", "train.steps=2",
+               "--out", trained, "--no-progress") == 0
+    assert cli("train", *TINY, *photos, "--set", "model.kind=unet", "--set", "data.photo_split=tiles",
+               "--set", "train.steps=2", "--out", free, "--no-progress") == 0
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    bench = importlib.import_module("restoration")
+    try:
+        with pytest.raises(SystemExit, match="restore different inputs; their \\[data\\] sections must match"):
+            bench.main(["--trained", str(trained), "--free", str(free), "--tasks", "colorize", "--n", "2",
+                        "--seeds", "0", "--steps", "2", "--out", str(tmp_path / "b"), "--no-progress"])
+    finally:
+        sys.modules.pop("restoration", None)
