@@ -317,3 +317,21 @@ def test_photos_through_the_config_and_a_too_large_patch_is_named():
     assert tuple(data.x.shape) == (7, 3, 16, 16) and data.name == "photos-test"
     with pytest.raises(DataError, match="data.image_size = 40"):
         load_dataset(DataConfig(name="photos", image_size=40, n_test=7), "test")
+
+
+@pytest.mark.parametrize("layout", ["columns", "tiles"])
+def test_the_config_limits_photo_patches_to_what_the_test_split_holds(layout):
+    """A patch too large for the test pixels is refused when the config loads, before any training, at exactly
+    the size where drawing the test split would fail."""
+    pytest.importorskip("skimage")
+    from diffusekit.config import PHOTO_PATCH_MAX, load_config
+    from diffusekit.data.photos import load_photos
+
+    largest = PHOTO_PATCH_MAX[layout]
+    assert load_photos("test", largest, 3, layout=layout).x.shape == (3, 3, largest, largest)
+    with pytest.raises(DataError, match=f"data.image_size = {largest + 1} does not fit"):
+        load_photos("test", largest + 1, 3, layout=layout)
+    load_config(None, ["data.name=photos", f"data.photo_split={layout}", f"data.image_size={largest}"])
+    with pytest.raises(ConfigError, match=f"data.image_size must be 0 \\(16\\) or in 8..{largest} for "
+                                          f"data.photo_split = '{layout}'"):
+        load_config(None, ["data.name=photos", f"data.photo_split={layout}", f"data.image_size={largest + 1}"])

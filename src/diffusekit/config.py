@@ -78,6 +78,7 @@ DATA_KEYS_USED: dict[str, tuple[str, ...]] = {
     **{name: _POINT_KEYS for name in ("moons", "swiss_roll", "8gaussians", "checkerboard", "gmm")},
 }
 IMAGE_DATASETS = ("digits", "mnist", "photos", "folder")
+PHOTO_PATCH_MAX = {"columns": 26, "tiles": 32}  # the largest photo patch each split's test pixels hold
 MNIST_SIZES = (0, 28, 14, 7)  # data.image_size of MNIST: 0 and 28 are its own size, 14 and 7 average-pool it
 
 
@@ -766,6 +767,12 @@ def _validate(cfg: Config) -> None:
                "for data.name = 'scenes' (each is drawn and measured when the data loads)", max(d.n_train, d.n_test))
         _check(0.0 <= d.partial_captions <= 1.0, "data.partial_captions", "in [0, 1] (a share of the two-digit "
                "scenes' captions)", d.partial_captions)
+    elif d.name == "photos":  # a patch must fit the test pixels: 26 columns, or one 32-px tile (data/photos.py)
+        largest = PHOTO_PATCH_MAX[d.photo_split] if d.photo_split in PHOTO_PATCH_MAX else MAX_IMAGE_SIZE
+        _check(d.image_size == 0 or 8 <= d.image_size <= largest, "data.image_size",
+               f"0 (16) or in 8..{largest} for data.photo_split = {d.photo_split!r} (a test patch must fit in "
+               f"{'the right 26 columns of a photo' if d.photo_split == 'columns' else 'one 32-px tile'})",
+               d.image_size)
     else:
         _check(d.image_size == 0 or 8 <= d.image_size <= MAX_IMAGE_SIZE, "data.image_size",
                f"0 (the dataset's own) or in 8..{MAX_IMAGE_SIZE}", d.image_size)
