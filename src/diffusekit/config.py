@@ -755,6 +755,8 @@ def _validate(cfg: Config) -> None:
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(f"data.name = {d.name!r} is not a dataset; {hint}choose one of {', '.join(DATASET_NAMES)}")
     _check(d.seed >= 0, "data.seed", ">= 0", d.seed)
+    _check(d.photo_split in PHOTO_PATCH_MAX, "data.photo_split", "'columns' (the right 20% of each photo is "
+           "test) or 'tiles' (one 32-px tile in five is test)", d.photo_split)
     if d.name == "mnist":
         _check(d.image_size in MNIST_SIZES, "data.image_size", "0 or 28 (MNIST's own 28x28), 14 or 7 (average-pooled "
                "by 2 or 4, the low-resolution stage of a cascade)", d.image_size)
@@ -768,7 +770,7 @@ def _validate(cfg: Config) -> None:
         _check(0.0 <= d.partial_captions <= 1.0, "data.partial_captions", "in [0, 1] (a share of the two-digit "
                "scenes' captions)", d.partial_captions)
     elif d.name == "photos":  # a patch must fit the test pixels: 26 columns, or one 32-px tile (data/photos.py)
-        largest = PHOTO_PATCH_MAX[d.photo_split] if d.photo_split in PHOTO_PATCH_MAX else MAX_IMAGE_SIZE
+        largest = PHOTO_PATCH_MAX[d.photo_split]
         _check(d.image_size == 0 or 8 <= d.image_size <= largest, "data.image_size",
                f"0 (16) or in 8..{largest} for data.photo_split = {d.photo_split!r} (a test patch must fit in "
                f"{'the right 26 columns of a photo' if d.photo_split == 'columns' else 'one 32-px tile'})",
@@ -776,8 +778,6 @@ def _validate(cfg: Config) -> None:
     else:
         _check(d.image_size == 0 or 8 <= d.image_size <= MAX_IMAGE_SIZE, "data.image_size",
                f"0 (the dataset's own) or in 8..{MAX_IMAGE_SIZE}", d.image_size)
-    _check(d.photo_split in ("columns", "tiles"), "data.photo_split", "'columns' (the right 20% of each photo is "
-           "test) or 'tiles' (one 32-px tile in five is test)", d.photo_split)
     _check(d.channels in (0, 1, 3), "data.channels", "0 (inferred from the images), 1 or 3", d.channels)
     if d.hflip and d.name not in IMAGE_DATASETS:
         raise ConfigError(f"data.hflip = true mirrors images, but data.name = {d.name!r} is points, not images; "

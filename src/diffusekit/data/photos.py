@@ -109,13 +109,14 @@ def load_photos(split: Literal["train", "test"] = "train", image_size: int = 16,
         where = f"the {split} tiles ({TILE} px)" if layout == "tiles" else f"the {split} columns"
         raise DataError(f"data.image_size = {image_size} does not fit in {where} of {too_small[0]}; "
                         f"use {'16 or 24' if layout == 'columns' else 'at most 32'}")
+    cuts = [round(p.shape[1] * TRAIN_FRACTION) for p in photos]
+    regions = [p[:, :c] if split == "train" else p[:, c:] for p, c in zip(photos, cuts)]
     rng = np.random.default_rng(seed)
     patches = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
     for i in range(n):
         photo, corners = photos[i % len(photos)], windows[i % len(photos)]
         if layout == "columns":  # top, then left, within the region: the draw every earlier run used
-            cut = round(photo.shape[1] * TRAIN_FRACTION)
-            region = photo[:, :cut] if split == "train" else photo[:, cut:]
+            region = regions[i % len(photos)]
             top = rng.integers(0, region.shape[0] - image_size + 1)
             left = rng.integers(0, region.shape[1] - image_size + 1)
             patches[i] = region[top:top + image_size, left:left + image_size]
