@@ -24,8 +24,9 @@ Columns (``restored`` clamped to [-1, 1]; the region is the unknown pixels for m
   than 7 pixels a uniform window of their odd side; scikit-image), likewise;
 - ``consistency``: RMS of A(restored) - y over the measured values (how far the restoration is from agreeing
   with its measurement; 0 for a projection);
-- ``distribution``: the feature-net ``fd_ratio`` with its 95% bootstrap interval (digits, MNIST) or the pixel
-  sliced-W2 ratio (photos) of all restorations against the test split, as ``diffusekit evaluate`` scores samples;
+- ``distribution``: the feature-net ``fd_ratio`` (digits, MNIST) or the pixel sliced-W2 ratio (photos) of all
+  restorations against the test split, as ``diffusekit evaluate`` scores samples, with its 95% bootstrap interval
+  (the sliced-W2 one redraws inputs with all their seeds; the fd_ratio one redraws restorations singly);
 - ``accuracy``: the dataset's classifier on the restorations against the inputs' labels, with its binomial
   standard error, and ``y_only_accuracy`` (per task): a logistic regression trained on the degraded train images (the same
   degradation, other masks) reading only A+ y: about what y alone tells of the class;
@@ -144,10 +145,13 @@ class Scorer:
         return p, math.sqrt(p * (1 - p) / len(self.labels))  # the inputs are the independent draws
 
     def distribution(self, restored: Tensor) -> dict[str, Any]:
-        q = score_samples(restored.flatten(0, 1).clamp(-1, 1), self.run.cfg.data, self.test, self.run.levels)
+        K, S = restored.shape[:2]
+        q = score_samples(restored.flatten(0, 1).clamp(-1, 1), self.run.cfg.data, self.test, self.run.levels,
+                          groups=torch.arange(K).repeat_interleave(S))  # an input's seeds are redrawn together
         if "fd_ratio" in q:
             return {"name": "fd_ratio", "value": q["fd_ratio"], "interval": q["fd_ratio_interval"]}
-        return {"name": "sliced_w2_ratio", "value": q["sliced_wasserstein_ratio"]}
+        return {"name": "sliced_w2_ratio", "value": q["sliced_wasserstein_ratio"],
+                "interval": q["sliced_wasserstein_ratio_interval"]}
 
     def row(self, method: str, restored: Tensor, seconds: float | None) -> dict[str, Any]:
         """The columns for restorations (K, S, C, H, W)."""

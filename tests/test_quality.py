@@ -253,6 +253,8 @@ def test_pixel_quality_is_calibrated_by_real_images():
     floor = abs(real["mmd_train_test"])
     assert abs(real["mmd"]) < 10 * floor + 1e-3 and noise["mmd"] > 20 * (floor + abs(real["mmd"])), (real, noise)
     assert "mmd_ratio" not in real
+    lo, hi = real["sliced_wasserstein_ratio_interval"]
+    assert lo < real["sliced_wasserstein_ratio"] < hi and noise["sliced_wasserstein_ratio_interval"][0] > hi
     few = pixel_quality(draw(200), test, train[:50])  # a small folder: both sides use 50 images
     assert few["n_compared"] == 50 and few["sliced_wasserstein_ratio"] < 2
     with pytest.raises(ValueError, match="at least 2 samples, 2 train and 2 test images"):
@@ -307,6 +309,35 @@ def test_fd_ratio_interval_covers_one_for_real_data_and_separates_a_bad_sampler(
     bad = fd_ratio_interval(torch.randn(1000, 16, generator=gen) * 1.3, train, stats, reps=100)
     assert real[0] < 1.0 < real[1] and bad[0] > 1.5
     assert intervals_separate(real, bad) and not intervals_separate(real, (real[1] - 1e-9, 10.0))
+
+
+def test_sliced_w2_ratio_interval_covers_one_separates_a_bad_sampler_and_redraws_groups_whole():
+    from diffusekit.evaluate.quality import intervals_separate, sliced_w2_ratio_interval, sliced_wasserstein
+
+    gen = torch.Generator().manual_seed(0)
+    train, test = torch.randn(3000, 12, generator=gen), torch.randn(1000, 12, generator=gen)
+    real = sliced_w2_ratio_interval(torch.randn(1000, 12, generator=gen), train, test, reps=100)
+    bad = sliced_w2_ratio_interval(torch.randn(1000, 12, generator=gen) * 1.3, train, test, reps=100)
+    assert real[0] < 1.0 < real[1] and bad[0] > 1.5 and intervals_separate(real, bad), (real, bad)
+    # 64 draws, each repeated 16 times (16 restorations of one input that agree): repeating every point leaves
+    # the empirical distribution as it was, so redrawn by group the interval is exactly that of the 64 draws
+    # (with 64 calibration images on both sides); redrawn singly, the repeats pass for 1024 independent draws
+    few, calibration = torch.randn(64, 12, generator=gen), train[:64]
+    ids = torch.arange(64).repeat_interleave(16)
+    grouped = sliced_w2_ratio_interval(few[ids], calibration, test, groups=ids, reps=100)
+    alone = sliced_w2_ratio_interval(few, calibration, test, reps=100)
+    singly = sliced_w2_ratio_interval(few[ids], calibration, test, reps=100)
+    assert grouped == pytest.approx(alone, abs=1e-9)
+    assert singly[1] - singly[0] < 0.5 * (grouped[1] - grouped[0]), (singly, grouped)
+    # one id per draw is the ungrouped redraw, bit for bit
+    x = torch.randn(300, 12, generator=gen)
+    assert sliced_w2_ratio_interval(x, train, test, groups=torch.arange(300), reps=20) == \
+        sliced_w2_ratio_interval(x, train, test, reps=20)
+    # the full sample's numerator is sliced_wasserstein's own value: a redraw that is the identity reproduces it
+    point = sliced_wasserstein(x, test) / sliced_wasserstein(train[:300], test)
+    assert abs(sliced_w2_ratio_interval(x, train[:300], test, groups=torch.zeros(300), reps=3)[0] - point) < 1e-9
+    with pytest.raises(ValueError, match="groups has 5 ids for 300 samples"):
+        sliced_w2_ratio_interval(x, train, test, groups=torch.zeros(5), reps=3)
 
 
 def test_fd_ratio_interval_is_centred_on_the_estimate_for_a_poor_sampler():

@@ -16,6 +16,7 @@ vector data, sliced Wasserstein, MMD and the exact NLL under an oracle density.
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,7 +28,8 @@ from torch import Tensor
 from diffusekit.evaluate.features import feature_dataset, load_feature_net
 
 __all__ = ["feature_stats", "frechet_distance", "image_quality", "sliced_wasserstein", "wasserstein2_1d",
-           "mmd_rbf", "vector_quality", "pixel_quality", "kid", "fd_ratio_interval", "intervals_separate"]
+           "mmd_rbf", "vector_quality", "pixel_quality", "kid", "fd_ratio_interval", "sliced_w2_ratio_interval",
+           "intervals_separate"]
 
 
 # -- Fréchet distance -----------------------------------------------------------------------------
@@ -243,17 +245,29 @@ def wasserstein2_1d(a: Tensor, b: Tensor) -> Tensor:
     unequal sample sizes need no resampling (equal sizes reduce to the mean squared difference of
     the sorted samples).
     """
-    a, b = a.sort(dim=1).values, b.sort(dim=1).values
+    return _w2_sorted(a.sort(dim=1).values, b.sort(dim=1).values)
+
+
+def _w2_sorted(a: Tensor, b: Tensor) -> Tensor:
+    """``wasserstein2_1d`` of rows already sorted."""
     n, m = a.shape[1], b.shape[1]
     if n == m:
         return (a - b).pow(2).mean(dim=1)
+    ia, ib, width = _quantile_pieces(n, m)
+    return ((a[:, ia] - b[:, ib]).pow(2) * width).sum(dim=1)
+
+
+@functools.lru_cache(maxsize=16)
+def _quantile_pieces(n: int, m: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The pieces on which both empirical quantile functions (n and m points) are constant: the index into
+    each sorted sample and the piece's width."""
     u = torch.cat([torch.arange(1, n + 1, dtype=torch.float64) / n, torch.arange(1, m + 1, dtype=torch.float64) / m])
     u = torch.unique(u.clamp(max=1.0))  # sorted right ends of the pieces
     width = torch.diff(u, prepend=u.new_zeros(1))
     mid = u - width / 2
     ia = (mid * n).floor().long().clamp(max=n - 1)
     ib = (mid * m).floor().long().clamp(max=m - 1)
-    return ((a[:, ia] - b[:, ib]).pow(2) * width).sum(dim=1)
+    return ia, ib, width
 
 
 def sliced_wasserstein(x: Tensor, y: Tensor, n_projections: int = 256, seed: int = 0) -> float:
@@ -264,9 +278,60 @@ def sliced_wasserstein(x: Tensor, y: Tensor, n_projections: int = 256, seed: int
     y = y.detach().reshape(y.shape[0], -1).to("cpu", torch.float64)
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"samples have {x.shape[1]} and {y.shape[1]} dimensions")
-    theta = torch.randn(n_projections, x.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    theta = theta / theta.norm(dim=1, keepdim=True)
+    theta = _directions(x.shape[1], n_projections, seed)
     return math.sqrt(wasserstein2_1d(theta @ x.T, theta @ y.T).mean().item())
+
+
+def _directions(dim: int, n_projections: int, seed: int) -> Tensor:
+    """``n_projections`` random unit directions (n_projections, dim) in float64, drawn with ``seed``."""
+    theta = torch.randn(n_projections, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return theta / theta.norm(dim=1, keepdim=True)
+
+
+def sliced_w2_ratio_interval(samples: Tensor, train: Tensor, test: Tensor, groups: Tensor | None = None,
+                             reps: int = 200, seed: int = 0, level: float = 0.95,
+                             n_projections: int = 256) -> tuple[float, float]:
+    """A bootstrap interval for the sliced-W2 ratio SW(samples, test) / SW(real train images, test) of
+    ``pixel_quality`` (inputs already on its grid, flattened), built as ``fd_ratio_interval`` builds
+    fd_ratio's: the ``level`` percentile interval of ``reps`` replicate ratios, each with
+
+    - the N samples redrawn with replacement for the numerator, shifted by the replicates' mean excess over
+      the estimate (bias-corrected bootstrap) and kept >= 0. With ``groups`` (N,), the ids of draws that are
+      not independent (e.g. several restorations of one input), whole groups are redrawn instead;
+    - min(N, train size) train images drawn without replacement for the calibration, as ``pixel_quality``
+      draws its own.
+
+    The directions are ``sliced_wasserstein``'s (seed 0), so a replicate of the full sample is its value."""
+    x = samples.reshape(samples.shape[0], -1).to("cpu", torch.float64)
+    real = train.reshape(train.shape[0], -1).to("cpu", torch.float64)
+    ref = test.reshape(test.shape[0], -1).to("cpu", torch.float64)
+    if not x.shape[1] == real.shape[1] == ref.shape[1]:
+        raise ValueError(f"samples, train and test have {x.shape[1]}, {real.shape[1]} and {ref.shape[1]} dimensions")
+    n, m = x.shape[0], min(x.shape[0], real.shape[0])
+    theta = _directions(x.shape[1], n_projections, 0)
+    px, preal = theta @ x.T, theta @ real.T  # project once; a redraw picks columns
+    pref = (theta @ ref.T).sort(dim=1).values
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        members = [np.array([i]) for i in range(n)]
+    else:
+        ids = np.asarray(groups).reshape(-1)
+        if ids.shape[0] != n:
+            raise ValueError(f"groups has {ids.shape[0]} ids for {n} samples")
+        members = [np.flatnonzero(ids == g) for g in np.unique(ids)]
+
+    def sw(proj: Tensor) -> float:
+        return math.sqrt(_w2_sorted(proj.sort(dim=1).values, pref).mean().item())
+
+    def redraw() -> np.ndarray:
+        return np.concatenate([members[i] for i in rng.integers(len(members), size=len(members))])
+
+    numerators = np.array([sw(px[:, torch.from_numpy(redraw())]) for _ in range(reps)])
+    numerators = np.maximum(numerators - (numerators.mean() - sw(px)), 0.0)
+    calibrations = np.array([sw(preal[:, torch.from_numpy(rng.permutation(real.shape[0])[:m])]) for _ in range(reps)])
+    ratios = numerators / np.maximum(calibrations, 1e-12)
+    lo, hi = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
 
 
 def _sq_dists(a: Tensor, b: Tensor) -> Tensor:
@@ -333,7 +398,7 @@ def _on_grid(x: Tensor, levels: int | None) -> Tensor:
 
 
 def pixel_quality(samples: Tensor, test: Tensor, train: Tensor, levels: int | None = None,
-                  seed: int = 0) -> dict[str, Any]:
+                  seed: int = 0, groups: Tensor | None = None) -> dict[str, Any]:
     """Quality of image samples where no feature network exists (e.g. photo patches): sliced W2 and
     MMD in pixel space to the test split, calibrated like the Fréchet distance by the same distances
     from as many real train images (drawn with ``seed``) to the test split; with fewer train images
@@ -343,6 +408,8 @@ def pixel_quality(samples: Tensor, test: Tensor, train: Tensor, levels: int | No
     are as close to the test images as real training images are. MMD gets no ratio: its unbiased
     estimate for real images scatters around 0, so ``mmd_train_test`` is the noise floor to read
     ``mmd`` against. Samples are quantized to ``levels`` as the data is.
+    ``sliced_wasserstein_ratio_interval``: its 95% bootstrap interval (``sliced_w2_ratio_interval``; ``groups``,
+    per sample, marks draws that are not independent, e.g. restorations of one input).
     """
     n = min(samples.shape[0], train.shape[0])  # both sides of the comparison use n images
     if n < 2 or test.shape[0] < 2:
@@ -357,4 +424,6 @@ def pixel_quality(samples: Tensor, test: Tensor, train: Tensor, levels: int | No
         out[name], out[f"{name}_train_test"] = ours, calibration
     sw = out["sliced_wasserstein_train_test"]
     out["sliced_wasserstein_ratio"] = out["sliced_wasserstein"] / sw if sw > 0 else float("inf")
+    out["sliced_wasserstein_ratio_interval"] = list(sliced_w2_ratio_interval(
+        x, _on_grid(train, levels), ref, None if groups is None else groups[:n], seed=seed))
     return out

@@ -26,9 +26,10 @@ def has_feature_net(data_cfg) -> bool:
 
 
 def score_samples(x: Tensor, data_cfg, test: ArrayDataset, levels: int | None,
-                  labels: Tensor | None = None) -> dict[str, Any]:
+                  labels: Tensor | None = None, groups: Tensor | None = None) -> dict[str, Any]:
     """The quality numbers of samples ``x`` against the ``test`` split of the data of ``data_cfg``
-    (``labels``: the classes they were drawn for, for class accuracy)."""
+    (``labels``: the classes they were drawn for, for class accuracy; ``groups``: per sample, the ids of
+    draws that are not independent, for the pixel-space interval)."""
     if x.ndim != 4:
         oracle = default_mixture(x.shape[1]) if data_cfg.name == "gmm" else None
         return vector_quality(x, test.x, oracle=oracle)
@@ -40,6 +41,6 @@ def score_samples(x: Tensor, data_cfg, test: ArrayDataset, levels: int | None,
     if test.x.shape[0] < 2:
         return {"feature_space": space, "skipped": f"the {test.name} split has {test.x.shape[0]} image(s); "
                 "pixel-space distances need at least 2"}
-    out = pixel_quality(x, test.x, load_dataset(data_cfg, "train").x, levels=levels)
+    out = pixel_quality(x, test.x, load_dataset(data_cfg, "train").x, levels=levels, groups=groups)
     out["feature_space"] = space
     return out
