@@ -224,6 +224,7 @@ def side_by_side(scorer: Scorer, degraded: Tensor, restored: dict[str, Tensor], 
 def bench_task(task: str, trained: Path, free: Path, settings: RestoreSettings, out: Path,
                progress: bool) -> dict[str, Any]:
     rows, scorer, pictured = [], None, {}
+    first_original = None  # the first folder's originals: every method must restore these
     for run_dir, methods in ((trained, ("img2img",)), (free, FREE_METHODS)):
         for method in methods:
             if run_dir is None:
