@@ -26,7 +26,7 @@ Columns (``restored`` clamped to [-1, 1]; the region is the unknown pixels for m
   with its measurement; 0 for a projection);
 - ``distribution``: the feature-net ``fd_ratio`` (digits, MNIST) or the pixel sliced-W2 ratio (photos) of all
   restorations against the test split, as ``diffusekit evaluate`` scores samples, with its 95% bootstrap interval
-  (the sliced-W2 one redraws inputs with all their seeds; the fd_ratio one redraws restorations singly);
+  (redrawing inputs with all their seeds: the restorations of one input are not independent draws);
 - ``accuracy``: the dataset's classifier on the restorations against the inputs' labels, with its binomial
   standard error, and ``y_only_accuracy`` (per task): a logistic regression trained on the degraded train images (the same
   degradation, other masks) reading only A+ y: about what y alone tells of the class;

@@ -340,6 +340,30 @@ def test_sliced_w2_ratio_interval_covers_one_separates_a_bad_sampler_and_redraws
         sliced_w2_ratio_interval(x, train, test, groups=torch.zeros(5), reps=3)
 
 
+def test_fd_ratio_interval_redraws_groups_whole():
+    """64 inputs, each restored 16 times alike: redrawn by input, the interval is that of the 64 inputs (with
+    64 calibration images on both sides; the same random draws, and covariances that differ only by the
+    factor 1023/1024 * 64/63 of the repeats); redrawn singly, the repeats pass for 1024 independent draws and
+    the interval is far too narrow. One id per draw is the ungrouped redraw, bit for bit."""
+    from diffusekit.evaluate.quality import fd_ratio_interval, feature_stats
+
+    gen = torch.Generator().manual_seed(2)
+    train, test = torch.randn(3000, 8, generator=gen), torch.randn(1000, 8, generator=gen)
+    stats = feature_stats(test)
+    inputs, calibration = torch.randn(64, 8, generator=gen), train[:64]
+    ids = torch.arange(64).repeat_interleave(16)
+    grouped = fd_ratio_interval(inputs[ids], calibration, stats, reps=100, groups=ids)
+    alone = fd_ratio_interval(inputs, calibration, stats, reps=100)
+    singly = fd_ratio_interval(inputs[ids], calibration, stats, reps=100)
+    assert grouped == pytest.approx(alone, rel=0.02), (grouped, alone)
+    assert singly[1] - singly[0] < 0.5 * (grouped[1] - grouped[0]), (singly, grouped)
+    x = torch.randn(200, 8, generator=gen)
+    assert fd_ratio_interval(x, train, stats, reps=20, groups=torch.arange(200)) == fd_ratio_interval(x, train, stats,
+                                                                                                      reps=20)
+    with pytest.raises(ValueError, match="groups has 3 ids for 200 samples"):
+        fd_ratio_interval(x, train, stats, reps=2, groups=torch.zeros(3))
+
+
 def test_fd_ratio_interval_is_centred_on_the_estimate_for_a_poor_sampler():
     """The point estimate (fd / fd_train_test on subsets drawn without replacement, as ``image_quality``
     computes it) must sit well inside its interval, not at the top: redrawing with replacement repeats

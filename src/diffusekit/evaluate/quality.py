@@ -114,14 +114,16 @@ def kid(x: Tensor | np.ndarray, y: Tensor | np.ndarray, blocks: int = 10) -> tup
 
 
 def fd_ratio_interval(f_samples: Tensor, f_train: Tensor, stats_test: tuple[np.ndarray, np.ndarray],
-                      reps: int = 200, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+                      reps: int = 200, seed: int = 0, level: float = 0.95,
+                      groups: Tensor | None = None) -> tuple[float, float]:
     """A bootstrap interval for fd_ratio = FD(samples, test) / FD(real train images, test), the ``level``
     percentile interval of ``reps`` replicate ratios. Each replicate redraws
 
     - the N samples with replacement, for the numerator. A redraw repeats about a third of the points,
       which adds to FD on its own (the covariance of fewer distinct points is noisier), so the replicate
       numerators are shifted by their mean excess over the estimate (bias-corrected bootstrap, Efron &
-      Tibshirani 1993, Sec. 10.6) and kept >= 0;
+      Tibshirani 1993, Sec. 10.6) and kept >= 0. With ``groups`` (N,), the ids of draws that are not
+      independent (e.g. several restorations of one input), whole groups are redrawn instead;
     - min(N, train size) train images *without* replacement, for the calibration, exactly as
       ``image_quality`` draws its calibration subsets (a redraw with replacement would inflate the
       small denominator and shift every poor sampler's interval below its own estimate).
@@ -138,12 +140,25 @@ def fd_ratio_interval(f_samples: Tensor, f_train: Tensor, stats_test: tuple[np.n
     def fd(f: np.ndarray) -> float:  # the same distance as frechet_distance(*feature_stats(f), *stats_test)
         return frechet_distance(mu_t, cov_t, f.mean(axis=0), np.cov(f, rowvar=False), root1=root_t)
 
-    numerators = np.array([fd(f_samples[rng.integers(n, size=n)]) for _ in range(reps)])
+    redraw = _redraw(n, groups, rng)
+    numerators = np.array([fd(f_samples[redraw()]) for _ in range(reps)])
     numerators = np.maximum(numerators - (numerators.mean() - fd(f_samples)), 0.0)
     calibrations = np.array([fd(f_train[rng.permutation(f_train.shape[0])[:m]]) for _ in range(reps)])
     ratios = numerators / np.maximum(calibrations, 1e-12)
     lo, hi = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
+
+
+def _redraw(n: int, groups: Tensor | None, rng: np.random.Generator):
+    """A function drawing the indices of a bootstrap replicate of n draws: n with replacement, or with ``groups``
+    (n ids) as many groups as there are, with replacement, each with all its members."""
+    if groups is None:
+        return lambda: rng.integers(n, size=n)
+    ids = np.asarray(groups).reshape(-1)
+    if ids.shape[0] != n:
+        raise ValueError(f"groups has {ids.shape[0]} ids for {n} samples")
+    members = [np.flatnonzero(ids == g) for g in np.unique(ids)]
+    return lambda: np.concatenate([members[i] for i in rng.integers(len(members), size=len(members))])
 
 
 def intervals_separate(a: Sequence[float], b: Sequence[float]) -> bool:
@@ -168,7 +183,7 @@ def _class_entropy_bits(counts: Tensor) -> float:
 
 def image_quality(samples: Tensor, dataset_name: str, levels: int | None = None,
                   cache_dir: str | Path | None = None, seed: int = 0, n_calibration: int = 8,
-                  labels: Tensor | None = None) -> dict[str, Any]:
+                  labels: Tensor | None = None, groups: Tensor | None = None) -> dict[str, Any]:
     """Quality of image samples (N, 1, H, W) in [-1, 1] for ``dataset_name`` ("digits" or "mnist").
 
     The samples are clamped to [-1, 1] (and rounded to ``levels`` values when given, like the
@@ -186,7 +201,8 @@ def image_quality(samples: Tensor, dataset_name: str, levels: int | None = None,
     - ``class_histogram`` (predicted-class counts) and ``class_entropy_bits`` (its entropy; log2(10)
       = 3.32 bits when all classes are equally frequent: low values mean mode collapse);
     - ``classifier_test_accuracy`` (of the feature net on the test split) and ``n_samples``;
-    - ``fd_ratio_interval``: a 95% bootstrap interval of ``fd_ratio`` (``fd_ratio_interval``);
+    - ``fd_ratio_interval``: a 95% bootstrap interval of ``fd_ratio`` (``fd_ratio_interval``; ``groups``, per
+      sample, marks draws that are not independent, e.g. restorations of one input);
     - ``kid`` with ``kid_stderr`` (``kid``) against the test split, and ``kid_train_test``, the same for
       as many real train images: the level a perfect sampler reaches on this test split (not exactly 0:
       the split is one finite draw, and the standard errors are over the samples, the split held
@@ -225,7 +241,7 @@ def image_quality(samples: Tensor, dataset_name: str, levels: int | None = None,
     kid_real, kid_real_stderr = kid(f_train[subsets[0]], f_test)
     return {**extra, "fd": fd, "fd_train_test": fd_train_test, "fd_train_test_std": float(calibration.std()),
             "fd_ratio": fd / fd_train_test if fd_train_test > 0 else float("inf"),
-            "fd_ratio_interval": list(fd_ratio_interval(f_samples, f_train, stats_test, seed=seed)),
+            "fd_ratio_interval": list(fd_ratio_interval(f_samples, f_train, stats_test, seed=seed, groups=groups)),
             "kid": kid_value, "kid_stderr": kid_stderr, "kid_train_test": kid_real,
             "kid_train_test_stderr": kid_real_stderr, "kid_excess": kid_value - kid_real,
             "kid_excess_stderr": math.sqrt(kid_stderr**2 + kid_real_stderr**2),
@@ -312,19 +328,10 @@ def sliced_w2_ratio_interval(samples: Tensor, train: Tensor, test: Tensor, group
     px, preal = theta @ x.T, theta @ real.T  # project once; a redraw picks columns
     pref = (theta @ ref.T).sort(dim=1).values
     rng = np.random.default_rng(seed)
-    if groups is None:
-        members = [np.array([i]) for i in range(n)]
-    else:
-        ids = np.asarray(groups).reshape(-1)
-        if ids.shape[0] != n:
-            raise ValueError(f"groups has {ids.shape[0]} ids for {n} samples")
-        members = [np.flatnonzero(ids == g) for g in np.unique(ids)]
+    redraw = _redraw(n, groups, rng)
 
     def sw(proj: Tensor) -> float:
         return math.sqrt(_w2_sorted(proj.sort(dim=1).values, pref).mean().item())
-
-    def redraw() -> np.ndarray:
-        return np.concatenate([members[i] for i in rng.integers(len(members), size=len(members))])
 
     numerators = np.array([sw(px[:, torch.from_numpy(redraw())]) for _ in range(reps)])
     numerators = np.maximum(numerators - (numerators.mean() - sw(px)), 0.0)

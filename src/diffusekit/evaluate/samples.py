@@ -29,13 +29,13 @@ def score_samples(x: Tensor, data_cfg, test: ArrayDataset, levels: int | None,
                   labels: Tensor | None = None, groups: Tensor | None = None) -> dict[str, Any]:
     """The quality numbers of samples ``x`` against the ``test`` split of the data of ``data_cfg``
     (``labels``: the classes they were drawn for, for class accuracy; ``groups``: per sample, the ids of
-    draws that are not independent, for the pixel-space interval)."""
+    draws that are not independent, for the intervals)."""
     if x.ndim != 4:
         oracle = default_mixture(x.shape[1]) if data_cfg.name == "gmm" else None
         return vector_quality(x, test.x, oracle=oracle)
     pooled = data_cfg.name == "mnist" and data_cfg.image_size not in (0, 28)
     if has_feature_net(data_cfg):
-        return image_quality(x, data_cfg.name, levels=levels, labels=labels)
+        return image_quality(x, data_cfg.name, levels=levels, labels=labels, groups=groups)
     space = (f"pixels (the MNIST feature network reads 28x28, not data.image_size = {data_cfg.image_size})" if pooled
              else f"pixels (no feature network for data.name = {data_cfg.name!r})")
     if test.x.shape[0] < 2:
