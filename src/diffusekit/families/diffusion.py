@@ -345,15 +345,15 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
 QUALITY_KEYS = ("guidance", "fd", "fd_train_test", "fd_ratio", "fd_ratio_interval", "kid", "kid_train_test", "kid_excess",
                 "class_accuracy", "confidence", "class_entropy_bits",
                 "class_histogram", "classifier_test_accuracy", "feature_space", "sliced_wasserstein",
-                "sliced_wasserstein_train_test", "sliced_wasserstein_ratio", "mmd", "mmd_train_test", "oracle_nll",
-                "oracle_entropy", "seconds_per_sample", "skipped")
+                "sliced_wasserstein_train_test", "sliced_wasserstein_ratio", "sliced_wasserstein_ratio_interval",
+                "mmd", "mmd_train_test", "oracle_nll", "oracle_entropy", "seconds_per_sample", "skipped")
 
 
 def _quality_value(q: dict[str, Any], key: str) -> str:
     value = q[key]
     if key in ("kid", "kid_train_test", "kid_excess"):
         return f"{value:.5f} ± {q[key + '_stderr']:.5f}"
-    if key == "fd_ratio_interval":
+    if key in ("fd_ratio_interval", "sliced_wasserstein_ratio_interval"):
         return f"[{value[0]:.3f}, {value[1]:.3f}] (95% bootstrap)"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
@@ -383,5 +383,6 @@ GUIDE = """How to read the numbers:
   it with the classifier's accuracy on real test images, classifier_test_accuracy.
 - Without a feature network (feature_space = pixels): sliced_wasserstein and mmd are pixel-space
   distances of the samples to the held-out split, *_train_test the same for real training images, and
-  sliced_wasserstein_ratio their quotient (near 1: as close as real data); mmd_train_test is the noise
+  sliced_wasserstein_ratio their quotient (near 1: as close as real data), with its 95% bootstrap interval
+  sliced_wasserstein_ratio_interval (built as fd_ratio_interval is); mmd_train_test is the noise
   floor of mmd (the unbiased estimate scatters around 0 for real data)."""
