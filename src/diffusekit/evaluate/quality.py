@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -140,16 +141,27 @@ def fd_ratio_interval(f_samples: Tensor, f_train: Tensor, stats_test: tuple[np.n
     def fd(f: np.ndarray) -> float:  # the same distance as frechet_distance(*feature_stats(f), *stats_test)
         return frechet_distance(mu_t, cov_t, f.mean(axis=0), np.cov(f, rowvar=False), root1=root_t)
 
+    return _ratio_interval(lambda idx: fd(f_samples[idx]), fd(f_samples), lambda idx: fd(f_train[idx]),
+                           n, f_train.shape[0], m, groups, rng, reps, level)
+
+
+def _ratio_interval(distance: Callable[[np.ndarray], float], estimate: float,
+                    calibration: Callable[[np.ndarray], float], n: int, n_train: int, m: int,
+                    groups: Tensor | None, rng: np.random.Generator, reps: int, level: float) -> tuple[float, float]:
+    """The bootstrap shared by ``fd_ratio_interval`` and ``sliced_w2_ratio_interval``: ``reps`` numerators
+    ``distance`` of the n samples at redrawn indices (singly, or whole ``groups``), shifted by their mean
+    excess over ``estimate`` and kept >= 0, over ``reps`` denominators ``calibration`` of m of the n_train
+    train images drawn without replacement; the ``level`` percentile interval of the ratios."""
     redraw = _redraw(n, groups, rng)
-    numerators = np.array([fd(f_samples[redraw()]) for _ in range(reps)])
-    numerators = np.maximum(numerators - (numerators.mean() - fd(f_samples)), 0.0)
-    calibrations = np.array([fd(f_train[rng.permutation(f_train.shape[0])[:m]]) for _ in range(reps)])
+    numerators = np.array([distance(redraw()) for _ in range(reps)])
+    numerators = np.maximum(numerators - (numerators.mean() - estimate), 0.0)
+    calibrations = np.array([calibration(rng.permutation(n_train)[:m]) for _ in range(reps)])
     ratios = numerators / np.maximum(calibrations, 1e-12)
     lo, hi = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
 
 
-def _redraw(n: int, groups: Tensor | None, rng: np.random.Generator):
+def _redraw(n: int, groups: Tensor | None, rng: np.random.Generator) -> Callable[[], np.ndarray]:
     """A function drawing the indices of a bootstrap replicate of n draws: n with replacement, or with ``groups``
     (n ids) as many groups as there are, with replacement, each with all its members."""
     if groups is None:
@@ -327,18 +339,13 @@ def sliced_w2_ratio_interval(samples: Tensor, train: Tensor, test: Tensor, group
     theta = _directions(x.shape[1], n_projections, 0)
     px, preal = theta @ x.T, theta @ real.T  # project once; a redraw picks columns
     pref = (theta @ ref.T).sort(dim=1).values
-    rng = np.random.default_rng(seed)
-    redraw = _redraw(n, groups, rng)
 
     def sw(proj: Tensor) -> float:
         return math.sqrt(_w2_sorted(proj.sort(dim=1).values, pref).mean().item())
 
-    numerators = np.array([sw(px[:, torch.from_numpy(redraw())]) for _ in range(reps)])
-    numerators = np.maximum(numerators - (numerators.mean() - sw(px)), 0.0)
-    calibrations = np.array([sw(preal[:, torch.from_numpy(rng.permutation(real.shape[0])[:m])]) for _ in range(reps)])
-    ratios = numerators / np.maximum(calibrations, 1e-12)
-    lo, hi = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
+    return _ratio_interval(lambda idx: sw(px[:, torch.from_numpy(idx)]), sw(px),
+                           lambda idx: sw(preal[:, torch.from_numpy(idx)]), n, real.shape[0], m, groups,
+                           np.random.default_rng(seed), reps, level)
 
 
 def _sq_dists(a: Tensor, b: Tensor) -> Tensor:
